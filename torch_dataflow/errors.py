@@ -1,0 +1,63 @@
+"""Every exception torch_dataflow raises.
+
+Each error subclasses both :class:`DataflowError` and the built-in a caller
+would naturally catch (``KeyError`` for a missing sample, ``PermissionError``
+for a bad credential, ...). Each is constructible from a single message string:
+a DataLoader worker re-raises an exception as ``type(exc)(message)``, so any
+richer constructor would turn a typed error into a bare ``RuntimeError``.
+"""
+
+from __future__ import annotations
+
+__all__ = [
+    "AuthError",
+    "BackendUnavailable",
+    "ConfigError",
+    "CorruptSample",
+    "DataflowError",
+    "LeaseLost",
+    "SampleAborted",
+    "SampleUnavailable",
+    "StoreFull",
+]
+
+
+class DataflowError(Exception):
+    """Base class of every torch_dataflow error."""
+
+    def __str__(self) -> str:
+        # KeyError quotes its message (repr); keep the message readable for all.
+        return str(self.args[0]) if len(self.args) == 1 else super().__str__()
+
+
+class SampleUnavailable(DataflowError, KeyError):
+    """The sample (or this generation of it) is not in the store: never put,
+    released, aborted, superseded by a re-put, or lost with its writer."""
+
+
+class AuthError(DataflowError, PermissionError):
+    """A store or ledger configured with a shared secret was used without it."""
+
+
+class StoreFull(DataflowError, MemoryError):
+    """The store stayed over its byte budget for longer than the put timeout."""
+
+
+class CorruptSample(DataflowError, ValueError):
+    """Stored bytes failed the length or checksum check; never trained on."""
+
+
+class BackendUnavailable(DataflowError, ConnectionError):
+    """A store or ledger server cannot be reached (after bounded retries)."""
+
+
+class LeaseLost(DataflowError, RuntimeError):
+    """A lease expired or was taken over before it was acked or renewed."""
+
+
+class SampleAborted(DataflowError, RuntimeError):
+    """The sample id was aborted (tombstoned) while this generation was in flight."""
+
+
+class ConfigError(DataflowError, ValueError):
+    """Bad configuration or input: a URI, a sample id, a tensor, a file."""

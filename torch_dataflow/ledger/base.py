@@ -1,0 +1,334 @@
+"""The control-plane contract: :class:`Ledger`.
+
+The ledger is the single source of truth for every sample's state and owner.
+It carries :class:`~torch_dataflow.refs.SampleRef` records only, never tensors.
+
+Two tables of state (whatever the backend):
+
+* **catalog** — one entry per sample id: the latest reserved generation, the
+  committed ref, a tombstone (generations ``<= tomb`` are aborted), a status
+  (live, aborted, quarantined, freed) and a commit sequence number.
+* **deliveries** — one entry per ``(epoch, sample_id)``: the life cycle of
+  DESIGN.md §2, ``PENDING -> LEASED(owner, nonce, deadline) -> TRAINED(step)
+  -> DURABLE``. Online streams use epoch 0 only; offline pools get a fresh set
+  of deliveries per epoch (:meth:`begin_epoch`), so a resume inside any epoch
+  knows exactly which samples that epoch has already trained.
+
+Consumers take deliveries in two ways:
+
+* :meth:`lease` — whoever asks first gets the next ``n`` pending (one
+  consumer, or independent consumers that need no balance);
+* :meth:`claim_step` — a *plan* for ``world`` ranks: global step ``k`` is
+  materialised once, in order, as ``world`` batches of ``batch`` deliveries,
+  one per rank, so every rank sees the same number of steps (DDP never hangs).
+  A plan ends at the first step that cannot be filled once the stream is
+  closed (or, offline, at once); the tail stays PENDING for the next run.
+
+Lease ids are ``"{epoch}:{generation}:{nonce}:{sample_id}"``; callers treat
+them as opaque strings.
+
+Every method that changes state is one atomic step of the backend (one SQLite
+transaction, one Redis script). Expired leases are reclaimed by any
+consumer's :meth:`lease` / :meth:`claim_step` call: no daemon.
+"""
+
+from __future__ import annotations
+
+import enum
+import os
+import secrets
+from abc import ABC, abstractmethod
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from ..auth import SecretGuard
+from ..errors import ConfigError, LeaseLost
+from ..refs import Lease, SampleRef
+
+__all__ = [
+    "DeliveryState",
+    "Ledger",
+    "LedgerCounts",
+    "Plan",
+    "ReconcileReport",
+    "SampleStatus",
+    "StepClaim",
+    "format_lease_id",
+    "parse_lease_id",
+]
+
+
+class DeliveryState(enum.IntEnum):
+    PENDING = 0
+    LEASED = 1
+    TRAINED = 2
+    DURABLE = 3
+
+
+class SampleStatus(enum.IntEnum):
+    RESERVED = -1  # a generation reserved, nothing committed yet
+    LIVE = 0
+    ABORTED = 1
+    QUARANTINED = 2
+    FREED = 3
+
+
+@dataclass(frozen=True)
+class Plan:
+    """A balanced schedule of global steps for ``world`` ranks.
+
+    ``attempt`` is the ledger's restart counter (see :meth:`Ledger.reconcile`):
+    a resumed run never reuses the slots of a crashed one.
+    """
+
+    attempt: int
+    epoch: int
+    world: int
+    batch: int
+
+    def __post_init__(self) -> None:
+        if self.world < 1 or self.batch < 1:
+            raise ConfigError(f"plan needs world >= 1 and batch >= 1, got {self.world} and {self.batch}")
+
+    @property
+    def key(self) -> str:
+        return f"a{self.attempt}/e{self.epoch}/w{self.world}/b{self.batch}"
+
+
+@dataclass(frozen=True)
+class StepClaim:
+    """The answer to :meth:`Ledger.claim_step`: ``status`` is ``"ready"`` (leases
+    are this rank's batch of the step, possibly short if some expired before the
+    claim), ``"wait"`` (the stream is open and the step cannot be filled yet) or
+    ``"end"`` (the plan has no such step; ``tail`` deliveries stay pending)."""
+
+    status: str
+    leases: tuple[Lease, ...] = ()
+    tail: int = 0
+
+
+@dataclass(frozen=True)
+class ReconcileReport:
+    """What :meth:`Ledger.reconcile` changed."""
+
+    attempt: int
+    replayed: int  # TRAINED after the resume step -> PENDING
+    durable: int  # TRAINED at or before it -> DURABLE
+    released: int  # LEASED -> PENDING
+    freed: tuple[SampleRef, ...] = ()  # refs whose bytes the caller should delete
+
+
+@dataclass(frozen=True)
+class LedgerCounts:
+    """Deliveries by state (all epochs, or one) and catalog entries by status."""
+
+    pending: int = 0
+    leased: int = 0
+    trained: int = 0
+    durable: int = 0
+    aborted: int = 0
+    quarantined: int = 0
+    freed: int = 0
+    committed: int = 0
+    closed: bool = False
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def as_dict(self) -> dict[str, Any]:
+        d = {k: getattr(self, k) for k in ("pending", "leased", "trained", "durable", "aborted",
+                                           "quarantined", "freed", "committed", "closed")}
+        d.update(self.extra)
+        return d
+
+
+def format_lease_id(epoch: int, generation: int, nonce: str, sample_id: str) -> str:
+    return f"{epoch}:{generation}:{nonce}:{sample_id}"
+
+
+def parse_lease_id(lease_id: str) -> tuple[int, int, str, str]:
+    """Split a lease id into ``(epoch, generation, nonce, sample_id)``.
+
+    Raises:
+        LeaseLost: not a lease id (a forged or mangled id owns nothing).
+    """
+    try:
+        epoch, gen, nonce, sid = lease_id.split(":", 3)
+        return int(epoch), int(gen), nonce, sid
+    except (AttributeError, ValueError) as e:
+        raise LeaseLost(f"not a lease id: {lease_id!r}") from e
+
+
+def new_nonce() -> str:
+    return secrets.token_hex(8)
+
+
+class Ledger(ABC):
+    """Sample state shared by every producer and consumer that can reach it.
+
+    Backends: ``memory://`` (one process), ``sqlite:///path`` (one host),
+    ``redis://host:port/db`` (many hosts). Instances connect lazily, reconnect
+    after ``fork``, and pickle by configuration.
+
+    Example:
+        >>> from torch_dataflow.ledger import open_ledger
+        >>> from torch_dataflow.refs import SampleRef
+        >>> led = open_ledger("memory://doc-ledger")
+        >>> [gen] = led.reserve(["s1"])
+        >>> _ = led.commit([SampleRef("s1", gen, "memory://", (), 0, "00")])
+        >>> [lease] = led.lease("me", 8, ttl=30)
+        >>> led.ack([lease.lease_id], step=1)
+        []
+        >>> led.counts().trained
+        1
+    """
+
+    uri: str
+    _guard: SecretGuard | None = None
+    _pid: int | None = None
+
+    # ------------------------------------------------------------ producer
+    @abstractmethod
+    def reserve(self, sample_ids: Sequence[str]) -> list[int]:
+        """Reserve the next generation of each id (1 for a new id), before its
+        bytes are written. A reserved generation is never handed out twice."""
+
+    @abstractmethod
+    def commit(self, refs: Sequence[SampleRef]) -> list[SampleRef]:
+        """Make ``refs`` deliverable (PENDING in the current epoch), in order.
+
+        A ref must carry the latest reserved generation of its id. Committing a
+        newer generation supersedes the old one: its pending or leased
+        deliveries switch to the new generation (old leases are lost) and the
+        old ref is returned so the caller frees its bytes.
+
+        Raises:
+            SampleAborted: the generation was aborted while in flight.
+            ConfigError: a stale or never-reserved generation; a tensor in a ref
+                (``TypeError``).
+        """
+
+    @abstractmethod
+    def register_producer(self, name: str) -> None:
+        """Declare a producer; the stream is closed when every declared one is done."""
+
+    @abstractmethod
+    def producer_done(self, name: str) -> None:
+        """Mark producer ``name`` finished."""
+
+    @abstractmethod
+    def reopen(self) -> None:
+        """Forget all producers: the stream is open again (a new producer run)."""
+
+    @abstractmethod
+    def is_closed(self) -> bool:
+        """True when at least one producer registered and all are done."""
+
+    # ------------------------------------------------------------ consumer
+    @abstractmethod
+    def begin_epoch(self, epoch: int, seed: int = 0, shuffle: bool = True) -> None:
+        """Idempotently open ``epoch`` of an offline pool: create a PENDING
+        delivery for every live committed sample (if the epoch has none yet)
+        and order the epoch's pending deliveries by a hash of
+        ``(seed, epoch, sample_id)`` (or by commit order without shuffle).
+        The first caller wins; every rank sees the same order."""
+
+    @abstractmethod
+    def lease(self, owner: str, n: int, ttl: float, *, epoch: int = 0) -> list[Lease]:
+        """Atomically lease up to ``n`` pending deliveries of ``epoch`` to ``owner``
+        for ``ttl`` seconds, in the epoch's order. Reclaims expired leases first."""
+
+    @abstractmethod
+    def claim_step(self, plan: Plan, step: int, rank: int, ttl: float, *, wait_for_stream: bool) -> StepClaim:
+        """Return rank ``rank``'s batch of global step ``step`` under ``plan``,
+        materialising steps up to ``step`` in order if needed (each exactly
+        ``plan.world * plan.batch`` deliveries). With ``wait_for_stream`` an
+        unfillable step answers ``"wait"`` while the stream is open."""
+
+    @abstractmethod
+    def renew(self, lease_ids: Sequence[str], ttl: float) -> list[str]:
+        """Extend leases still held; return the ids that were lost."""
+
+    @abstractmethod
+    def ack(self, lease_ids: Sequence[str], step: int) -> list[str]:
+        """LEASED -> TRAINED at optimizer step ``step``; idempotent for the same
+        lease. Returns the ids that were lost (expired and re-leased, superseded,
+        aborted, or not lease ids)."""
+
+    @abstractmethod
+    def fail(self, lease_ids: Sequence[str], *, retryable: bool = True, reason: str = "") -> list[str]:
+        """Give leases back: PENDING again if ``retryable``, else the sample is
+        QUARANTINED (never delivered again; kept for inspection). Returns lost ids."""
+
+    @abstractmethod
+    def abort(self, sample_ids: Sequence[str]) -> list[SampleRef]:
+        """Tombstone ids: no generation reserved so far is ever delivered again
+        (a commit in flight fails with ``SampleAborted``); pending and leased
+        deliveries vanish. Returns committed refs whose bytes the caller frees."""
+
+    @abstractmethod
+    def mark_durable(self, step: int, *, free: bool = True) -> list[SampleRef]:
+        """TRAINED at ``<= step`` -> DURABLE (a checkpoint covering ``step`` is
+        written). With ``free``, samples with no other undone delivery become
+        FREED and their refs are returned for the caller to delete."""
+
+    @abstractmethod
+    def reconcile(self, resume_step: int | None, *, free: bool = True) -> ReconcileReport:
+        """Restart rule (DESIGN §2), run once by one process before consumers
+        start: TRAINED after ``resume_step`` -> PENDING (``None``: no checkpoint,
+        all TRAINED replay); TRAINED at or before -> DURABLE; every LEASED ->
+        PENDING (its owner died with the old run); plans are dropped and the
+        attempt counter increases."""
+
+    # ------------------------------------------------------------ queries
+    @abstractmethod
+    def attempt(self) -> int:
+        """The restart counter (0 for a ledger never reconciled)."""
+
+    @abstractmethod
+    def counts(self, epoch: int | None = None) -> LedgerCounts:
+        """Deliveries by state (one epoch or all) and catalog counts."""
+
+    @abstractmethod
+    def get_ref(self, sample_id: str) -> SampleRef | None:
+        """The committed ref of ``sample_id`` (any status), or ``None``."""
+
+    @abstractmethod
+    def leases(self, owner_prefix: str = "") -> list[Lease]:
+        """Current leases (for status displays), optionally filtered by owner prefix."""
+
+    @abstractmethod
+    def quarantined(self) -> list[tuple[SampleRef | None, str]]:
+        """Quarantined samples with the reason given to :meth:`fail`."""
+
+    @abstractmethod
+    def trained_steps(self, epoch: int | None = None) -> dict[str, int]:
+        """``sample_id -> step`` for TRAINED and DURABLE deliveries (audits, tests)."""
+
+    def close(self) -> None:  # noqa: B027 - optional
+        """Release connections; the ledger reconnects lazily if used again."""
+
+    # ------------------------------------------------------------ helpers
+    def _check_auth(self) -> None:
+        if self._guard is None or self._pid != os.getpid():
+            self._attach()
+        assert self._guard is not None
+        self._guard.check()
+
+    @abstractmethod
+    def _attach(self) -> None:
+        """Connect (again after a fork), create the schema if needed, set
+        ``self._guard`` from the stored verifier and ``self._pid``."""
+
+    @abstractmethod
+    def _config_state(self) -> dict[str, Any]:
+        """Keyword arguments that rebuild an equivalent client in another process."""
+
+    @classmethod
+    def _from_state(cls, state: dict[str, Any]) -> Ledger:
+        return cls(**state)
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (self.__class__._from_state, (self._config_state(),))
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({self.uri!r})"

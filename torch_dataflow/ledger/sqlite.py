@@ -1,0 +1,505 @@
+"""SQLite ledger: one file shared by every process on one host.
+
+``sqlite:///run/ledger.db?synchronous=normal&timeout=60&secret=...``
+
+Every state change is one ``BEGIN IMMEDIATE`` transaction in WAL mode, so
+producers and consumers in different processes see one truth. Hot paths are
+batched (lease and ack many in one transaction). ``synchronous=normal`` (the
+default) survives a process crash; ``synchronous=full`` also a host crash.
+
+Example:
+    >>> import tempfile, os
+    >>> from torch_dataflow.ledger import open_ledger
+    >>> led = open_ledger("sqlite://" + os.path.join(tempfile.mkdtemp(), "l.db"))
+    >>> led.reserve(["a", "b"])
+    [1, 1]
+"""
+
+from __future__ import annotations
+
+import os
+import sqlite3
+import threading
+import time
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from typing import Any
+
+import xxhash
+
+from ..auth import SecretGuard, make_verifier
+from ..errors import BackendUnavailable, ConfigError, SampleAborted
+from ..refs import Lease, SampleRef, validate_sample_id
+from ..uri import parse_uri
+from .base import (
+    DeliveryState,
+    Ledger,
+    LedgerCounts,
+    Plan,
+    ReconcileReport,
+    SampleStatus,
+    StepClaim,
+    format_lease_id,
+    new_nonce,
+    parse_lease_id,
+)
+
+__all__ = ["SQLiteLedger"]
+
+SCHEMA_VERSION = "torch_dataflow.ledger/1"
+P, L, T, D = (int(s) for s in DeliveryState)
+_CHUNK = 500  # stay under SQLite's host-parameter limit
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS meta(key TEXT PRIMARY KEY, value TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS samples(
+  sample_id TEXT PRIMARY KEY, gen INTEGER NOT NULL, committed INTEGER NOT NULL DEFAULT 0,
+  tomb INTEGER NOT NULL DEFAULT 0, status INTEGER NOT NULL, ref TEXT, seq INTEGER, reason TEXT);
+CREATE TABLE IF NOT EXISTS deliveries(
+  epoch INTEGER NOT NULL, sample_id TEXT NOT NULL, gen INTEGER NOT NULL, state INTEGER NOT NULL,
+  ord INTEGER NOT NULL, owner TEXT, nonce TEXT, deadline REAL, step INTEGER, slot TEXT,
+  PRIMARY KEY(epoch, sample_id));
+CREATE INDEX IF NOT EXISTS d_pending ON deliveries(epoch, state, ord);
+CREATE INDEX IF NOT EXISTS d_leased ON deliveries(state, deadline);
+CREATE INDEX IF NOT EXISTS d_slot ON deliveries(slot) WHERE slot IS NOT NULL;
+CREATE INDEX IF NOT EXISTS d_sample ON deliveries(sample_id);
+CREATE TABLE IF NOT EXISTS plans(key TEXT PRIMARY KEY, next_step INTEGER NOT NULL, end_step INTEGER);
+CREATE TABLE IF NOT EXISTS claims(key TEXT NOT NULL, step INTEGER NOT NULL, rank INTEGER NOT NULL,
+  PRIMARY KEY(key, step, rank));
+CREATE TABLE IF NOT EXISTS producers(name TEXT PRIMARY KEY, done INTEGER NOT NULL);
+"""
+
+_CLEAR_LEASE = "owner=NULL, nonce=NULL, deadline=NULL, slot=NULL"
+
+
+def _td_ord(seed: int, epoch: int, sample_id: str) -> int:
+    # Signed 64-bit, as SQLite stores integers.
+    return xxhash.xxh3_64_intdigest(f"{seed}:{epoch}:{sample_id}") - (1 << 63)
+
+
+def _chunks(seq: Sequence[Any]) -> Iterator[Sequence[Any]]:
+    for i in range(0, len(seq), _CHUNK):
+        yield seq[i : i + _CHUNK]
+
+
+class SQLiteLedger(Ledger):
+    """The ledger in one SQLite file (see module docs). Thread-safe within a process."""
+
+    _QUERY = {"synchronous": str, "timeout": float, "secret": str}
+
+    def __init__(self, path: str, *, synchronous: str = "normal", timeout: float = 60.0,
+                 secret: str | None = None) -> None:
+        if synchronous.lower() not in ("normal", "full", "off", "extra"):
+            raise ConfigError(f"synchronous must be normal, full, extra or off, got {synchronous!r}")
+        self.path = path
+        self.synchronous = synchronous.lower()
+        self.timeout = float(timeout)
+        self._secret = secret
+        self.uri = f"sqlite://{path}"
+        self._con: sqlite3.Connection | None = None
+        self._lock = threading.RLock()
+
+    @classmethod
+    def from_uri(cls, uri: str, **overrides: Any) -> SQLiteLedger:
+        u = parse_uri(uri, cls._QUERY)
+        if u.host:
+            raise ConfigError(f"sqlite URI takes an absolute path (sqlite:///path/to.db), got host {u.host!r}")
+        if not u.path or u.path == "/":
+            raise ConfigError(f"sqlite URI has no file path: {uri!r}")
+        return cls(u.path, **{**u.query, **overrides})
+
+    def _config_state(self) -> dict[str, Any]:
+        return {"path": self.path, "synchronous": self.synchronous, "timeout": self.timeout, "secret": self._secret}
+
+    # ------------------------------------------------------------ connection
+    def _connect(self) -> sqlite3.Connection:
+        parent = os.path.dirname(os.path.abspath(self.path))
+        if not os.path.isdir(parent):
+            raise ConfigError(f"directory of ledger file does not exist: {parent}")
+        con = sqlite3.connect(self.path, timeout=self.timeout, isolation_level=None, check_same_thread=False)
+        con.execute(f"PRAGMA busy_timeout={int(self.timeout * 1000)}")
+        con.execute("PRAGMA journal_mode=WAL")
+        con.execute(f"PRAGMA synchronous={self.synchronous.upper()}")
+        return con
+
+    def _attach(self) -> None:
+        with self._lock:
+            if self._con is not None and self._pid == os.getpid():
+                return
+            try:
+                con = self._connect()
+                con.create_function("td_ord", 3, _td_ord, deterministic=True)
+                con.execute("BEGIN IMMEDIATE")
+                try:
+                    verifier = self._ensure_schema(con)
+                    con.execute("COMMIT")
+                except BaseException:
+                    con.execute("ROLLBACK")
+                    raise
+            except sqlite3.DatabaseError as e:
+                raise ConfigError(f"{self.path} is not a torch_dataflow ledger: {e}") from e
+            self._guard = SecretGuard.attach(self._secret, verifier, f"ledger {self.uri}")
+            self._con, self._pid = con, os.getpid()
+
+    def _ensure_schema(self, con: sqlite3.Connection) -> str | None:
+        tables = {r[0] for r in con.execute("SELECT name FROM sqlite_master WHERE type='table'")}
+        if tables and "meta" not in tables:
+            raise ConfigError(f"{self.path} is an SQLite database but not a torch_dataflow ledger "
+                              f"(tables: {', '.join(sorted(tables))})")
+        if "meta" in tables:
+            meta = dict(con.execute("SELECT key, value FROM meta"))
+            if meta.get("schema") != SCHEMA_VERSION:
+                raise ConfigError(f"{self.path} is not a torch_dataflow ledger of schema {SCHEMA_VERSION} "
+                                  f"(found {meta.get('schema')!r})")
+            return meta.get("verifier")
+        for stmt in _SCHEMA.split(";"):
+            if stmt.strip():
+                con.execute(stmt)
+        rows = [("schema", SCHEMA_VERSION), ("attempt", "0"), ("epoch", "0"), ("seq", "0")]
+        verifier = make_verifier(self._secret) if self._secret is not None else None
+        if verifier is not None:
+            rows.append(("verifier", verifier))
+        con.executemany("INSERT INTO meta VALUES (?, ?)", rows)
+        return verifier
+
+    @contextmanager
+    def _tx(self) -> Iterator[sqlite3.Connection]:
+        self._check_auth()
+        with self._lock:
+            con = self._con
+            assert con is not None
+            try:
+                con.execute("BEGIN IMMEDIATE")
+            except sqlite3.OperationalError as e:
+                raise BackendUnavailable(f"ledger {self.uri} is busy or unreachable: {e}") from e
+            try:
+                yield con
+            except BaseException:
+                con.execute("ROLLBACK")
+                raise
+            try:
+                con.execute("COMMIT")
+            except sqlite3.OperationalError as e:
+                raise BackendUnavailable(f"commit to ledger {self.uri} failed: {e}") from e
+
+    def close(self) -> None:
+        with self._lock:
+            if self._con is not None and self._pid == os.getpid():
+                self._con.close()
+            self._con, self._guard = None, None
+
+    @staticmethod
+    def _meta(con: sqlite3.Connection, key: str, default: str | None = None) -> str | None:
+        row = con.execute("SELECT value FROM meta WHERE key=?", (key,)).fetchone()
+        return row[0] if row else default
+
+    @staticmethod
+    def _set_meta(con: sqlite3.Connection, key: str, value: Any) -> None:
+        con.execute("INSERT INTO meta VALUES (?, ?) ON CONFLICT(key) DO UPDATE SET value=excluded.value",
+                    (key, str(value)))
+
+    # ------------------------------------------------------------ producer
+    def reserve(self, sample_ids: Sequence[str]) -> list[int]:
+        ids = [validate_sample_id(s) for s in sample_ids]
+        if len(set(ids)) != len(ids):
+            raise ConfigError("reserve() got the same sample id twice in one call")
+        out: dict[str, int] = {}
+        with self._tx() as con:
+            con.executemany(
+                "INSERT INTO samples(sample_id, gen, status) VALUES (?, 1, ?) "
+                "ON CONFLICT(sample_id) DO UPDATE SET gen=gen+1", [(s, int(SampleStatus.RESERVED)) for s in ids])
+            for chunk in _chunks(ids):
+                q = f"SELECT sample_id, gen FROM samples WHERE sample_id IN ({','.join('?' * len(chunk))})"
+                out.update(con.execute(q, chunk))
+        return [out[s] for s in ids]
+
+    def commit(self, refs: Sequence[SampleRef]) -> list[SampleRef]:
+        for r in refs:
+            if not isinstance(r, SampleRef):
+                raise TypeError(f"commit() takes SampleRef records, got {type(r).__name__}")
+        ids = [r.sample_id for r in refs]
+        if len(set(ids)) != len(ids):
+            raise ConfigError("commit() got the same sample id twice in one call")
+        superseded: list[SampleRef] = []
+        with self._tx() as con:
+            rows: dict[str, tuple[int, int, int, int, str | None]] = {}
+            for chunk in _chunks(ids):
+                q = ("SELECT sample_id, gen, committed, tomb, status, ref FROM samples "
+                     f"WHERE sample_id IN ({','.join('?' * len(chunk))})")
+                rows.update((r[0], r[1:]) for r in con.execute(q, chunk))
+            epoch = int(self._meta(con, "epoch", "0") or 0)
+            seq = int(self._meta(con, "seq", "0") or 0)
+            sample_rows, new_ids = [], []
+            for ref in refs:
+                row = rows.get(ref.sample_id)
+                if row is None or ref.generation > row[0]:
+                    raise ConfigError(f"commit of {ref.sample_id!r} generation {ref.generation}, which was never "
+                                      "reserved (call reserve() before writing the bytes)")
+                gen, committed, tomb, status, old = row
+                if ref.generation <= tomb:
+                    raise SampleAborted(f"sample {ref.sample_id!r} generation {ref.generation} was aborted")
+                if ref.generation == committed:
+                    continue  # idempotent re-commit
+                if ref.generation < gen or ref.generation < committed:
+                    raise ConfigError(f"stale commit of {ref.sample_id!r} generation {ref.generation}: "
+                                      f"generation {max(gen, committed)} supersedes it")
+                if committed and old and status != SampleStatus.FREED:
+                    superseded.append(SampleRef.from_json(old))
+                seq += 1
+                sample_rows.append((ref.generation, int(SampleStatus.LIVE), ref.to_json(), seq, ref.sample_id))
+                new_ids.append((ref.sample_id, ref.generation, seq))
+            con.executemany("UPDATE samples SET committed=?, status=?, ref=?, seq=?, reason=NULL "
+                            "WHERE sample_id=?", sample_rows)
+            if superseded:
+                con.executemany(f"UPDATE deliveries SET gen=?, state={P}, step=NULL, {_CLEAR_LEASE} "
+                                f"WHERE sample_id=? AND state IN ({P},{L})",
+                                [(g, s) for s, g, _ in new_ids])
+            con.executemany(
+                "INSERT INTO deliveries(epoch, sample_id, gen, state, ord) VALUES (?, ?, ?, ?, ?) "
+                f"ON CONFLICT(epoch, sample_id) DO UPDATE SET gen=excluded.gen, state={P}, step=NULL, {_CLEAR_LEASE}",
+                [(epoch, s, g, P, q) for s, g, q in new_ids])
+            self._set_meta(con, "seq", seq)
+        return superseded
+
+    def register_producer(self, name: str) -> None:
+        with self._tx() as con:
+            con.execute("INSERT INTO producers VALUES (?, 0) ON CONFLICT(name) DO UPDATE SET done=0", (name,))
+
+    def producer_done(self, name: str) -> None:
+        with self._tx() as con:
+            con.execute("INSERT INTO producers VALUES (?, 1) ON CONFLICT(name) DO UPDATE SET done=1", (name,))
+
+    def reopen(self) -> None:
+        with self._tx() as con:
+            con.execute("DELETE FROM producers")
+
+    def is_closed(self) -> bool:
+        with self._tx() as con:
+            return self._closed(con)
+
+    @staticmethod
+    def _closed(con: sqlite3.Connection) -> bool:
+        n, done = con.execute("SELECT count(*), coalesce(sum(done), 0) FROM producers").fetchone()
+        return n > 0 and n == done
+
+    # ------------------------------------------------------------ consumer
+    def begin_epoch(self, epoch: int, seed: int = 0, shuffle: bool = True) -> None:
+        with self._tx() as con:
+            if self._meta(con, f"epoch:{epoch}") is not None:
+                return
+            con.execute(f"INSERT OR IGNORE INTO deliveries(epoch, sample_id, gen, state, ord) "
+                        f"SELECT ?, sample_id, committed, {P}, seq FROM samples WHERE status=? AND committed>0",
+                        (epoch, int(SampleStatus.LIVE)))
+            if shuffle:
+                con.execute(f"UPDATE deliveries SET ord=td_ord(?, ?, sample_id) WHERE epoch=? AND state={P}",
+                            (seed, epoch, epoch))
+            self._set_meta(con, f"epoch:{epoch}", f"{seed}:{int(shuffle)}")
+            if epoch > int(self._meta(con, "epoch", "0") or 0):
+                self._set_meta(con, "epoch", epoch)
+
+    @staticmethod
+    def _reclaim(con: sqlite3.Connection, now: float) -> None:
+        con.execute(f"UPDATE deliveries SET state={P}, {_CLEAR_LEASE} WHERE state={L} AND deadline<?", (now,))
+
+    @staticmethod
+    def _leases(con: sqlite3.Connection, rows: Sequence[tuple[int, str, int, str, str, float, str]]) -> list[Lease]:
+        del con
+        return [Lease(format_lease_id(e, g, n, s), e, o, dl, SampleRef.from_json(ref)) for e, s, g, n, o, dl, ref in rows]
+
+    def lease(self, owner: str, n: int, ttl: float, *, epoch: int = 0) -> list[Lease]:
+        if n < 1:
+            return []
+        now = time.time()
+        with self._tx() as con:
+            self._reclaim(con, now)
+            rows = con.execute(
+                "SELECT d.sample_id, d.gen, s.ref FROM deliveries d JOIN samples s ON s.sample_id=d.sample_id "
+                f"WHERE d.epoch=? AND d.state={P} ORDER BY d.ord LIMIT ?", (epoch, n)).fetchall()
+            deadline = now + ttl
+            upd = [(owner, new_nonce(), deadline, epoch, sid) for sid, _, _ in rows]
+            con.executemany(f"UPDATE deliveries SET state={L}, owner=?, nonce=?, deadline=?, slot=NULL "
+                            "WHERE epoch=? AND sample_id=?", upd)
+        return [Lease(format_lease_id(epoch, g, u[1], sid), epoch, owner, deadline, SampleRef.from_json(ref))
+                for (sid, g, ref), u in zip(rows, upd)]
+
+    def claim_step(self, plan: Plan, step: int, rank: int, ttl: float, *, wait_for_stream: bool) -> StepClaim:
+        if not 0 <= rank < plan.world:
+            raise ConfigError(f"rank {rank} outside world size {plan.world}")
+        now, key, need = time.time(), plan.key, plan.world * plan.batch
+        with self._tx() as con:
+            self._reclaim(con, now)
+            row = con.execute("SELECT next_step, end_step FROM plans WHERE key=?", (key,)).fetchone()
+            next_step, end_step = row if row else (0, None)
+            if con.execute("SELECT 1 FROM claims WHERE key=? AND step=? AND rank=?", (key, step, rank)).fetchone():
+                return StepClaim("claimed")
+            if end_step is not None and step >= end_step:
+                return StepClaim("end", tail=self._pending(con, plan.epoch))
+            k = next_step
+            status = "ready"
+            while k <= step:
+                rows = con.execute(f"SELECT sample_id FROM deliveries WHERE epoch=? AND state={P} "
+                                   "ORDER BY ord LIMIT ?", (plan.epoch, need)).fetchall()
+                if len(rows) < need:
+                    status = "wait" if wait_for_stream and not self._closed(con) else "end"
+                    break
+                con.executemany(
+                    f"UPDATE deliveries SET state={L}, owner=?, nonce=?, deadline=?, slot=? WHERE epoch=? AND sample_id=?",
+                    [(f"{key}/r{i // plan.batch}", new_nonce(), now + ttl, f"{key}/s{k}/r{i // plan.batch}",
+                      plan.epoch, r[0]) for i, r in enumerate(rows)])
+                k += 1
+            con.execute("INSERT INTO plans VALUES (?, ?, ?) ON CONFLICT(key) DO UPDATE SET next_step=excluded.next_step, "
+                        "end_step=excluded.end_step", (key, k, k if status == "end" else None))
+            if status != "ready":
+                return StepClaim(status, tail=self._pending(con, plan.epoch) if status == "end" else 0)
+            con.execute("INSERT INTO claims VALUES (?, ?, ?)", (key, step, rank))
+            slot = f"{key}/s{step}/r{rank}"
+            con.execute(f"UPDATE deliveries SET deadline=? WHERE slot=? AND state={L}", (now + ttl, slot))
+            rows = con.execute(
+                "SELECT d.epoch, d.sample_id, d.gen, d.nonce, d.owner, d.deadline, s.ref FROM deliveries d "
+                f"JOIN samples s ON s.sample_id=d.sample_id WHERE d.slot=? AND d.state={L} ORDER BY d.ord",
+                (slot,)).fetchall()
+            return StepClaim("ready", tuple(self._leases(con, rows)))
+
+    @staticmethod
+    def _pending(con: sqlite3.Connection, epoch: int) -> int:
+        return con.execute(f"SELECT count(*) FROM deliveries WHERE epoch=? AND state={P}", (epoch,)).fetchone()[0]
+
+    def _lease_update(self, sql: str, lease_ids: Sequence[str], extra: tuple[Any, ...]) -> list[str]:
+        """Run ``sql`` (ending in the lease-identity predicate) for each id; return lost ids."""
+        parsed, lost = [], []
+        for lid in lease_ids:
+            try:
+                e, g, n, s = parse_lease_id(lid)
+            except Exception:
+                lost.append(lid)
+                continue
+            parsed.append((lid, (*extra, e, s, g, n)))
+        with self._tx() as con:
+            cur = con.executemany(sql, [p for _, p in parsed])
+            if cur.rowcount != len(parsed):  # find which ones (the statements are idempotent)
+                lost.extend(lid for lid, p in parsed if con.execute(sql, p).rowcount == 0)
+        return lost
+
+    _IDENT = "epoch=? AND sample_id=? AND gen=? AND nonce=?"
+
+    def renew(self, lease_ids: Sequence[str], ttl: float) -> list[str]:
+        return self._lease_update(f"UPDATE deliveries SET deadline=? WHERE {self._IDENT} AND state={L}",
+                                  lease_ids, (time.time() + ttl,))
+
+    def ack(self, lease_ids: Sequence[str], step: int) -> list[str]:
+        return self._lease_update(
+            f"UPDATE deliveries SET step=CASE WHEN state={T} THEN step ELSE ? END, state={T}, deadline=NULL, "
+            f"slot=NULL WHERE {self._IDENT} AND state IN ({L},{T})", lease_ids, (int(step),))
+
+    def fail(self, lease_ids: Sequence[str], *, retryable: bool = True, reason: str = "") -> list[str]:
+        if retryable:
+            return self._lease_update(f"UPDATE deliveries SET state={P}, {_CLEAR_LEASE} "
+                                      f"WHERE {self._IDENT} AND state={L}", lease_ids, ())
+        lost = self._lease_update(f"UPDATE deliveries SET state={P}, {_CLEAR_LEASE} "
+                                  f"WHERE {self._IDENT} AND state={L}", lease_ids, ())
+        held = [parse_lease_id(x)[3] for x in lease_ids if x not in set(lost)]
+        with self._tx() as con:
+            con.executemany("UPDATE samples SET status=?, reason=? WHERE sample_id=?",
+                            [(int(SampleStatus.QUARANTINED), reason or "failed", s) for s in held])
+            con.executemany(f"DELETE FROM deliveries WHERE sample_id=? AND state IN ({P},{L})", [(s,) for s in held])
+        return lost
+
+    def abort(self, sample_ids: Sequence[str]) -> list[SampleRef]:
+        ids = [validate_sample_id(s) for s in sample_ids]
+        freed = []
+        with self._tx() as con:
+            for s in ids:
+                row = con.execute("SELECT gen, status, ref FROM samples WHERE sample_id=?", (s,)).fetchone()
+                if row is None:
+                    con.execute("INSERT INTO samples(sample_id, gen, status) VALUES (?, 0, ?)",
+                                (s, int(SampleStatus.ABORTED)))
+                    continue
+                gen, status, ref = row
+                if ref and status in (SampleStatus.LIVE, SampleStatus.QUARANTINED):
+                    freed.append(SampleRef.from_json(ref))
+                con.execute("UPDATE samples SET tomb=?, status=? WHERE sample_id=?",
+                            (gen, int(SampleStatus.ABORTED), s))
+                con.execute(f"DELETE FROM deliveries WHERE sample_id=? AND state IN ({P},{L})", (s,))
+        return freed
+
+    def _durable(self, con: sqlite3.Connection, step: int, free: bool) -> tuple[int, list[SampleRef]]:
+        ids = [r[0] for r in con.execute(f"SELECT DISTINCT sample_id FROM deliveries WHERE state={T} AND step<=?",
+                                         (step,))]
+        con.execute(f"UPDATE deliveries SET state={D} WHERE state={T} AND step<=?", (step,))
+        freed: list[SampleRef] = []
+        if free:
+            for s in ids:
+                if con.execute(f"SELECT 1 FROM deliveries WHERE sample_id=? AND state<{D} LIMIT 1", (s,)).fetchone():
+                    continue
+                row = con.execute("SELECT ref FROM samples WHERE sample_id=? AND status=?",
+                                  (s, int(SampleStatus.LIVE))).fetchone()
+                if row:
+                    freed.append(SampleRef.from_json(row[0]))
+            con.executemany("UPDATE samples SET status=? WHERE sample_id=?",
+                            [(int(SampleStatus.FREED), r.sample_id) for r in freed])
+        return len(ids), freed
+
+    def mark_durable(self, step: int, *, free: bool = True) -> list[SampleRef]:
+        with self._tx() as con:
+            return self._durable(con, int(step), free)[1]
+
+    def reconcile(self, resume_step: int | None, *, free: bool = True) -> ReconcileReport:
+        with self._tx() as con:
+            released = con.execute(f"UPDATE deliveries SET state={P}, {_CLEAR_LEASE} WHERE state={L}").rowcount
+            if resume_step is None:
+                replayed = con.execute(f"UPDATE deliveries SET state={P}, step=NULL WHERE state={T}").rowcount
+                durable, freed = 0, []
+            else:
+                replayed = con.execute(f"UPDATE deliveries SET state={P}, step=NULL WHERE state={T} AND step>?",
+                                       (int(resume_step),)).rowcount
+                durable, freed = self._durable(con, int(resume_step), free)
+            con.execute("DELETE FROM plans")
+            con.execute("DELETE FROM claims")
+            attempt = int(self._meta(con, "attempt", "0") or 0) + 1
+            self._set_meta(con, "attempt", attempt)
+        return ReconcileReport(attempt, replayed, durable, released, tuple(freed))
+
+    # ------------------------------------------------------------ queries
+    def attempt(self) -> int:
+        with self._tx() as con:
+            return int(self._meta(con, "attempt", "0") or 0)
+
+    def counts(self, epoch: int | None = None) -> LedgerCounts:
+        with self._tx() as con:
+            where, args = ("WHERE epoch=?", (epoch,)) if epoch is not None else ("", ())
+            by_state = dict(con.execute(f"SELECT state, count(*) FROM deliveries {where} GROUP BY state", args))
+            by_status = dict(con.execute("SELECT status, count(*) FROM samples GROUP BY status"))
+            committed = con.execute("SELECT count(*) FROM samples WHERE committed>0").fetchone()[0]
+            closed = self._closed(con)
+            epochs = [r[0] for r in con.execute("SELECT DISTINCT epoch FROM deliveries ORDER BY epoch")]
+        return LedgerCounts(
+            pending=by_state.get(P, 0), leased=by_state.get(L, 0), trained=by_state.get(T, 0),
+            durable=by_state.get(D, 0), aborted=by_status.get(int(SampleStatus.ABORTED), 0),
+            quarantined=by_status.get(int(SampleStatus.QUARANTINED), 0),
+            freed=by_status.get(int(SampleStatus.FREED), 0), committed=committed, closed=closed,
+            extra={"epochs": epochs})
+
+    def get_ref(self, sample_id: str) -> SampleRef | None:
+        with self._tx() as con:
+            row = con.execute("SELECT ref FROM samples WHERE sample_id=?", (sample_id,)).fetchone()
+        return SampleRef.from_json(row[0]) if row and row[0] else None
+
+    def leases(self, owner_prefix: str = "") -> list[Lease]:
+        with self._tx() as con:
+            rows = con.execute(
+                "SELECT d.epoch, d.sample_id, d.gen, d.nonce, d.owner, d.deadline, s.ref FROM deliveries d "
+                f"JOIN samples s ON s.sample_id=d.sample_id WHERE d.state={L} AND d.owner LIKE ? ESCAPE '\\' "
+                "ORDER BY d.deadline",
+                (owner_prefix.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_") + "%",)).fetchall()
+            return self._leases(con, rows)
+
+    def quarantined(self) -> list[tuple[SampleRef | None, str]]:
+        with self._tx() as con:
+            rows = con.execute("SELECT ref, reason FROM samples WHERE status=?",
+                               (int(SampleStatus.QUARANTINED),)).fetchall()
+        return [(SampleRef.from_json(r) if r else None, reason or "") for r, reason in rows]
+
+    def trained_steps(self, epoch: int | None = None) -> dict[str, int]:
+        where, args = ("AND epoch=?", (epoch,)) if epoch is not None else ("", ())
+        with self._tx() as con:
+            return dict(con.execute(f"SELECT sample_id, step FROM deliveries WHERE state IN ({T},{D}) {where}", args))

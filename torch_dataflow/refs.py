@@ -1,0 +1,234 @@
+"""Tensor-free records that cross the control plane.
+
+A :class:`SampleRef` says where one generation of one sample's bytes live and
+what tensors they hold; a :class:`Lease` hands one delivery of a sample to one
+consumer. Both are frozen, JSON round-trippable and never hold a tensor: the
+ledger carries references, the store carries bytes.
+
+Example:
+    >>> spec = FeatureSpec(name="input_ids", dtype="int64", shape=(4,), nbytes=32)
+    >>> ref = SampleRef(sample_id="s1", generation=1, store="memory://", specs=(spec,),
+    ...                 nbytes=32, checksum="0123")
+    >>> SampleRef.from_json(ref.to_json()) == ref
+    True
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import types
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from .errors import ConfigError
+
+__all__ = ["FeatureSpec", "Lease", "SampleRef", "validate_sample_id"]
+
+MAX_SAMPLE_ID_BYTES = 200
+
+_SCALARS = (str, int, float, bool, type(None))
+
+
+def validate_sample_id(sample_id: object) -> str:
+    """Return ``sample_id`` if it is safe as a file name and a store key.
+
+    Rejects non-strings, the empty string, ``.``/``..``, a leading dot, path
+    separators, ``..`` anywhere, NUL and other control characters, and ids
+    over 200 UTF-8 bytes — anything that could escape a directory or collide
+    with a temporary file.
+
+    Raises:
+        ConfigError: the id is unsafe (the message says why).
+    """
+    if not isinstance(sample_id, str):
+        raise ConfigError(f"sample id must be a str, got {type(sample_id).__name__}")
+    if not sample_id:
+        raise ConfigError("sample id must not be empty")
+    if len(sample_id.encode("utf-8", "surrogatepass")) > MAX_SAMPLE_ID_BYTES:
+        raise ConfigError(f"sample id longer than {MAX_SAMPLE_ID_BYTES} bytes: {sample_id[:40]!r}...")
+    if sample_id.startswith(".") or ".." in sample_id:
+        raise ConfigError(f"sample id may not start with '.' or contain '..': {sample_id!r}")
+    bad = [c for c in sample_id if c in "/\\" or ord(c) < 32 or ord(c) == 127]
+    if bad:
+        raise ConfigError(f"sample id contains a path separator or control character: {sample_id!r}")
+    try:
+        sample_id.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise ConfigError(f"sample id is not valid unicode: {sample_id!r}") from e
+    return sample_id
+
+
+def _check_json_value(value: Any, where: str) -> Any:
+    """Deep-copy a metadata value, refusing anything that is not plain JSON."""
+    if isinstance(value, float) and not math.isfinite(value):
+        raise ConfigError(f"metadata {where} is not a finite number: {value!r}")
+    if isinstance(value, _SCALARS):
+        return value
+    if isinstance(value, (list, tuple)):
+        return tuple(_check_json_value(v, f"{where}[{i}]") for i, v in enumerate(value))
+    if isinstance(value, Mapping):
+        out = {}
+        for k, v in value.items():
+            if not isinstance(k, str):
+                raise ConfigError(f"metadata {where} has a non-str key {k!r}")
+            out[k] = _check_json_value(v, f"{where}.{k}")
+        return types.MappingProxyType(out)
+    if type(value).__module__.startswith(("torch", "numpy")):
+        raise TypeError(
+            f"metadata {where} is a {type(value).__name__}: refs carry metadata only, "
+            "never tensors or arrays (put tensors in the sample itself)"
+        )
+    raise ConfigError(f"metadata {where} is not JSON-serialisable: {type(value).__name__}")
+
+
+def _plain(value: Any) -> Any:
+    if isinstance(value, tuple):
+        return [_plain(v) for v in value]
+    if isinstance(value, Mapping):
+        return {k: _plain(v) for k, v in value.items()}
+    return value
+
+
+@dataclass(frozen=True, slots=True)
+class FeatureSpec:
+    """One tensor of a sample: its name, dtype name (``"bfloat16"``), shape and size."""
+
+    name: str
+    dtype: str
+    shape: tuple[int, ...]
+    nbytes: int
+
+    def __post_init__(self) -> None:
+        for attr in ("name", "dtype"):
+            if not isinstance(getattr(self, attr), str):
+                raise TypeError(f"FeatureSpec.{attr} must be a str, got {type(getattr(self, attr)).__name__}")
+        object.__setattr__(self, "shape", tuple(int(d) for d in self.shape))
+        if any(d < 0 for d in self.shape) or int(self.nbytes) < 0:
+            raise ConfigError(f"FeatureSpec {self.name!r} has a negative size")
+        object.__setattr__(self, "nbytes", int(self.nbytes))
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"name": self.name, "dtype": self.dtype, "shape": list(self.shape), "nbytes": self.nbytes}
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> FeatureSpec:
+        return cls(name=d["name"], dtype=d["dtype"], shape=tuple(d["shape"]), nbytes=d["nbytes"])
+
+
+@dataclass(frozen=True, slots=True)
+class SampleRef:
+    """Where one generation of one sample lives, and what it holds.
+
+    Attributes:
+        sample_id: the producer's id (validated by :func:`validate_sample_id`).
+        generation: increases on every re-put of the same id; a ref of an older
+            generation can never read, free or ack a newer one.
+        store: the store URI the bytes were written to.
+        specs: one :class:`FeatureSpec` per tensor, in encoding order.
+        nbytes: size of the encoded blob.
+        checksum: hex digest of the encoded blob (see :mod:`torch_dataflow.codec`).
+        metadata: small JSON-able user metadata (never tensors).
+    """
+
+    sample_id: str
+    generation: int
+    store: str
+    specs: tuple[FeatureSpec, ...]
+    nbytes: int
+    checksum: str
+    metadata: Mapping[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        validate_sample_id(self.sample_id)
+        if isinstance(self.generation, bool) or not isinstance(self.generation, int) or self.generation < 1:
+            raise ConfigError(f"generation must be an int >= 1, got {self.generation!r}")
+        specs = tuple(self.specs)
+        for s in specs:
+            if not isinstance(s, FeatureSpec):
+                raise TypeError(f"SampleRef.specs must hold FeatureSpec, got {type(s).__name__}")
+        object.__setattr__(self, "specs", specs)
+        object.__setattr__(self, "metadata", _check_json_value(dict(self.metadata), "metadata"))
+
+    def __hash__(self) -> int:
+        return hash((self.sample_id, self.generation, self.store, self.checksum))
+
+    @property
+    def key(self) -> tuple[str, int]:
+        """``(sample_id, generation)``: the identity a store files bytes under."""
+        return (self.sample_id, self.generation)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "sample_id": self.sample_id,
+            "generation": self.generation,
+            "store": self.store,
+            "specs": [s.to_dict() for s in self.specs],
+            "nbytes": self.nbytes,
+            "checksum": self.checksum,
+            "metadata": _plain(self.metadata),
+        }
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), separators=(",", ":"), sort_keys=True)
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> SampleRef:
+        return cls(
+            sample_id=d["sample_id"],
+            generation=d["generation"],
+            store=d["store"],
+            specs=tuple(FeatureSpec.from_dict(s) for s in d["specs"]),
+            nbytes=d["nbytes"],
+            checksum=d["checksum"],
+            metadata=d.get("metadata", {}),
+        )
+
+    @classmethod
+    def from_json(cls, text: str | bytes) -> SampleRef:
+        try:
+            d = json.loads(text)
+        except ValueError as e:
+            raise ConfigError(f"not a SampleRef: {e}") from e
+        return cls.from_dict(d)
+
+
+@dataclass(frozen=True, slots=True)
+class Lease:
+    """One delivery of one sample to one consumer, until ``deadline``.
+
+    ``lease_id`` is opaque to callers; it is what travels inside a batch so the
+    main process can ack it (``FeatureStoreDataset.ack``).
+    """
+
+    lease_id: str
+    epoch: int
+    owner: str
+    deadline: float
+    ref: SampleRef
+
+    @property
+    def sample_id(self) -> str:
+        return self.ref.sample_id
+
+    @property
+    def generation(self) -> int:
+        return self.ref.generation
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "lease_id": self.lease_id,
+            "epoch": self.epoch,
+            "owner": self.owner,
+            "deadline": self.deadline,
+            "ref": self.ref.to_dict(),
+        }
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), separators=(",", ":"), sort_keys=True)
+
+    @classmethod
+    def from_json(cls, text: str | bytes) -> Lease:
+        d = json.loads(text)
+        return cls(d["lease_id"], d["epoch"], d["owner"], d["deadline"], SampleRef.from_dict(d["ref"]))

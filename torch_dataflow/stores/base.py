@@ -1,0 +1,200 @@
+"""The data-plane contract: :class:`FeatureStore`.
+
+A store keeps the encoded bytes of one generation of one sample under
+``(sample_id, generation)``. It knows nothing of leases, ranks or training:
+the ledger decides lifetime and the store obeys.
+
+Backends implement five byte-level primitives (``_write``, ``_read``,
+``_delete``, ``_exists``, ``_keys``) plus ``health``; the tensor-level API
+(``put``/``get``/... with encoding, integrity and auth checks) is implemented
+once here. A backend may override ``put``/``get`` and the batch methods for
+speed (the Mooncake store does, for zero-copy transfers) but must keep their
+contract, which ``torch_dataflow.testing.store_conformance`` checks.
+
+Example:
+    >>> import torch
+    >>> from torch_dataflow.stores import open_store
+    >>> store = open_store("memory://doc-example")
+    >>> ref = store.put("s1", 1, {"x": torch.arange(3)})
+    >>> store.get(ref)["x"].tolist()
+    [0, 1, 2]
+    >>> store.delete(ref)
+    True
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from .. import codec
+from ..auth import SecretGuard
+from ..errors import ConfigError, SampleUnavailable
+from ..refs import SampleRef, validate_sample_id
+
+__all__ = ["FeatureStore", "StoreHealth"]
+
+Buffer = bytes | bytearray | memoryview
+
+
+@dataclass(frozen=True)
+class StoreHealth:
+    """What a store holds now: encoded bytes resident and number of samples."""
+
+    resident_bytes: int
+    count: int
+
+
+class FeatureStore(ABC):
+    """Bytes of sample generations, addressed by :class:`SampleRef`.
+
+    Subclasses set ``self.uri`` (without credentials) and, at attach, set
+    ``self._guard = SecretGuard.attach(secret, verifier, ...)`` with the
+    verifier the backend keeps (see :mod:`torch_dataflow.auth`).
+    """
+
+    uri: str
+    _guard: SecretGuard | None = None
+
+    def _check_auth(self) -> None:
+        """Check this client's credential (constant time); attach first if needed."""
+        if self._guard is None:
+            self._attach()
+        assert self._guard is not None
+        self._guard.check()
+
+    @abstractmethod
+    def _attach(self) -> None:
+        """Connect (lazily, again after a fork) and set ``self._guard``."""
+
+    # ------------------------------------------------------- byte primitives
+    @abstractmethod
+    def _write(self, sample_id: str, generation: int, parts: Sequence[Buffer], nbytes: int) -> None:
+        """Publish ``parts`` (concatenated, ``nbytes`` long) atomically under the key."""
+
+    @abstractmethod
+    def _read(self, sample_id: str, generation: int) -> Buffer:
+        """Return the whole blob; raise :class:`SampleUnavailable` if absent."""
+
+    @abstractmethod
+    def _delete(self, sample_id: str, generation: int) -> bool:
+        """Remove the blob of exactly this generation; ``False`` if it was absent."""
+
+    @abstractmethod
+    def _exists(self, sample_id: str, generation: int) -> bool:
+        """Whether the blob of exactly this generation is present."""
+
+    @abstractmethod
+    def _keys(self) -> Iterator[tuple[str, int]]:
+        """Every ``(sample_id, generation)`` currently held."""
+
+    @abstractmethod
+    def health(self) -> StoreHealth:
+        """Resident bytes and sample count (cheap: used for backpressure)."""
+
+    def close(self) -> None:  # noqa: B027 - optional for backends with no resources
+        """Release connections and handles. The store may be reopened lazily."""
+
+    # ------------------------------------------------------- tensor-level API
+    def put(
+        self,
+        sample_id: str,
+        generation: int,
+        tensors: Mapping[str, torch.Tensor],
+        metadata: Mapping[str, Any] | None = None,
+    ) -> SampleRef:
+        """Encode ``tensors`` and publish them under ``(sample_id, generation)``.
+
+        Nothing is visible to readers until the whole blob is written. The
+        returned ref is not yet committed: commit it to a ledger to deliver it.
+
+        Raises:
+            TypeError: a value is not a tensor.
+            ConfigError: bad sample id or generation, a tensor that requires grad.
+            AuthError: wrong or missing secret.
+            StoreFull: the backend has no room (stores that cannot wait).
+        """
+        self._check_auth()
+        validate_sample_id(sample_id)
+        if isinstance(generation, bool) or not isinstance(generation, int) or generation < 1:
+            raise ConfigError(f"generation must be an int >= 1, got {generation!r}")
+        enc = codec.encode(tensors)
+        self._write(sample_id, generation, enc.parts(), enc.nbytes)
+        return SampleRef(
+            sample_id=sample_id,
+            generation=generation,
+            store=self.uri,
+            specs=enc.specs,
+            nbytes=enc.nbytes,
+            checksum=enc.checksum,
+            metadata=dict(metadata or {}),
+        )
+
+    def get(self, ref: SampleRef, *, zero_copy: bool = False) -> dict[str, torch.Tensor]:
+        """Read and verify one sample generation.
+
+        Returned tensors own their memory unless ``zero_copy=True``, in which
+        case they may be read-only views into the store's buffer (valid after
+        the sample is deleted only for stores that say so).
+
+        Raises:
+            SampleUnavailable: absent, freed, aborted or superseded generation.
+            CorruptSample: length or checksum mismatch, or not the ref's blob.
+            AuthError: wrong or missing secret.
+        """
+        self._check_auth()
+        blob = self._read(ref.sample_id, ref.generation)
+        return codec.decode(blob, copy=not zero_copy, expected_checksum=ref.checksum, what=self._what(ref))
+
+    def delete(self, ref: SampleRef) -> bool:
+        """Free exactly ``ref``'s generation; never a newer one. Idempotent."""
+        self._check_auth()
+        return self._delete(ref.sample_id, ref.generation)
+
+    def exists(self, ref: SampleRef) -> bool:
+        """Whether ``ref``'s generation is readable now."""
+        self._check_auth()
+        return self._exists(ref.sample_id, ref.generation)
+
+    def keys(self) -> list[tuple[str, int]]:
+        """Every ``(sample_id, generation)`` held (for gc, status and leak checks)."""
+        self._check_auth()
+        return sorted(self._keys())
+
+    def put_many(
+        self, items: Iterable[tuple[str, int, Mapping[str, torch.Tensor], Mapping[str, Any] | None]]
+    ) -> list[SampleRef]:
+        """``put`` each ``(sample_id, generation, tensors, metadata)``; backends may batch."""
+        return [self.put(sid, gen, tensors, meta) for sid, gen, tensors, meta in items]
+
+    def get_many(self, refs: Sequence[SampleRef], *, zero_copy: bool = False) -> list[dict[str, torch.Tensor]]:
+        """``get`` each ref, in order; backends may batch."""
+        return [self.get(ref, zero_copy=zero_copy) for ref in refs]
+
+    # --------------------------------------------------------------- helpers
+    def _what(self, ref: SampleRef) -> str:
+        return f"sample {ref.sample_id!r} generation {ref.generation} in {self.uri}"
+
+    @staticmethod
+    def _missing(sample_id: str, generation: int, uri: str) -> SampleUnavailable:
+        return SampleUnavailable(f"sample {sample_id!r} generation {generation} is not in {uri}")
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        # Stores pickle by configuration and reconnect lazily in the new process.
+        return (self.__class__._from_state, (self._config_state(),))
+
+    @abstractmethod
+    def _config_state(self) -> dict[str, Any]:
+        """Keyword arguments that rebuild an equivalent client in another process."""
+
+    @classmethod
+    def _from_state(cls, state: dict[str, Any]) -> FeatureStore:
+        return cls(**state)
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({self.uri!r})"
+
