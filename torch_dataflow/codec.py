@@ -325,6 +325,7 @@ def decode(
         # frombuffer warns for read-only buffers (bytes, mmap.ACCESS_READ); the
         # docstring states the contract instead.
         warnings.filterwarnings("ignore", message=".*non-writable.*", category=UserWarning)
+        warnings.filterwarnings("ignore", message="ComplexHalf support is experimental", category=UserWarning)
         for e in entries:
             count = e.end - e.start
             if count == 0:

@@ -74,7 +74,7 @@ _CLEAR_LEASE = "owner=NULL, nonce=NULL, deadline=NULL, slot=NULL"
 
 def _td_ord(seed: int, epoch: int, sample_id: str) -> int:
     # Signed 64-bit, as SQLite stores integers.
-    return xxhash.xxh3_64_intdigest(f"{seed}:{epoch}:{sample_id}") - (1 << 63)
+    return xxhash.xxh3_64_intdigest(f"{seed}:{epoch}:{sample_id}".encode()) - (1 << 63)
 
 
 def _chunks(seq: Sequence[Any]) -> Iterator[Sequence[Any]]:
@@ -243,7 +243,7 @@ class SQLiteLedger(Ledger):
                 if ref.generation < gen or ref.generation < committed:
                     raise ConfigError(f"stale commit of {ref.sample_id!r} generation {ref.generation}: "
                                       f"generation {max(gen, committed)} supersedes it")
-                if committed and old and status != SampleStatus.FREED:
+                if committed and old and status in (SampleStatus.LIVE, SampleStatus.QUARANTINED):
                     superseded.append(SampleRef.from_json(old))
                 seq += 1
                 sample_rows.append((ref.generation, int(SampleStatus.LIVE), ref.to_json(), seq, ref.sample_id))
@@ -256,7 +256,8 @@ class SQLiteLedger(Ledger):
                                 [(g, s) for s, g, _ in new_ids])
             con.executemany(
                 "INSERT INTO deliveries(epoch, sample_id, gen, state, ord) VALUES (?, ?, ?, ?, ?) "
-                f"ON CONFLICT(epoch, sample_id) DO UPDATE SET gen=excluded.gen, state={P}, step=NULL, {_CLEAR_LEASE}",
+                f"ON CONFLICT(epoch, sample_id) DO UPDATE SET gen=excluded.gen, ord=excluded.ord, state={P}, step=NULL, "
+                f"{_CLEAR_LEASE}",
                 [(epoch, s, g, P, q) for s, g, q in new_ids])
             self._set_meta(con, "seq", seq)
         return superseded
@@ -378,7 +379,8 @@ class SQLiteLedger(Ledger):
             cur = con.executemany(sql, [p for _, p in parsed])
             if cur.rowcount != len(parsed):  # find which ones (the statements are idempotent)
                 lost.extend(lid for lid, p in parsed if con.execute(sql, p).rowcount == 0)
-        return lost
+        gone = set(lost)
+        return [lid for lid in lease_ids if lid in gone]
 
     _IDENT = "epoch=? AND sample_id=? AND gen=? AND nonce=?"
 

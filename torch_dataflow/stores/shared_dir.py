@@ -1,0 +1,344 @@
+"""``file:///abs/path``: a store in a directory shared by processes on one host
+(or on a shared mount).
+
+Layout::
+
+    <root>/.torch_dataflow.json           marker: format version and auth verifier
+    <root>/<ff>/<sample_id>@<generation>.tdf   one codec blob per sample generation
+    <root>/<ff>/.<...>.tmp                a write in progress (never read as a sample)
+
+``<ff>`` is two hex digits of xxh3(sample id), so no directory grows past
+1/256 of the samples. A blob is written to a temporary file in its final
+directory and published with :func:`os.rename`, which is atomic: a reader sees
+the whole blob or no blob. Published files are never modified (a re-put is a
+new file under a new generation), so a zero-copy ``mmap`` stays valid even
+after the sample is deleted.
+
+``fsync=True`` also syncs each file and its directory before a put returns.
+It protects against a *host* crash (power loss, kernel panic) only: after a
+process crash the page cache still holds every completed rename. It is off by
+default because it costs a device flush per put (on the development VM, about
+1-3 ms per small sample; far more on network file systems).
+
+Security: files are created 0600 and directories 0700 whatever the umask; the
+shared secret (if any) guards against mis-wiring jobs, but anyone who can read
+the directory can read the bytes.
+
+Cost of :meth:`SharedDirStore.health`: a ``scandir`` plus one ``stat`` per file
+(nothing is cached in-process, because other processes write the directory);
+measured at ~20 ms for 10,000 samples on local disk.
+"""
+
+from __future__ import annotations
+
+import json
+import mmap
+import os
+import secrets
+import time
+from collections.abc import Iterator, Sequence
+from typing import Any
+from urllib.parse import quote
+
+import torch
+import xxhash
+
+from .. import codec
+from ..auth import SecretGuard, make_verifier
+from ..errors import ConfigError
+from ..refs import SampleRef, validate_sample_id
+from ..uri import parse_size, parse_uri
+from .base import Buffer, FeatureStore, StoreHealth
+
+__all__ = ["SharedDirStore"]
+
+MARKER = ".torch_dataflow.json"
+_KIND = "torch_dataflow.shared_dir"
+_VERSION = 1
+_SUFFIX = ".tdf"
+_QUERY = {"fsync": bool, "secret": str, "max_bytes": "size", "create": bool}
+_HEX = frozenset("0123456789abcdef")
+
+
+def _mkdir_private(path: str) -> None:
+    """Create ``path`` as 0700 (umask-independent); an existing directory is kept as is."""
+    try:
+        os.mkdir(path, 0o700)
+    except FileExistsError:
+        return
+    os.chmod(path, 0o700)  # mkdir's mode is filtered by the umask
+
+
+def _write_all(fd: int, parts: Sequence[Buffer]) -> int:
+    total = 0
+    for part in parts:
+        view = memoryview(part).cast("B")
+        while view:
+            n = os.write(fd, view)  # may be short for >2 GiB parts or on signals
+            view = view[n:]
+            total += n
+    return total
+
+
+class SharedDirStore(FeatureStore):
+    """Sample bytes as files in a directory that many processes share.
+
+    Args:
+        path: absolute path of the store's root directory.
+        fsync: sync files and directories on put (host-crash durability).
+        secret: shared secret; the first client to create the store records
+            its verifier in the marker file.
+        max_bytes: byte budget the producer respects (informative here).
+        create: create the directory if it is missing.
+
+    Example:
+        >>> import tempfile, torch
+        >>> store = SharedDirStore(tempfile.mkdtemp() + "/features")
+        >>> ref = store.put("s1", 1, {"x": torch.arange(3)})
+        >>> store.get(ref)["x"].tolist()
+        [0, 1, 2]
+    """
+
+    def __init__(
+        self,
+        path: str | os.PathLike[str],
+        *,
+        fsync: bool = False,
+        secret: str | None = None,
+        max_bytes: int | str | None = None,
+        create: bool = True,
+    ) -> None:
+        root = os.fspath(path)
+        if not isinstance(root, str) or not os.path.isabs(root):
+            raise ConfigError(f"shared-dir store path must be absolute, got {root!r}")
+        self.root = os.path.normpath(root)
+        self.fsync = bool(fsync)
+        self.secret = secret
+        self.max_bytes = None if max_bytes is None else parse_size(max_bytes)
+        self.create = bool(create)
+        self.uri = "file://" + quote(self.root)
+
+    @classmethod
+    def from_uri(cls, uri: str, **overrides: Any) -> SharedDirStore:
+        """Build from ``file:///abs/path?fsync=1&secret=...&max_bytes=8GiB&create=0``."""
+        parsed = parse_uri(uri, _QUERY)
+        if parsed.scheme != "file":
+            raise ConfigError(f"not a file:// URI: {uri!r}")
+        if parsed.host not in (None, "", "localhost"):
+            raise ConfigError(f"file:// URIs name a local path (file:///abs/path), got host {parsed.host!r}")
+        if not parsed.path:
+            raise ConfigError(f"file:// URI has no path: {uri!r}")
+        kwargs: dict[str, Any] = {**parsed.query, **overrides}
+        return cls(parsed.path, **kwargs)
+
+    # --------------------------------------------------------------- attach
+    def _read_marker(self) -> dict[str, Any] | None:
+        path = os.path.join(self.root, MARKER)
+        try:
+            with open(path, encoding="utf-8") as f:
+                doc = json.load(f)
+        except FileNotFoundError:
+            return None
+        except (OSError, ValueError) as e:
+            raise ConfigError(f"{path} is unreadable or not JSON ({e}): not a torch_dataflow store") from e
+        if not isinstance(doc, dict) or doc.get("kind") != _KIND:
+            raise ConfigError(f"{path} is not a torch_dataflow shared-dir marker; refusing to use {self.root}")
+        if not isinstance(doc.get("version"), int) or doc["version"] > _VERSION:
+            raise ConfigError(f"{self.root} has store format {doc.get('version')!r}; this version reads {_VERSION}")
+        return doc
+
+    def _attach(self) -> None:
+        if not os.path.isdir(self.root):
+            if not self.create:
+                raise ConfigError(f"store directory {self.root} does not exist (create=False)")
+            os.makedirs(os.path.dirname(self.root), exist_ok=True)
+            _mkdir_private(self.root)
+        marker = self._read_marker()
+        if marker is None:
+            # Adopting a directory full of someone else's files would mix them with
+            # samples (and sweep_temp would delete their dot-files): refuse.
+            foreign = [n for n in os.listdir(self.root) if not n.startswith(".")]
+            if foreign:
+                raise ConfigError(f"{self.root} is not empty and has no {MARKER}: not a torch_dataflow store")
+            doc = {"kind": _KIND, "version": _VERSION, "verifier": make_verifier(self.secret) if self.secret else None}
+            tmp = os.path.join(self.root, f"{MARKER}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
+            self._write_file(tmp, [json.dumps(doc).encode()])
+            try:
+                os.link(tmp, os.path.join(self.root, MARKER))  # atomic create-if-absent: first creator wins
+            except FileExistsError:
+                pass
+            finally:
+                os.unlink(tmp)
+            marker = self._read_marker()
+            assert marker is not None
+        self._guard = SecretGuard.attach(self.secret, marker.get("verifier"), f"store {self.uri}")
+
+    # ---------------------------------------------------------------- paths
+    def _dir(self, sample_id: str) -> str:
+        return os.path.join(self.root, xxhash.xxh3_64_hexdigest(sample_id.encode("utf-8"))[:2])
+
+    def path_of(self, sample_id: str, generation: int) -> str:
+        """The file that holds ``(sample_id, generation)`` (for tools and tests)."""
+        validate_sample_id(sample_id)  # the id becomes a file name: never trust it here either
+        return os.path.join(self._dir(sample_id), f"{sample_id}@{int(generation)}{_SUFFIX}")
+
+    def _sample_dirs(self) -> Iterator[os.DirEntry[str]]:
+        try:
+            entries = list(os.scandir(self.root))
+        except FileNotFoundError:
+            return
+        for d in entries:
+            if len(d.name) == 2 and set(d.name) <= _HEX and d.is_dir(follow_symlinks=False):
+                yield d
+
+    def _sample_files(self) -> Iterator[tuple[str, int, os.DirEntry[str]]]:
+        for d in self._sample_dirs():
+            with os.scandir(d.path) as it:
+                for e in it:
+                    if e.name.startswith(".") or not e.name.endswith(_SUFFIX):
+                        continue
+                    sid, _, gen = e.name[: -len(_SUFFIX)].rpartition("@")
+                    if sid and gen.isdigit():
+                        yield sid, int(gen), e
+
+    # ------------------------------------------------------ byte primitives
+    def _write_file(self, path: str, parts: Sequence[Buffer]) -> int:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+        try:
+            os.fchmod(fd, 0o600)  # the open() mode is filtered by the umask
+            n = _write_all(fd, parts)
+            if self.fsync:
+                os.fsync(fd)
+        finally:
+            os.close(fd)
+        return n
+
+    def _write(self, sample_id: str, generation: int, parts: Sequence[Buffer], nbytes: int) -> None:
+        final = self.path_of(sample_id, generation)
+        d = os.path.dirname(final)
+        _mkdir_private(d)
+        # Dot-prefixed and not ending in .tdf: never listed or read as a sample.
+        tmp = os.path.join(d, f".{generation}.{os.getpid()}.{secrets.token_hex(6)}.tmp")
+        try:
+            written = self._write_file(tmp, parts)
+            if written != nbytes:
+                raise ConfigError(f"wrote {written} bytes for {sample_id!r}, expected {nbytes}")
+            os.rename(tmp, final)  # atomic publish
+        except BaseException:
+            try:
+                os.unlink(tmp)
+            except FileNotFoundError:
+                pass
+            raise
+        if self.fsync:
+            dfd = os.open(d, os.O_RDONLY | os.O_DIRECTORY)
+            try:
+                os.fsync(dfd)  # make the rename itself durable
+            finally:
+                os.close(dfd)
+
+    def _read(self, sample_id: str, generation: int) -> Buffer:
+        try:
+            fd = os.open(self.path_of(sample_id, generation), os.O_RDONLY | os.O_CLOEXEC)
+        except FileNotFoundError:
+            raise self._missing(sample_id, generation, self.uri) from None
+        try:
+            size = os.fstat(fd).st_size
+            # torch.empty: 64-byte aligned and not zero-filled (a bytearray would memset first).
+            view = memoryview(torch.empty(size, dtype=torch.uint8).numpy()).cast("B")
+            pos = 0
+            while pos < size:
+                n = os.readv(fd, [view[pos:]])
+                if n == 0:
+                    break  # shorter than fstat said: the codec reports it as truncated
+                pos += n
+        finally:
+            os.close(fd)
+        return view[:pos]
+
+    def _map(self, sample_id: str, generation: int) -> Buffer:
+        try:
+            fd = os.open(self.path_of(sample_id, generation), os.O_RDONLY | os.O_CLOEXEC)
+        except FileNotFoundError:
+            raise self._missing(sample_id, generation, self.uri) from None
+        try:
+            if os.fstat(fd).st_size == 0:
+                return b""
+            # ACCESS_COPY (MAP_PRIVATE): a caller writing to a view gets private pages
+            # instead of a segfault (ACCESS_READ) or a modified sample (ACCESS_WRITE).
+            return mmap.mmap(fd, 0, access=mmap.ACCESS_COPY)
+        finally:
+            os.close(fd)  # the mapping outlives the descriptor
+
+    def _delete(self, sample_id: str, generation: int) -> bool:
+        try:
+            os.unlink(self.path_of(sample_id, generation))
+        except FileNotFoundError:
+            return False
+        return True
+
+    def _exists(self, sample_id: str, generation: int) -> bool:
+        return os.path.isfile(self.path_of(sample_id, generation))
+
+    def _keys(self) -> Iterator[tuple[str, int]]:
+        return ((sid, gen) for sid, gen, _ in self._sample_files())
+
+    # ----------------------------------------------------------- public API
+    def get(self, ref: SampleRef, *, zero_copy: bool = False) -> dict[str, torch.Tensor]:
+        """Read and verify one sample generation (see :meth:`FeatureStore.get`).
+
+        The default path reads the file into a fresh private buffer and returns
+        views of it: already independent of the store, so no second copy.
+        ``zero_copy=True`` maps the file copy-on-write instead; the views stay
+        valid after the sample is deleted.
+        """
+        self._check_auth()
+        if zero_copy:
+            blob = self._map(ref.sample_id, ref.generation)
+        else:
+            blob = self._read(ref.sample_id, ref.generation)
+        return codec.decode(blob, copy=False, expected_checksum=ref.checksum, what=self._what(ref))
+
+    def health(self) -> StoreHealth:
+        """Bytes and count of published samples (a directory scan; see module docs for cost)."""
+        self._check_auth()
+        count = size = 0
+        for _, _, e in self._sample_files():
+            try:
+                size += e.stat(follow_symlinks=False).st_size
+            except FileNotFoundError:
+                continue  # deleted by another process mid-scan
+            count += 1
+        return StoreHealth(resident_bytes=size, count=count)
+
+    def sweep_temp(self, older_than_s: float = 3600.0) -> int:
+        """Delete temporary files left by crashed writers; return how many.
+
+        Only files older than ``older_than_s`` go, so a write in progress in
+        another process is never removed from under it.
+        """
+        self._check_auth()
+        cutoff = time.time() - older_than_s
+        removed = 0
+        dirs = [self.root, *(d.path for d in self._sample_dirs())]
+        for d in dirs:
+            with os.scandir(d) as it:
+                for e in it:
+                    if not (e.name.startswith(".") and e.name.endswith(".tmp")) or not e.is_file(follow_symlinks=False):
+                        continue
+                    try:
+                        if e.stat(follow_symlinks=False).st_mtime < cutoff:
+                            os.unlink(e.path)
+                            removed += 1
+                    except FileNotFoundError:
+                        continue
+        return removed
+
+    def _config_state(self) -> dict[str, Any]:
+        return {
+            "path": self.root,
+            "fsync": self.fsync,
+            "secret": self.secret,
+            "max_bytes": self.max_bytes,
+            "create": self.create,
+        }

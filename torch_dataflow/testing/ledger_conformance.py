@@ -1,0 +1,367 @@
+"""Conformance suite for :class:`~torch_dataflow.ledger.base.Ledger` backends.
+
+Shipped inside the package so a third-party ledger can run it::
+
+    class TestMyLedger(LedgerConformance):
+        def make_ledger(self, **kw):
+            return MyLedger(..., **kw)
+        def attach_ledger(self, ledger, **kw):   # a second client, same state
+            return MyLedger(..., **kw)
+
+Test names carry the DESIGN.md invariant they check (``inv1`` ... ``inv9``).
+"""
+
+from __future__ import annotations
+
+import pickle
+import time
+from typing import Any
+
+import pytest
+
+from ..errors import AuthError, ConfigError, SampleAborted
+from ..ledger.base import Ledger, Plan
+from ..refs import SampleRef
+
+__all__ = ["LedgerConformance", "commit_ids", "fake_ref"]
+
+
+def fake_ref(sample_id: str, generation: int, store: str = "memory://conformance") -> SampleRef:
+    """A tensor-free ref for ledger tests (the ledger never looks inside)."""
+    return SampleRef(sample_id, generation, store, (), 0, f"{generation:016x}")
+
+
+def commit_ids(ledger: Ledger, ids: list[str]) -> list[SampleRef]:
+    gens = ledger.reserve(ids)
+    refs = [fake_ref(s, g) for s, g in zip(ids, gens)]
+    ledger.commit(refs)
+    return refs
+
+
+def _ids(n: int, prefix: str = "s") -> list[str]:
+    return [f"{prefix}{i:05d}" for i in range(n)]
+
+
+class LedgerConformance:
+    """Base class of the ledger conformance tests; override the two hooks."""
+
+    def make_ledger(self, **kw: Any) -> Ledger:
+        raise NotImplementedError
+
+    def attach_ledger(self, ledger: Ledger, **kw: Any) -> Ledger:
+        """A second client of ``ledger``'s state (another process would see the same)."""
+        raise NotImplementedError
+
+    # ------------------------------------------------------------ life cycle
+    def test_lifecycle_counts(self) -> None:
+        led = self.make_ledger()
+        commit_ids(led, _ids(10))
+        c = led.counts()
+        assert (c.pending, c.committed) == (10, 10)
+        leases = led.lease("a", 4, ttl=30)
+        assert len(leases) == 4 and led.counts().leased == 4
+        assert led.ack([x.lease_id for x in leases], step=1) == []
+        assert led.counts().trained == 4
+        freed = led.mark_durable(1)
+        assert sorted(r.sample_id for r in freed) == sorted(x.sample_id for x in leases)
+        c = led.counts()
+        assert (c.pending, c.trained, c.durable, c.freed) == (6, 0, 4, 4)
+        assert set(led.trained_steps()) == {x.sample_id for x in leases}
+
+    def test_refs_are_metadata_only(self) -> None:
+        led = self.make_ledger()
+        with pytest.raises(TypeError):
+            led.commit([{"sample_id": "x"}])  # type: ignore[list-item]
+        with pytest.raises(ConfigError):
+            led.reserve(["../escape"])
+
+    def test_lease_carries_ref(self) -> None:
+        led = self.make_ledger()
+        refs = commit_ids(led, ["x"])
+        [lease] = led.lease("a", 5, ttl=30)
+        assert lease.ref == refs[0] and lease.owner == "a" and lease.deadline > time.time()
+
+    def test_ack_is_idempotent_and_keeps_first_step(self) -> None:
+        led = self.make_ledger()
+        commit_ids(led, ["x"])
+        [lease] = led.lease("a", 1, ttl=30)
+        assert led.ack([lease.lease_id], 3) == []
+        assert led.ack([lease.lease_id], 9) == []
+        assert led.trained_steps() == {"x": 3}
+
+    def test_forged_lease_ids_are_lost(self) -> None:
+        led = self.make_ledger()
+        commit_ids(led, ["x"])
+        [lease] = led.lease("a", 1, ttl=30)
+        forged = lease.lease_id.replace(lease.lease_id.split(":")[2], "0" * 16)
+        assert led.ack([forged, "garbage"], 1) == [forged, "garbage"]
+        assert led.counts().leased == 1
+
+    # ------------------------------------------------------------ invariant 1
+    def test_inv1_no_loss_with_failures(self) -> None:
+        led = self.make_ledger()
+        ids = _ids(50)
+        commit_ids(led, ids)
+        trained: set[str] = set()
+        rounds = 0
+        while len(trained) < len(ids):
+            rounds += 1
+            assert rounds < 100, "samples stopped being delivered"
+            leases = led.lease("a", 7, ttl=30)
+            keep = [x for i, x in enumerate(leases) if (i + rounds) % 3]
+            give_back = [x for x in leases if x not in keep]
+            assert led.fail([x.lease_id for x in give_back], retryable=True) == []
+            assert led.ack([x.lease_id for x in keep], rounds) == []
+            trained |= {x.sample_id for x in keep}
+        assert trained == set(ids) and led.counts().pending == 0
+
+    # ------------------------------------------------------------ invariant 2
+    def test_inv2_reconcile_replays_only_after_checkpoint(self) -> None:
+        led = self.make_ledger()
+        commit_ids(led, _ids(12))
+        for step in range(1, 5):  # 3 samples acked at each of steps 1..4
+            ls = led.lease("a", 3, ttl=30)
+            led.ack([x.lease_id for x in ls], step)
+        before = led.trained_steps()
+        a0 = led.attempt()
+        rep = led.reconcile(2)
+        assert rep.attempt == a0 + 1 == led.attempt()
+        assert (rep.replayed, rep.durable) == (6, 6)
+        assert sorted(r.sample_id for r in rep.freed) == sorted(s for s, st in before.items() if st <= 2)
+        c = led.counts()
+        assert (c.pending, c.durable) == (6, 6)
+        again = {x.sample_id for x in led.lease("b", 100, ttl=30)}
+        assert again == {s for s, st in before.items() if st > 2}
+
+    def test_inv2_reconcile_releases_dead_leases(self) -> None:
+        led = self.make_ledger()
+        commit_ids(led, _ids(5))
+        held = led.lease("dead", 5, ttl=3600)
+        rep = led.reconcile(None)
+        assert rep.released == 5 and led.counts().pending == 5
+        assert led.ack([x.lease_id for x in held], 1) == [x.lease_id for x in held]
+
+    # ------------------------------------------------------------ invariant 3
+    def test_inv3_consume_once_between_clients(self) -> None:
+        led = self.make_ledger()
+        other = self.attach_ledger(led)
+        commit_ids(led, _ids(40))
+        got: list[str] = []
+        for i in range(10):
+            got += [x.sample_id for x in (led if i % 2 else other).lease(f"c{i % 2}", 4, ttl=30)]
+        assert len(got) == len(set(got)) == 40
+
+    def test_inv3_expired_lease_is_redelivered_and_old_ack_lost(self) -> None:
+        led = self.make_ledger()
+        commit_ids(led, ["x"])
+        [old] = led.lease("slow", 1, ttl=0.05)
+        assert led.lease("fast", 1, ttl=30) == []
+        time.sleep(0.1)
+        [new] = led.lease("fast", 1, ttl=30)
+        assert new.sample_id == "x" and new.lease_id != old.lease_id
+        assert led.ack([old.lease_id], 1) == [old.lease_id]
+        assert led.renew([old.lease_id], 30) == [old.lease_id]
+        assert led.ack([new.lease_id], 1) == []
+
+    def test_inv3_renew_keeps_lease(self) -> None:
+        led = self.make_ledger()
+        commit_ids(led, ["x"])
+        [lease] = led.lease("a", 1, ttl=0.3)
+        for _ in range(4):
+            time.sleep(0.1)
+            assert led.renew([lease.lease_id], 0.3) == []
+            assert led.lease("b", 1, ttl=30) == []
+        assert led.ack([lease.lease_id], 1) == []
+
+    # ------------------------------------------------------------ generations
+    def test_inv4_reput_supersedes_and_old_lease_cannot_ack(self) -> None:
+        led = self.make_ledger()
+        [r1] = commit_ids(led, ["x"])
+        [old] = led.lease("a", 1, ttl=30)
+        [g2] = led.reserve(["x"])
+        assert g2 == 2
+        superseded = led.commit([fake_ref("x", g2)])
+        assert superseded == [r1]
+        assert led.ack([old.lease_id], 1) == [old.lease_id]
+        [new] = led.lease("a", 1, ttl=30)
+        assert new.generation == 2 and led.get_ref("x") == fake_ref("x", 2)
+
+    def test_inv4_stale_commit_rejected(self) -> None:
+        led = self.make_ledger()
+        [g1] = led.reserve(["x"])
+        [g2] = led.reserve(["x"])
+        led.commit([fake_ref("x", g2)])
+        with pytest.raises(ConfigError):
+            led.commit([fake_ref("x", g1)])
+        with pytest.raises(ConfigError):
+            led.commit([fake_ref("never", 1)])
+        assert led.counts().pending == 1
+
+    def test_inv4_abort_tombstone_survives_new_client(self) -> None:
+        led = self.make_ledger()
+        [r1] = commit_ids(led, ["done"])
+        [g] = led.reserve(["inflight"])
+        assert led.abort(["inflight", "done", "unknown"]) == [r1]
+        other = self.attach_ledger(led)
+        with pytest.raises(SampleAborted):
+            other.commit([fake_ref("inflight", g)])
+        assert other.lease("a", 10, ttl=30) == []
+        assert other.counts().aborted == 3
+        [g2] = other.reserve(["inflight"])  # an explicit re-put after the abort is a new generation
+        other.commit([fake_ref("inflight", g2)])
+        assert [x.sample_id for x in other.lease("a", 10, ttl=30)] == ["inflight"]
+
+    def test_inv7_fail_nonretryable_quarantines(self) -> None:
+        led = self.make_ledger()
+        commit_ids(led, ["bad", "good"])
+        leases = {x.sample_id: x for x in led.lease("a", 2, ttl=30)}
+        assert led.fail([leases["bad"].lease_id], retryable=False, reason="checksum mismatch") == []
+        assert led.fail([leases["good"].lease_id]) == []
+        assert [x.sample_id for x in led.lease("a", 5, ttl=30)] == ["good"]
+        [(ref, reason)] = led.quarantined()
+        assert ref is not None and ref.sample_id == "bad" and "checksum" in reason
+        assert led.counts().quarantined == 1
+
+    # ------------------------------------------------------------ invariant 5
+    def test_inv5_secret(self) -> None:
+        led = self.make_ledger(secret="right")
+        commit_ids(led, ["x"])
+        assert self.attach_ledger(led, secret="right").counts().pending == 1
+        for bad in ("wrong", None):
+            with pytest.raises(AuthError):
+                self.attach_ledger(led, secret=bad).lease("a", 1, ttl=30)
+        plain = self.make_ledger()
+        plain.counts()  # created without a secret
+        with pytest.raises(AuthError):
+            self.attach_ledger(plain, secret="unexpected").counts()
+
+    def test_pickles_by_configuration(self) -> None:
+        led = self.make_ledger()
+        clone = pickle.loads(pickle.dumps(led))
+        assert type(clone) is type(led) and clone.uri == led.uri
+
+    # ------------------------------------------------------------ producers
+    def test_stream_closes_when_all_producers_done(self) -> None:
+        led = self.make_ledger()
+        assert not led.is_closed()
+        led.register_producer("p1")
+        led.register_producer("p2")
+        led.producer_done("p1")
+        assert not led.is_closed()
+        led.producer_done("p2")
+        assert led.is_closed() and led.counts().closed
+        led.reopen()
+        assert not led.is_closed()
+
+    # ------------------------------------------------------------ invariant 9
+    @pytest.mark.parametrize("world", [1, 2, 3, 4])
+    def test_inv9_plan_disjoint_complete_equal(self, world: int) -> None:
+        led = self.make_ledger()
+        ids = _ids(50)
+        commit_ids(led, ids)
+        plan = Plan(led.attempt(), 0, world, 3)
+        per_rank: dict[int, list[str]] = {r: [] for r in range(world)}
+        steps = {r: 0 for r in range(world)}
+        for step in range(100):
+            statuses = set()
+            for rank in reversed(range(world)):  # claim order must not matter
+                c = led.claim_step(plan, step, rank, ttl=30, wait_for_stream=False)
+                statuses.add(c.status)
+                if c.status == "ready":
+                    assert len(c.leases) == 3
+                    per_rank[rank] += [x.sample_id for x in c.leases]
+                    steps[rank] += 1
+                else:
+                    assert c.status == "end" and c.tail == 50 % (3 * world)
+            assert len(statuses) == 1, "ranks disagreed about a step"
+            if statuses == {"end"}:
+                break
+        assert len(set(steps.values())) == 1
+        flat = [s for v in per_rank.values() for s in v]
+        assert len(flat) == len(set(flat)) == 50 - 50 % (3 * world)
+        assert led.claim_step(plan, 0, 0, ttl=30, wait_for_stream=False).status == "claimed"
+
+    def test_inv9_plan_waits_for_open_stream(self) -> None:
+        led = self.make_ledger()
+        led.register_producer("p")
+        commit_ids(led, _ids(3))
+        plan = Plan(led.attempt(), 0, 2, 2)
+        assert led.claim_step(plan, 0, 0, ttl=30, wait_for_stream=True).status == "wait"
+        commit_ids(led, _ids(3, "t"))
+        assert len(led.claim_step(plan, 0, 1, ttl=30, wait_for_stream=True).leases) == 2
+        assert led.claim_step(plan, 1, 0, ttl=30, wait_for_stream=True).status == "wait"
+        led.producer_done("p")
+        c = led.claim_step(plan, 1, 0, ttl=30, wait_for_stream=True)
+        assert (c.status, c.tail) == ("end", 2)
+        assert led.claim_step(plan, 1, 1, ttl=30, wait_for_stream=True).status == "end"
+        assert len(led.claim_step(plan, 0, 0, ttl=30, wait_for_stream=True).leases) == 2
+
+    def test_inv9_reshard_after_restart(self) -> None:
+        led = self.make_ledger()
+        ids = _ids(30)
+        commit_ids(led, ids)
+        done: list[str] = []
+        plan = Plan(led.attempt(), 0, 2, 2)
+        for step in range(3):  # 2 ranks train 3 steps, then the job dies holding step 3
+            for rank in range(2):
+                c = led.claim_step(plan, step, rank, ttl=30, wait_for_stream=False)
+                led.ack([x.lease_id for x in c.leases], step + 1)
+                done += [x.sample_id for x in c.leases]
+        led.claim_step(plan, 3, 0, ttl=30, wait_for_stream=False)
+        led.reconcile(3)  # checkpoint at step 3 covers everything acked
+        plan3 = Plan(led.attempt(), 0, 3, 2)
+        for step in range(10):
+            cs = [led.claim_step(plan3, step, r, ttl=30, wait_for_stream=False) for r in range(3)]
+            if cs[0].status == "end":
+                assert {c.status for c in cs} == {"end"} and cs[0].tail == 0
+                break
+            for c in cs:
+                led.ack([x.lease_id for x in c.leases], 10 + step)
+                done += [x.sample_id for x in c.leases]
+        assert sorted(done) == ids
+
+    def test_inv9_plan_rows_expire_like_leases(self) -> None:
+        led = self.make_ledger()
+        commit_ids(led, _ids(4))
+        plan = Plan(led.attempt(), 0, 2, 2)
+        c0 = led.claim_step(plan, 0, 0, ttl=0.05, wait_for_stream=False)
+        time.sleep(0.1)
+        other = led.lease("rescuer", 10, ttl=30)  # rank 1's unclaimed half expired too
+        assert {x.sample_id for x in other} == set(_ids(4))
+        assert led.ack([x.lease_id for x in c0.leases], 1) == [x.lease_id for x in c0.leases]
+
+    # ------------------------------------------------------------ offline epochs
+    def test_offline_epochs_redeliver_in_seeded_order(self) -> None:
+        led = self.make_ledger()
+        ids = _ids(20)
+        commit_ids(led, ids)
+        led.begin_epoch(0, seed=7)
+        other = self.attach_ledger(led)
+        other.begin_epoch(0, seed=999)  # first caller wins: same order for everyone
+        e0 = led.lease("a", 100, ttl=30, epoch=0)
+        assert sorted(x.sample_id for x in e0) == ids and [x.sample_id for x in e0] != ids
+        led.ack([x.lease_id for x in e0[:15]], 1)
+        led.begin_epoch(1, seed=7)
+        e1 = led.lease("a", 100, ttl=30, epoch=1)
+        assert sorted(x.sample_id for x in e1) == ids
+        assert [x.sample_id for x in e1] != [x.sample_id for x in e0]
+        assert all(x.epoch == 1 for x in e1)
+        assert led.counts(epoch=0).leased == 5 and led.counts(epoch=1).leased == 20
+
+    def test_offline_resume_inside_epoch(self) -> None:
+        led = self.make_ledger()
+        ids = _ids(10)
+        commit_ids(led, ids)
+        led.begin_epoch(0)
+        e0 = led.lease("a", 10, ttl=30, epoch=0)
+        led.ack([x.lease_id for x in e0], 1)
+        led.mark_durable(1, free=False)
+        led.begin_epoch(1)
+        e1 = led.lease("a", 4, ttl=30, epoch=1)
+        led.ack([x.lease_id for x in e1[:2]], 2)
+        led.ack([x.lease_id for x in e1[2:]], 3)
+        led.reconcile(2, free=False)  # checkpoint at step 2, mid epoch 1
+        again = {x.sample_id for x in led.lease("b", 100, ttl=30, epoch=1)}
+        assert again == set(ids) - {x.sample_id for x in e1[:2]}
+        assert led.lease("b", 100, ttl=30, epoch=0) == []
+        assert led.counts().freed == 0
