@@ -128,3 +128,28 @@ def test_shared_dir_zero_copy_views_are_private(tmp_path: Any) -> None:
     v = s.get(ref, zero_copy=True)
     v["input_ids"].fill_(7)  # copy-on-write mapping: the file is untouched
     assert_same_tensors(s.get(ref), t)
+
+
+def test_shared_dir_concurrent_first_attach(tmp_path: Any) -> None:
+    # Many clients race to create the store: exactly one marker wins, none sees a
+    # half-made store as foreign, and all agree on the secret.
+    import threading
+
+    root = tmp_path / "race"
+    errors: list[BaseException] = []
+
+    def client(k: int) -> None:
+        try:
+            s = SharedDirStore(root, secret="s")
+            ref = s.put(f"c{k}", 1, {"x": torch.full((4,), k)})
+            assert s.get(ref)["x"].tolist() == [k] * 4
+        except BaseException as e:
+            errors.append(e)
+
+    threads = [threading.Thread(target=client, args=(k,)) for k in range(16)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors, errors
+    assert SharedDirStore(root, secret="s").health().count == 16

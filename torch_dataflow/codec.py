@@ -2,13 +2,15 @@
 
 Layout (a valid safetensors file, so ``safetensors.torch.load(blob)`` reads it)::
 
-    [8 bytes: little-endian u64 N][N bytes: JSON header, space-padded to a multiple of 8][data]
+    [8 bytes: little-endian u64 N][N bytes: JSON header, space-padded][data]
 
 The header maps each tensor name to ``{"dtype", "shape", "data_offsets"}``
 (offsets relative to the start of the data region) and carries
 ``"__metadata__": {"td.checksum": "<16 hex>", "td.format": "1"}``. Tensors are
-laid out by decreasing item size, then name, so every buffer is naturally
-aligned when the blob is, and there are no holes.
+laid out by decreasing item size, then name, with no holes. ``N`` is a
+multiple of 8 chosen so the data region starts 16-byte aligned: every buffer is
+then naturally aligned (complex128 included) when the blob itself is, which
+zero-copy views need (torch's complex128 kernels fault on misaligned memory).
 
 Integrity: ``td.checksum`` is xxh3-64 over the header region (the 8-byte
 length and the JSON, with the checksum's hex replaced by 16 ``'0'``), then over
@@ -58,20 +60,38 @@ _ZERO_HEX = "0" * 16
 # torch dtype attribute -> header name. An explicit whitelist: quantized and
 # sub-byte dtypes have no plain byte layout (and some crash torch when viewed).
 _DTYPE_TO_HEADER: dict[str, str] = {
-    "bool": "BOOL", "uint8": "U8", "int8": "I8", "int16": "I16", "int32": "I32", "int64": "I64",
-    "uint16": "U16", "uint32": "U32", "uint64": "U64",
-    "float16": "F16", "bfloat16": "BF16", "float32": "F32", "float64": "F64", "complex64": "C64",
-    "float8_e4m3fn": "F8_E4M3", "float8_e5m2": "F8_E5M2", "float8_e4m3fnuz": "F8_E4M3FNUZ",
-    "float8_e5m2fnuz": "F8_E5M2FNUZ", "float8_e8m0fnu": "F8_E8M0",
+    "bool": "BOOL",
+    "uint8": "U8",
+    "int8": "I8",
+    "int16": "I16",
+    "int32": "I32",
+    "int64": "I64",
+    "uint16": "U16",
+    "uint32": "U32",
+    "uint64": "U64",
+    "float16": "F16",
+    "bfloat16": "BF16",
+    "float32": "F32",
+    "float64": "F64",
+    "complex64": "C64",
+    "float8_e4m3fn": "F8_E4M3",
+    "float8_e5m2": "F8_E5M2",
+    "float8_e4m3fnuz": "F8_E4M3FNUZ",
+    "float8_e5m2fnuz": "F8_E5M2FNUZ",
+    "float8_e8m0fnu": "F8_E8M0",
     # ours (not readable by safetensors):
-    "complex32": "C32", "complex128": "C128", "float4_e2m1fn_x2": "F4_E2M1_X2",
+    "complex32": "C32",
+    "complex128": "C128",
+    "float4_e2m1fn_x2": "F4_E2M1_X2",
 }
 #: Every dtype this torch build can encode, as ``{torch.dtype: header name}``.
 DTYPES: dict[torch.dtype, str] = {
     getattr(torch, n): h for n, h in _DTYPE_TO_HEADER.items() if isinstance(getattr(torch, n, None), torch.dtype)
 }
 _HEADER_TO_DTYPE: dict[str, torch.dtype] = {h: d for d, h in DTYPES.items()}
-_CHECKSUM_RE = re.compile(rb'"td\.checksum":"([0-9a-f]{16})"')
+# JSON whitespace is allowed around the colon (other writers may emit it). A
+# match cannot start inside a JSON string: quotes there are escaped as \".
+_CHECKSUM_RE = re.compile(rb'"td\.checksum"[ \t\r\n]*:[ \t\r\n]*"([0-9a-f]{16})"')
 
 
 def _dtype_name(dtype: torch.dtype) -> str:
@@ -177,7 +197,10 @@ def encode(tensors: Mapping[str, torch.Tensor]) -> Encoded:
         specs.append(FeatureSpec(name=name, dtype=_dtype_name(t.dtype), shape=tuple(t.shape), nbytes=nbytes))
         if nbytes:
             # numpy's buffer keeps the tensor alive for as long as the memoryview lives.
-            buffers.append(memoryview(t.reshape(-1).view(torch.uint8).numpy()))
+            # as_strided: a contiguous tensor may still carry an odd stride on a
+            # size-1 dim, which view(uint8) refuses; stride 1 is the same memory.
+            flat = t.reshape(-1).as_strided((t.numel(),), (1,))
+            buffers.append(memoryview(flat.view(torch.uint8).numpy()))
         offset += nbytes
 
     # __metadata__ first with td.checksum first: its position is then fixed, and
@@ -185,7 +208,7 @@ def encode(tensors: Mapping[str, torch.Tensor]) -> Encoded:
     meta = {"td.checksum": _ZERO_HEX, "td.format": FORMAT_VERSION}
     text = json.dumps({"__metadata__": meta, **entries}, separators=(",", ":"), ensure_ascii=True)
     raw = text.encode("ascii")
-    raw += b" " * (-len(raw) % 8)
+    raw += b" " * (-(8 + len(raw)) % 16)  # data starts at a multiple of 16; N stays a multiple of 8
     header = bytearray(struct.pack("<Q", len(raw)) + raw)
     digest = _checksum(header, buffers)
     m = _CHECKSUM_RE.search(header)
@@ -264,9 +287,9 @@ def _parse(view: memoryview, what: str) -> tuple[list[_Entry], dict[str, str], i
     return entries, meta, 8 + n, raw
 
 
-def read_header(buf: bytes | bytearray | memoryview | mmap.mmap, *, what: str = "blob") -> tuple[
-    tuple[FeatureSpec, ...], dict[str, str], int
-]:
+def read_header(
+    buf: bytes | bytearray | memoryview | mmap.mmap, *, what: str = "blob"
+) -> tuple[tuple[FeatureSpec, ...], dict[str, str], int]:
     """Return ``(specs, metadata, data_offset)`` without touching tensor data.
 
     The header and the layout are validated; the checksum is not (that needs the data).
@@ -296,6 +319,7 @@ def decode(
         copy: ``True`` returns tensors that own their memory (one copy each);
             ``False`` returns views into ``buf`` (zero copy; they keep ``buf``
             alive, and are read-only in spirit when ``buf`` is: do not write).
+            A tensor whose bytes are not naturally aligned in memory is copied.
         expected_checksum: the checksum the caller's ref recorded; a blob with
             another one is not the blob that was meant.
         verify: check ``td.checksum`` (on by default; the cost is ~0.1 ms/MB).
@@ -332,7 +356,9 @@ def decode(
                 t = torch.empty(e.shape, dtype=e.dtype)  # frombuffer refuses zero-size buffers
             else:
                 t = torch.frombuffer(view, dtype=torch.uint8, count=count, offset=data_offset + e.start)
-                if copy:
+                # A misaligned view (a blob at an odd address) must be copied: torch
+                # kernels assume natural alignment and some fault without it.
+                if copy or t.data_ptr() % min(e.dtype.itemsize, 16):
                     t = t.clone()  # the one copy; the view below is free
                 t = t.view(e.dtype).view(e.shape)
             out[e.name] = t

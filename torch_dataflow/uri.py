@@ -40,6 +40,7 @@ LEDGER_SCHEMES: dict[str, str] = {
     "memory": "torch_dataflow.ledger.memory:MemoryLedger",
     "sqlite": "torch_dataflow.ledger.sqlite:SQLiteLedger",
     "redis": "torch_dataflow.ledger.redis:RedisLedger",
+    "rediss": "torch_dataflow.ledger.redis:RedisLedger",
 }
 
 _UNITS = {"": 1, "b": 1, "k": 1000, "kb": 1000, "kib": 1024, "m": 10**6, "mb": 10**6, "mib": 2**20,

@@ -146,7 +146,7 @@ class Eagle3Collator:
         loss_mask = _tokens(sample["loss_mask"], "loss_mask", where)
         target = _states(sample["hidden_state"], "hidden_state", where)
         aux = _states(sample["aux_hidden_state"], "aux_hidden_state", where)
-        lengths = {k: t.shape[0] for k, t in zip(FEATURE_KEYS, (input_ids, loss_mask, target, aux))}
+        lengths = {k: t.shape[0] for k, t in zip(FEATURE_KEYS, (input_ids, loss_mask, target, aux), strict=True)}
         if len(set(lengths.values())) != 1:
             raise ConfigError(f"{where}: sequence lengths disagree: {lengths}")
         if lengths["input_ids"] == 0:
@@ -154,8 +154,7 @@ class Eagle3Collator:
         h = target.shape[1]
         if aux.shape[1] != self.num_aux_layers * h:
             raise ConfigError(
-                f"{where}: aux_hidden_state width {aux.shape[1]} is not {self.num_aux_layers} x "
-                f"hidden_state width {h}"
+                f"{where}: aux_hidden_state width {aux.shape[1]} is not {self.num_aux_layers} x hidden_state width {h}"
             )
         n = lengths["input_ids"] if self.max_len is None else min(lengths["input_ids"], int(self.max_len))
         # Truncate first, then zero the last kept loss position: SpecForge's order.
@@ -196,7 +195,10 @@ class Eagle3Collator:
         batch: dict[str, Any] = {key: torch.stack([_pad_right(row[key], length) for row in rows]) for key in BATCH_KEYS}
         if self.with_position_ids:
             batch["position_ids"] = torch.stack(
-                [_pad_right(torch.arange(row["input_ids"].shape[0], device=row["input_ids"].device), length) for row in rows]
+                [
+                    _pad_right(torch.arange(row["input_ids"].shape[0], device=row["input_ids"].device), length)
+                    for row in rows
+                ]
             )
         reserved = sorted({k for s in samples for k in s if isinstance(k, str) and k.startswith(RESERVED_PREFIX)})
         for key in reserved:

@@ -172,6 +172,8 @@ class Eagle3Draft(nn.Module):
         self.block = _Block(hidden_size, num_heads, intermediate_size or 2 * hidden_size)
         self.norm = nn.RMSNorm(hidden_size)
         self.lm_head = nn.Linear(hidden_size, vocab_size, bias=False)
+        self.target_head: torch.Tensor
+        self.t2d: torch.Tensor
         self.register_buffer("target_head", lm_head_weight.detach().float().clone())
         # Identity vocabulary map: every target token is in the draft vocab.
         self.register_buffer("t2d", torch.ones(vocab_size, dtype=torch.bool))
@@ -213,5 +215,5 @@ class Eagle3Draft(nn.Module):
             with torch.no_grad():
                 hits = (logits.argmax(-1) == target_p.argmax(-1)).float() * position_mask
                 accs.append(float(hits.sum() / position_mask.sum().clamp_min(1.0)))
-        total = sum(STEP_DECAY**i * loss for i, loss in enumerate(losses))
+        total = torch.stack([STEP_DECAY**i * loss for i, loss in enumerate(losses)]).sum()
         return Eagle3Output(loss=total, step_losses=tuple(losses), step_accuracies=tuple(accs))

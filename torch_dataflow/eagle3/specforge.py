@@ -33,7 +33,7 @@ import pickle
 import zipfile
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import IO, Any, cast
 
 import torch
 from torch.utils.data import Dataset
@@ -272,7 +272,7 @@ def write_specforge_directory(
         out.parent.mkdir(parents=True, exist_ok=True)
         if compress:
             with gzip.open(out, "wb") as f:
-                torch.save(record, f)
+                torch.save(record, cast(IO[bytes], f))
         else:
             torch.save(record, out)
         written.append(out)
@@ -286,6 +286,7 @@ def import_directory(
     *,
     progress: bool = True,
     trim_padding: bool = False,
+    name: str | None = None,
 ) -> int:
     """Copy a SpecForge offline directory into a feature store + ledger.
 
@@ -302,9 +303,11 @@ def import_directory(
         ledger_uri: a ledger URI (``sqlite:///data/ledger.db``) or ledger instance.
         progress: show a tqdm progress bar.
         trim_padding: see :class:`SpecForgeDirectory`.
+        name: the producer name registered in the ledger (default: host:pid).
 
     Returns:
-        The number of samples imported.
+        The number of samples imported. The ledger's stream is closed on
+        success only; after a failure, re-run the import to finish it.
 
     Example:
         >>> import_directory("/data/hs", "file:///data/feat", "sqlite:///data/ledger.db")  # doctest: +SKIP
@@ -315,14 +318,13 @@ def import_directory(
     from ..producer import FeatureWriter
 
     ds = src if isinstance(src, SpecForgeDirectory) else SpecForgeDirectory(src, trim_padding=trim_padding)
-    writer = FeatureWriter(store=store_uri, ledger=ledger_uri)
     count = 0
-    try:
+    # On an exception the writer is left open (FeatureWriter.__exit__): consumers
+    # must not take a failed import for a complete pool.
+    with FeatureWriter(store=store_uri, ledger=ledger_uri, name=name) as writer:
         for i in tqdm(range(len(ds)), desc="import SpecForge features", unit="sample", disable=not progress):
             tensors = {k: v for k, v in ds[i].items() if not k.startswith("__")}
             meta = {"source": ds.relative_path(i), "format": "specforge-offline"}
             writer.put(ds.sample_id(i), tensors, meta)
             count += 1
-    finally:
-        writer.close()
     return count

@@ -88,6 +88,7 @@ def tiny_llama_target(seed: int = 0, path: str | os.PathLike[str] | None = None,
     """
     import transformers
 
+    model: torch.nn.Module
     if path is not None:
         model = transformers.AutoModelForCausalLM.from_pretrained(os.fspath(path), **kwargs)
     else:
@@ -190,12 +191,13 @@ class Eagle3FeatureExtractor:
 
     def lm_head_weight(self) -> torch.Tensor:
         """A detached float32 copy of the target's output projection ([V, H])."""
-        head = self.model.get_output_embeddings()
+        head: Any = self.model.get_output_embeddings()  # type: ignore[operator]
         return head.weight.detach().float().clone()
 
     def embed_weight(self) -> torch.Tensor:
         """A detached float32 copy of the target's input embeddings ([V, H])."""
-        return self.model.get_input_embeddings().weight.detach().float().clone()
+        embed: Any = self.model.get_input_embeddings()  # type: ignore[operator]
+        return embed.weight.detach().float().clone()
 
     @torch.no_grad()
     def _forward(self, ids: list[torch.Tensor], masks: list[torch.Tensor]) -> list[dict[str, torch.Tensor]]:
@@ -215,7 +217,7 @@ class Eagle3FeatureExtractor:
         aux = torch.cat([states[k] for k in self.hidden_state_indices], dim=-1)
         final = states[-1]
         samples = []
-        for row, (x, m) in enumerate(zip(ids, masks)):
+        for row, (x, m) in enumerate(zip(ids, masks, strict=True)):
             s = len(x)
             samples.append(
                 {

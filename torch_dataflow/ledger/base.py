@@ -86,6 +86,8 @@ class Plan:
     epoch: int
     world: int
     batch: int
+    round: int = 0  # the n-th pass over the same epoch within one attempt
+
 
     def __post_init__(self) -> None:
         if self.world < 1 or self.batch < 1:
@@ -93,7 +95,7 @@ class Plan:
 
     @property
     def key(self) -> str:
-        return f"a{self.attempt}/e{self.epoch}/w{self.world}/b{self.batch}"
+        return f"a{self.attempt}/e{self.epoch}/w{self.world}/b{self.batch}/p{self.round}"
 
 
 @dataclass(frozen=True)
@@ -101,7 +103,10 @@ class StepClaim:
     """The answer to :meth:`Ledger.claim_step`: ``status`` is ``"ready"`` (leases
     are this rank's batch of the step, possibly short if some expired before the
     claim), ``"wait"`` (the stream is open and the step cannot be filled yet) or
-    ``"end"`` (the plan has no such step; ``tail`` deliveries stay pending)."""
+    ``"end"`` (the plan has no such step; ``tail`` deliveries stay pending) or
+    ``"claimed"`` (this rank already claimed this step under this plan: the
+    caller is iterating the same epoch again and should move to the next
+    ``Plan.round``)."""
 
     status: str
     leases: tuple[Lease, ...] = ()

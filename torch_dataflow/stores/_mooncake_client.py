@@ -46,10 +46,22 @@ TRANSFER_FAIL = -800
 RPC_FAIL = -900
 _GONE = {OBJECT_NOT_FOUND, REPLICA_NOT_FOUND, REPLICA_IS_GONE}
 _NAMES = {
-    -1: "INTERNAL_ERROR", -101: "SEGMENT_NOT_FOUND", -103: "CLIENT_NOT_FOUND", -200: "NO_AVAILABLE_HANDLE",
-    -400: "INVALID_KEY", -500: "WRITE_FAIL", -600: "INVALID_PARAMS", -703: "REPLICA_IS_NOT_READY",
-    -704: "OBJECT_NOT_FOUND", -705: "OBJECT_ALREADY_EXISTS", -706: "OBJECT_HAS_LEASE", -707: "LEASE_EXPIRED",
-    -710: "REPLICA_NOT_FOUND", -712: "REPLICA_IS_GONE", -800: "TRANSFER_FAIL", -900: "RPC_FAIL",
+    -1: "INTERNAL_ERROR",
+    -101: "SEGMENT_NOT_FOUND",
+    -103: "CLIENT_NOT_FOUND",
+    -200: "NO_AVAILABLE_HANDLE",
+    -400: "INVALID_KEY",
+    -500: "WRITE_FAIL",
+    -600: "INVALID_PARAMS",
+    -703: "REPLICA_IS_NOT_READY",
+    -704: "OBJECT_NOT_FOUND",
+    -705: "OBJECT_ALREADY_EXISTS",
+    -706: "OBJECT_HAS_LEASE",
+    -707: "LEASE_EXPIRED",
+    -710: "REPLICA_NOT_FOUND",
+    -712: "REPLICA_IS_GONE",
+    -800: "TRANSFER_FAIL",
+    -900: "RPC_FAIL",
 }
 
 
@@ -128,8 +140,13 @@ class _Client:
             store = MooncakeDistributedStore()
             # Readers contribute no memory: the segment is mounted on the first put.
             rc = store.setup(
-                self.cfg.local_hostname, self.cfg.metadata_server, 0, self.cfg.buffer_size,
-                self.cfg.protocol, self.cfg.devices, self.cfg.master,
+                self.cfg.local_hostname,
+                self.cfg.metadata_server,
+                0,
+                self.cfg.buffer_size,
+                self.cfg.protocol,
+                self.cfg.devices,
+                self.cfg.master,
             )
             if rc != OK:
                 raise BackendUnavailable(f"mooncake setup against {self.cfg.master} failed: {code_name(rc)}")

@@ -74,11 +74,19 @@ def find_master_binary() -> str:
     raise ConfigError(f"mooncake_master not found: {INSTALL_HINT}")
 
 
+def _size(value: int | str) -> int:
+    from ..uri import parse_size
+
+    return parse_size(value)
+
+
 def _wait_port(host: str, port: int, proc: subprocess.Popen[bytes], timeout: float) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if proc.poll() is not None:
-            raise BackendUnavailable(f"mooncake_master exited with code {proc.returncode} before listening on {port}")
+            raise BackendUnavailable(
+                f"{Path(proc.args[0]).name} exited with code {proc.returncode} before listening on {port}"
+            )
         try:
             with socket.create_connection((host, port), timeout=0.2):
                 return
@@ -100,6 +108,10 @@ class MooncakeMaster:
         extra_args: more ``--flag=value`` arguments, passed through.
         log_path: where the master writes stdout/stderr (default: discarded).
         startup_timeout: seconds to wait for the RPC port.
+        segment_size: also start a store server (``mooncake_client``) that
+            contributes this much memory (``"4GiB"``): clients with
+            ``segment_size=0`` then keep their objects there, so samples outlive
+            the process that wrote them. ``None``: master only.
 
     Example:
         >>> with MooncakeMaster() as m:                      # doctest: +SKIP
@@ -118,6 +130,7 @@ class MooncakeMaster:
         extra_args: Sequence[str] = (),
         log_path: str | os.PathLike[str] | None = None,
         startup_timeout: float = 30.0,
+        segment_size: int | str | None = None,
     ) -> None:
         self.host = host
         self.port = port or free_port(host)
@@ -127,7 +140,10 @@ class MooncakeMaster:
         self.extra_args = tuple(extra_args)
         self.log_path = log_path
         self.startup_timeout = startup_timeout
+        self.segment_size = None if segment_size is None else _size(segment_size)
+        self.server_port = free_port(host) if self.segment_size else None
         self.proc: subprocess.Popen[bytes] | None = None
+        self.server: subprocess.Popen[bytes] | None = None
 
     @property
     def address(self) -> str:
@@ -158,36 +174,62 @@ class MooncakeMaster:
             cmd.append(f"--client_ttl={int(self.client_ttl_s)}")
         return cmd + list(self.extra_args)
 
+    def server_command(self) -> list[str]:
+        """The command line of the store server (``mooncake_client``) holding the segment."""
+        binary = str(Path(find_master_binary()).with_name("mooncake_client"))
+        if not Path(binary).exists():
+            binary = shutil.which("mooncake_client") or "mooncake_client"
+        return [
+            binary,
+            f"--global_segment_size={self.segment_size}",
+            "--local_buffer_size=0",
+            f"--host={self.host}",
+            f"--port={self.server_port}",
+            f"--master_server_address={self.address}",
+            "--metadata_server=P2PHANDSHAKE",
+            "--protocol=tcp",
+        ]
+
     def start(self) -> MooncakeMaster:
-        """Start the master and wait until its RPC port accepts connections."""
+        """Start the master (and store server) and wait until they accept connections."""
         if self.proc is not None and self.proc.poll() is None:
             return self
-        out = open(self.log_path, "ab") if self.log_path else subprocess.DEVNULL  # noqa: SIM115
         try:
-            # Own session: a shell job or a test runner's process group being
-            # torn down must not take the master with it mid-run (measured).
-            self.proc = subprocess.Popen(self.command(), stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
-        finally:
-            if out is not subprocess.DEVNULL:
-                out.close()
-        try:
+            self.proc = self._spawn(self.command())
             _wait_port(self.host, self.port, self.proc, self.startup_timeout)
+            if self.segment_size:
+                assert self.server_port is not None
+                self.server = self._spawn(self.server_command())
+                # It listens only after its segment is mounted on the master.
+                _wait_port(self.host, self.server_port, self.server, self.startup_timeout)
         except BaseException:
             self.stop()
             raise
         return self
 
-    def stop(self, timeout: float = 10.0) -> None:
-        """Stop the master by its pid: SIGTERM, then SIGKILL after ``timeout``."""
-        proc, self.proc = self.proc, None
-        if proc is None or proc.poll() is not None:
-            return
-        proc.send_signal(signal.SIGTERM)
+    def _spawn(self, cmd: list[str]) -> subprocess.Popen[bytes]:
+        out = open(self.log_path, "ab") if self.log_path else subprocess.DEVNULL  # noqa: SIM115
         try:
-            proc.wait(timeout)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(timeout)
+            # Own session: a shell job or a test runner's process group being
+            # torn down must not take the server with it mid-run (measured).
+            return subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+        finally:
+            if out is not subprocess.DEVNULL:
+                out.close()
+
+    def stop(self, timeout: float = 10.0) -> None:
+        """Stop the store server and the master by their pids: SIGTERM, then SIGKILL."""
+        for attr in ("server", "proc"):
+            proc = getattr(self, attr)
+            setattr(self, attr, None)
+            if proc is None or proc.poll() is not None:
+                continue
+            proc.send_signal(signal.SIGTERM)
+            try:
+                proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait(timeout)
 
     def __enter__(self) -> MooncakeMaster:
         return self.start()
@@ -214,6 +256,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--metrics-port", type=int, default=0, help="HTTP metrics port (0: pick a free one)")
     p.add_argument("--lease-ttl-ms", type=int, default=None, help="object read-lease TTL (Mooncake default 10000)")
     p.add_argument("--client-ttl-s", type=int, default=None, help="seconds before a silent client is dropped")
+    p.add_argument("--segment-size", default=None, help="also start a store server holding this much (e.g. 4GiB)")
     p.add_argument("extra", nargs="*", help="more mooncake_master flags, e.g. --eviction_high_watermark_ratio=0.95")
     args = p.parse_args(argv)
     master = MooncakeMaster(
@@ -223,13 +266,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         lease_ttl_ms=args.lease_ttl_ms,
         client_ttl_s=args.client_ttl_s,
         extra_args=args.extra,
+        segment_size=args.segment_size,
     )
     try:
         master.start()
     except (ConfigError, BackendUnavailable) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
-    print(f"mooncake_master pid {master.pid} listening; store URI: {master.uri}", flush=True)
+    served = f"; store server pid {master.server.pid} holds {master.segment_size} bytes" if master.server else ""
+    print(f"mooncake_master pid {master.pid} listening{served}; store URI: {master.uri}", flush=True)
     try:
         assert master.proc is not None
         return master.proc.wait()

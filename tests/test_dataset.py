@@ -1,0 +1,214 @@
+"""FeatureWriter + FeatureStoreDataset: DataLoader integration, modes, sharding, errors."""
+
+from __future__ import annotations
+
+import itertools
+import threading
+from pathlib import Path
+
+import pytest
+import torch
+from torch.utils.data import DataLoader
+
+from _procs import sample
+from torch_dataflow import (
+    ConfigError,
+    FeatureLoader,
+    FeatureStoreDataset,
+    FeatureWriter,
+    StoreFull,
+    errors,
+    open_ledger,
+    open_store,
+)
+
+_n = itertools.count()
+
+
+@pytest.fixture
+def uris(tmp_path: Path) -> tuple[str, str]:
+    return f"file://{tmp_path}/store", f"sqlite://{tmp_path}/ledger.db"
+
+
+def _fill(uris: tuple[str, str], n: int, close: bool = True) -> list[str]:
+    w = FeatureWriter(*uris)
+    ids = [f"s{i:05d}" for i in range(n)]
+    for i, sid in enumerate(ids):
+        w.put(sid, sample(i))
+    if close:
+        w.close()
+    return ids
+
+
+@pytest.mark.parametrize("num_workers", [0, 2])
+def test_dataloader_delivers_each_sample_once(uris: tuple[str, str], num_workers: int) -> None:
+    ids = _fill(uris, 23)
+    ds = FeatureStoreDataset(*uris, batch_size=4)
+    seen: list[str] = []
+    for step, batch in enumerate(DataLoader(ds, batch_size=4, num_workers=num_workers), 1):
+        assert batch["x"].shape[1] == 16 and batch["x"].dtype == torch.float32
+        for sid, i, x in zip(batch["__sample_id__"], batch["i"], batch["x"]):
+            assert sid == f"s{int(i):05d}" and torch.all(x == float(i))
+        assert ds.ack(batch, step) == []
+        seen += batch["__sample_id__"]
+    assert sorted(seen) == ids
+    c = ds.ledger.counts()
+    assert (c.trained, c.pending, c.leased) == (23, 0, 0)
+    assert ds.mark_durable(10**6) == 23
+    assert ds.store.keys() == []
+
+
+def test_online_streams_while_producer_runs(uris: tuple[str, str]) -> None:
+    w = FeatureWriter(*uris, name="p")
+    w.ledger.register_producer("p")
+    ds = FeatureStoreDataset(*uris, batch_size=3, idle_timeout=60)
+
+    def produce() -> None:
+        for i in range(20):
+            w.put(f"s{i:05d}", sample(i))
+        w.close()
+
+    t = threading.Thread(target=produce)
+    t.start()
+    seen = [sid for b in DataLoader(ds, batch_size=3) for sid in b["__sample_id__"]]
+    t.join()
+    assert sorted(seen) == [f"s{i:05d}" for i in range(20)]
+
+
+def test_online_idle_timeout_names_the_producer(uris: tuple[str, str]) -> None:
+    led = open_ledger(uris[1])
+    led.register_producer("silent")
+    ds = FeatureStoreDataset(*uris, idle_timeout=0.3)
+    with pytest.raises(TimeoutError, match="producer"):
+        list(ds)
+
+
+def test_offline_epochs_shuffle_and_repeat(uris: tuple[str, str]) -> None:
+    ids = _fill(uris, 12)
+    ds = FeatureStoreDataset(*uris, mode="offline", batch_size=4, seed=3)
+    orders = []
+    for epoch in range(3):
+        ds.set_epoch(epoch)
+        order = []
+        for step, batch in enumerate(DataLoader(ds, batch_size=4), 1):
+            ds.ack(batch, epoch * 10 + step)
+            order += batch["__sample_id__"]
+        assert sorted(order) == ids
+        orders.append(order)
+        ds.mark_durable(epoch * 10 + 9)
+    assert len({tuple(o) for o in orders}) == 3 and orders[0] != ids
+    assert len(ds.store.keys()) == 12  # offline pools keep their bytes
+
+
+def test_corrupt_sample_is_quarantined_not_trained(uris: tuple[str, str], tmp_path: Path) -> None:
+    ids = _fill(uris, 5)
+    victim = next((tmp_path / "store").rglob("s00002@1.tdf"))
+    data = bytearray(victim.read_bytes())
+    data[-3] ^= 0xFF
+    victim.write_bytes(bytes(data))
+    ds = FeatureStoreDataset(*uris)
+    seen = [s["__sample_id__"] for s in ds]
+    assert sorted(seen) == [s for s in ids if s != "s00002"]
+    [(ref, reason)] = ds.ledger.quarantined()
+    assert ref is not None and ref.sample_id == "s00002" and "corrupt" in reason
+
+
+def test_typed_errors_survive_worker_processes(uris: tuple[str, str]) -> None:
+    for cls in [getattr(errors, n) for n in errors.__all__]:
+        e = cls("message")
+        assert isinstance(type(e)(str(e)), cls) and str(cls("m")) == "m"
+    _fill(uris, 4)
+    store = open_store(uris[0])
+    ds = FeatureStoreDataset(store, f"memory://in-parent-{next(_n)}")
+    it = iter(DataLoader(ds, num_workers=2, multiprocessing_context="fork"))
+    with pytest.raises(ConfigError, match="memory ledger cannot cross processes"):
+        next(it)
+    it._shutdown_workers()  # type: ignore[attr-defined]
+
+
+def test_bad_input_is_typed_and_loses_nothing(uris: tuple[str, str]) -> None:
+    _fill(uris, 2, close=False)
+    w = FeatureWriter(*uris)
+    before = w.ledger.counts()
+    keys = w.store.keys()
+    bad = [
+        ({"x": [1, 2]}, TypeError),
+        ({"x": torch.ones(2, requires_grad=True)}, ConfigError),
+        ({"x": torch.empty(2, device="meta")}, ConfigError),
+        ({"__lease__": torch.ones(1)}, ConfigError),
+        ([("x", torch.ones(1))], TypeError),
+    ]
+    for tensors, exc in bad:
+        with pytest.raises(exc):
+            w.put("s-bad", tensors)  # type: ignore[arg-type]
+    for sid in ("../x", "a/b", "x\0", "y" * 300):
+        with pytest.raises(ConfigError):
+            w.put(sid, {"x": torch.ones(1)})
+    after = w.ledger.counts()
+    assert (after.pending, after.committed) == (before.pending, before.committed)
+    assert w.store.keys() == keys
+    for uri in ("nope://x", "file:///tmp/x?bogus=1", "sqlite:///tmp/x.db?what=1"):
+        with pytest.raises(ConfigError):
+            FeatureStoreDataset(uri, uris[1]) if uri.startswith(("nope", "file")) else FeatureStoreDataset(
+                uris[0], uri).ledger.counts()
+    with pytest.raises(ConfigError):
+        FeatureStoreDataset(*uris, mode="sometimes")
+    with pytest.raises(ConfigError):
+        FeatureStoreDataset(*uris, rank=2, world_size=2)
+
+
+def test_backpressure_waits_then_raises(uris: tuple[str, str]) -> None:
+    one = open_store(uris[0]).put("probe", 1, sample(0)).nbytes
+    open_store(uris[0]).keys()
+    w = FeatureWriter(*uris, max_resident_bytes=3 * one, put_timeout=0.5)
+    for i in range(2):
+        w.put(f"s{i}", sample(i))
+    with pytest.raises(StoreFull, match="budget"):
+        w.put("s9", sample(9))
+    assert w.ledger.counts().pending == 2 and w.waited_s >= 0.5
+    # A consumer that trains and frees makes room: the waiting put proceeds.
+    ds = FeatureStoreDataset(*uris, batch_size=2)
+    w2 = FeatureWriter(*uris, max_resident_bytes=3 * one, put_timeout=30)
+
+    def drain() -> None:
+        batch = next(iter(DataLoader(ds, batch_size=2)))
+        ds.ack(batch, 1)
+        ds.mark_durable(1)
+
+    t = threading.Timer(0.3, drain)
+    t.start()
+    w2.put("s9", sample(9))
+    t.join()
+    assert w2.waited_s > 0.1 and w2.ledger.get_ref("s9") is not None
+
+
+def test_reput_frees_old_generation_and_delivers_new(uris: tuple[str, str]) -> None:
+    w = FeatureWriter(*uris)
+    r1 = w.put("s", sample(1))
+    r2 = w.put("s", sample(2))
+    assert r2.generation == r1.generation + 1
+    assert not w.store.exists(r1) and w.store.exists(r2)
+    [s] = list(FeatureStoreDataset(*uris))
+    assert int(s["i"]) == 2
+
+
+def test_feature_loader_takes_shuffle_and_drop_last(uris: tuple[str, str]) -> None:
+    _fill(uris, 10)
+    ds = FeatureStoreDataset(*uris, mode="offline")
+    loader = FeatureLoader(ds, batch_size=4, shuffle=True, drop_last=True)
+    batches = list(loader)
+    assert ds.batch_size == 4 and [len(b["__sample_id__"]) for b in batches] == [4, 4]
+    with pytest.raises(ValueError):
+        DataLoader(ds, batch_size=4, shuffle=True)
+
+
+def test_plan_mode_reiteration_advances_round(uris: tuple[str, str]) -> None:
+    _fill(uris, 8, close=False)
+    ds0 = FeatureStoreDataset(*uris, batch_size=2, rank=0, world_size=2, idle_timeout=5)
+    ds1 = FeatureStoreDataset(*uris, batch_size=2, rank=1, world_size=2, idle_timeout=5)
+    it0, it1 = iter(ds0), iter(ds1)
+    first = [next(it0)["__sample_id__"] for _ in range(2)] + [next(it1)["__sample_id__"] for _ in range(2)]
+    # A fresh pass of the same epoch (same attempt) must not re-deliver step 0.
+    again0, again1 = iter(ds0), iter(ds1)
+    second = [next(again0)["__sample_id__"] for _ in range(2)] + [next(again1)["__sample_id__"] for _ in range(2)]
+    assert not set(first) & set(second) and len(set(first + second)) == 8

@@ -1,0 +1,53 @@
+"""torch_dataflow: training features from the processes that make them to the
+processes that train on them, through a feature store, exactly once.
+
+Example:
+    >>> from torch_dataflow import FeatureStoreDataset, FeatureWriter
+"""
+
+from __future__ import annotations
+
+from .dataset import LEASE_KEY, SAMPLE_ID_KEY, FeatureStoreDataset, lease_ids_of
+from .errors import (
+    AuthError,
+    BackendUnavailable,
+    ConfigError,
+    CorruptSample,
+    DataflowError,
+    LeaseLost,
+    SampleAborted,
+    SampleUnavailable,
+    StoreFull,
+)
+from .ledger import Ledger, open_ledger
+from .loader import FeatureLoader
+from .producer import FeatureWriter
+from .refs import FeatureSpec, Lease, SampleRef
+from .stores import FeatureStore, open_store
+
+__version__ = "0.1.0"
+
+__all__ = sorted([
+    "AuthError",
+    "BackendUnavailable",
+    "ConfigError",
+    "CorruptSample",
+    "DataflowError",
+    "FeatureLoader",
+    "FeatureSpec",
+    "FeatureStore",
+    "FeatureStoreDataset",
+    "FeatureWriter",
+    "LEASE_KEY",
+    "Lease",
+    "LeaseLost",
+    "Ledger",
+    "SAMPLE_ID_KEY",
+    "SampleAborted",
+    "SampleRef",
+    "SampleUnavailable",
+    "StoreFull",
+    "lease_ids_of",
+    "open_ledger",
+    "open_store",
+])

@@ -1,0 +1,316 @@
+"""Consumer side: :class:`FeatureStoreDataset`, an ``IterableDataset`` over a
+store and a ledger, sharded by rank and DataLoader worker through the ledger.
+
+Example:
+    >>> import torch, tempfile
+    >>> from torch.utils.data import DataLoader
+    >>> from torch_dataflow import FeatureStoreDataset, FeatureWriter
+    >>> d = tempfile.mkdtemp()
+    >>> store, ledger = f"file://{d}/features", f"sqlite://{d}/ledger.db"
+    >>> with FeatureWriter(store, ledger) as w:
+    ...     for i in range(4):
+    ...         _ = w.put(f"s{i}", {"x": torch.full((2,), i)})
+    >>> ds = FeatureStoreDataset(store, ledger, batch_size=2)
+    >>> batches = list(DataLoader(ds, batch_size=2))
+    >>> sorted(int(v) for b in batches for v in b["x"][:, 0])
+    [0, 1, 2, 3]
+    >>> ds.ack(batches[0], step=1)
+    []
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+import time
+from collections.abc import Iterator, Mapping, Sequence
+from typing import Any
+
+import torch
+from torch.utils.data import IterableDataset, get_worker_info
+
+from .errors import ConfigError, CorruptSample, LeaseLost, SampleUnavailable
+from .ledger import Ledger, Plan, open_ledger
+from .refs import Lease
+from .stores import FeatureStore, open_store
+
+__all__ = ["LEASE_KEY", "SAMPLE_ID_KEY", "FeatureStoreDataset", "lease_ids_of"]
+
+log = logging.getLogger(__name__)
+
+LEASE_KEY = "__lease__"
+SAMPLE_ID_KEY = "__sample_id__"
+_MAX_ROUNDS = 100_000
+
+
+def lease_ids_of(batch: Any) -> list[str]:
+    """The lease ids carried by a sample, a collated batch, or a list of either."""
+    if isinstance(batch, Mapping):
+        ids = batch.get(LEASE_KEY)
+        if ids is None:
+            raise ConfigError(f"batch has no {LEASE_KEY!r} entry: was it produced by a FeatureStoreDataset, and "
+                              "does the collate function pass reserved '__' keys through?")
+        return [ids] if isinstance(ids, str) else [str(x) for x in ids]
+    if isinstance(batch, str):
+        return [batch]
+    if isinstance(batch, Sequence):
+        return [lid for item in batch for lid in lease_ids_of(item)]
+    raise ConfigError(f"cannot find lease ids in a {type(batch).__name__}")
+
+
+def _dist_rank_world() -> tuple[int, int] | None:
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        return torch.distributed.get_rank(), torch.distributed.get_world_size()
+    return None
+
+
+class FeatureStoreDataset(IterableDataset):
+    """Samples committed to ``ledger`` whose bytes live in ``store``.
+
+    ``DataLoader(ds, batch_size=B, num_workers=W)`` works as with any
+    ``IterableDataset``; every yielded sample is a ``dict[str, Tensor]`` plus
+    ``"__lease__"`` (the lease id) and ``"__sample_id__"`` strings, which the
+    default collate turns into lists, so the main process can :meth:`ack`
+    the batch after the optimizer step that used it.
+
+    **Sharding.** Rank and world size come from ``torch.distributed`` when it
+    is initialised (explicit ``rank``/``world_size`` win), workers from
+    ``get_worker_info()``. With one rank, workers lease what is pending in
+    order. With several ranks the ledger materialises *global steps* of
+    ``world_size × batch_size`` samples, one batch per rank, so assignment is
+    disjoint and complete and every rank gets the same number of batches
+    (DDP never hangs); a tail smaller than one global step stays pending for
+    the next run and is logged. Give the dataset the DataLoader's
+    ``batch_size`` (or use :class:`~torch_dataflow.loader.FeatureLoader`,
+    which does it for you).
+
+    **Modes.** ``"online"`` streams while producers run and ends when every
+    registered producer has closed and everything is handed out.
+    ``"offline"`` iterates a committed pool once per epoch (:meth:`set_epoch`;
+    seeded shuffle identical on every rank) and keeps the bytes for later epochs.
+
+    Args:
+        store: store URI or instance. ledger: ledger URI or instance.
+        mode: ``"online"`` or ``"offline"``.
+        batch_size: samples per rank per global step (match the DataLoader's).
+        rank, world_size: override ``torch.distributed``.
+        shuffle, seed: offline order (per epoch, same on every rank).
+        lease_ttl: seconds a consumer holds a sample before it is redelivered;
+            must exceed the time from fetch to optimizer step (:meth:`renew`
+            extends it).
+        poll: seconds between ledger polls while the stream is open.
+        idle_timeout: raise ``TimeoutError`` after this long with nothing to
+            deliver while the stream stays open (``None``: wait forever, with
+            a warning every minute).
+        zero_copy: return views into store memory instead of owned tensors.
+    """
+
+    def __init__(
+        self,
+        store: str | FeatureStore,
+        ledger: str | Ledger,
+        *,
+        mode: str = "online",
+        batch_size: int = 1,
+        rank: int | None = None,
+        world_size: int | None = None,
+        shuffle: bool = True,
+        seed: int = 0,
+        lease_ttl: float = 300.0,
+        poll: float = 0.05,
+        idle_timeout: float | None = None,
+        zero_copy: bool = False,
+    ) -> None:
+        super().__init__()
+        if mode not in ("online", "offline"):
+            raise ConfigError(f"mode must be 'online' or 'offline', got {mode!r}")
+        if batch_size < 1:
+            raise ConfigError(f"batch_size must be >= 1, got {batch_size}")
+        if (rank is None) != (world_size is None):
+            raise ConfigError("give both rank and world_size, or neither")
+        if world_size is not None and not 0 <= rank < world_size:  # type: ignore[operator]
+            raise ConfigError(f"rank {rank} is outside world size {world_size}")
+        if lease_ttl <= 0:
+            raise ConfigError(f"lease_ttl must be > 0, got {lease_ttl}")
+        self.store = open_store(store)
+        self.ledger = open_ledger(ledger)
+        self.mode = mode
+        self.batch_size = batch_size
+        self.rank, self.world_size = rank, world_size
+        self.shuffle, self.seed = shuffle, seed
+        self.lease_ttl, self.poll, self.idle_timeout = lease_ttl, poll, idle_timeout
+        self.zero_copy = zero_copy
+        self.epoch = 0
+        self._dist: tuple[int, int] | None = None  # captured in the main process at pickling
+        self.quarantined: list[str] = []
+
+    # ------------------------------------------------------------ config
+    def set_epoch(self, epoch: int) -> None:
+        """Select the offline epoch to iterate (call on every rank, as with
+        ``DistributedSampler.set_epoch``). Online streams ignore it."""
+        self.epoch = int(epoch)
+
+    def configure(self, *, batch_size: int | None = None, shuffle: bool | None = None) -> None:
+        """Adopt a DataLoader's ``batch_size`` / ``shuffle`` (used by ``FeatureLoader``)."""
+        if batch_size is not None:
+            self.batch_size = int(batch_size)
+        if shuffle is not None:
+            self.shuffle = bool(shuffle)
+
+    def rank_world(self) -> tuple[int, int]:
+        """``(rank, world_size)`` as this process sees them."""
+        if self.rank is not None and self.world_size is not None:
+            return self.rank, self.world_size
+        return _dist_rank_world() or self._dist or (0, 1)
+
+    def __getstate__(self) -> dict[str, Any]:
+        # Pickled in the main process when DataLoader workers are spawned:
+        # record the rank there, since a spawned worker has no process group.
+        state = self.__dict__.copy()
+        state["_dist"] = _dist_rank_world() or self._dist
+        return state
+
+    # ------------------------------------------------------------ iteration
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        rank, world = self.rank_world()
+        info = get_worker_info()
+        worker, workers = (info.id, info.num_workers) if info is not None else (0, 1)
+        epoch = self.epoch if self.mode == "offline" else 0
+        if self.mode == "offline":
+            self.ledger.begin_epoch(epoch, seed=self.seed, shuffle=self.shuffle)
+        if world == 1:
+            owner = f"{socket.gethostname()}:{os.getpid()}/r0/w{worker}"
+            yield from self._iter_free(owner, epoch)
+        else:
+            yield from self._iter_plan(rank, world, worker, workers, epoch)
+
+    def _idle(self, since: float, warned: list[float], what: str) -> None:
+        waited = time.monotonic() - since
+        if self.idle_timeout is not None and waited > self.idle_timeout:
+            raise TimeoutError(f"nothing to deliver for {waited:.0f}s while the stream is open ({what}); "
+                               "is the producer alive? (FeatureWriter.close() ends the stream)")
+        if waited - warned[0] > 60:
+            warned[0] = waited
+            log.warning("waiting %.0fs for samples (%s)", waited, what)
+        time.sleep(self.poll)
+
+    def _iter_free(self, owner: str, epoch: int) -> Iterator[dict[str, Any]]:
+        since, warned = time.monotonic(), [0.0]
+        while True:
+            leases = self.ledger.lease(owner, self.batch_size, self.lease_ttl, epoch=epoch)
+            if leases:
+                since, warned = time.monotonic(), [0.0]
+                for lease in leases:
+                    sample = self._load(lease)
+                    if sample is not None:
+                        yield sample
+                continue
+            if self.mode == "offline" or self.ledger.is_closed():
+                # Re-check: a sample may have been committed or reclaimed just now.
+                if not self.ledger.counts(epoch=epoch).pending:
+                    return
+                continue
+            self._idle(since, warned, f"ledger {self.ledger.uri}")
+
+    def _iter_plan(self, rank: int, world: int, worker: int, workers: int, epoch: int) -> Iterator[dict[str, Any]]:
+        attempt = self.ledger.attempt()
+        online = self.mode == "online"
+        plan = Plan(attempt, epoch, world, self.batch_size)
+        step = worker
+        owner = f"{plan.key}/r{rank}"
+        since, warned = time.monotonic(), [0.0]
+        first = True
+        while True:
+            claim = self.ledger.claim_step(plan, step, rank, self.lease_ttl, wait_for_stream=online)
+            if claim.status == "claimed":
+                if not first or plan.round >= _MAX_ROUNDS:
+                    raise LeaseLost(f"step {step} of plan {plan.key} was claimed twice by rank {rank}: "
+                                    "are two processes running as the same rank?")
+                plan = Plan(attempt, epoch, world, self.batch_size, plan.round + 1)
+                continue
+            first = False
+            if claim.status == "wait":
+                self._idle(since, warned, f"step {step} of plan {plan.key}")
+                continue
+            if claim.status == "end":
+                if claim.tail and worker == 0 and rank == 0:
+                    log.warning("%d samples (less than one global step of %d x %d) stay pending for the next run",
+                                claim.tail, world, self.batch_size)
+                return
+            since, warned = time.monotonic(), [0.0]
+            if len(claim.leases) < self.batch_size:
+                log.warning("rank %d step %d: %d of %d leases expired before the claim (lease_ttl=%ss too short?)",
+                            rank, step, self.batch_size - len(claim.leases), self.batch_size, self.lease_ttl)
+            for lease in claim.leases:
+                sample = self._load(lease)
+                # Keep every rank's count equal: replace a quarantined sample if anything is pending.
+                while sample is None:
+                    spare = self.ledger.lease(owner, 1, self.lease_ttl, epoch=epoch)
+                    if not spare:
+                        log.error("rank %d has no replacement for a quarantined sample: its batch is short", rank)
+                        break
+                    sample = self._load(spare[0])
+                if sample is not None:
+                    yield sample
+            step += workers
+
+    def _load(self, lease: Lease) -> dict[str, Any] | None:
+        """Read a leased sample; quarantine it if corrupt, give it back if unreadable."""
+        try:
+            tensors = self.store.get(lease.ref, zero_copy=self.zero_copy)
+        except CorruptSample as e:
+            log.error("quarantined %s: %s", lease.sample_id, e)
+            self.ledger.fail([lease.lease_id], retryable=False, reason=f"corrupt: {e}")
+            self.quarantined.append(lease.sample_id)
+            return None
+        except SampleUnavailable as e:
+            # Bytes gone (writer died, or freed by a racing abort): never train on
+            # a stale generation; let the ledger decide whether it comes back.
+            log.error("sample %s unavailable: %s", lease.sample_id, e)
+            self.ledger.fail([lease.lease_id], retryable=False, reason=f"unavailable: {e}")
+            self.quarantined.append(lease.sample_id)
+            return None
+        sample: dict[str, Any] = dict(tensors)
+        sample[LEASE_KEY] = lease.lease_id
+        sample[SAMPLE_ID_KEY] = lease.sample_id
+        return sample
+
+    # ------------------------------------------------------------ acks
+    def ack(self, batch: Any, step: int, *, strict: bool = False) -> list[str]:
+        """Mark the samples of ``batch`` trained at optimizer step ``step``.
+
+        Returns the lease ids that were lost (expired and taken by another
+        consumer, superseded or aborted); with ``strict`` raises ``LeaseLost``.
+        """
+        lost = self.ledger.ack(lease_ids_of(batch), step)
+        if lost:
+            msg = f"{len(lost)} leases were lost before their ack at step {step} (first: {lost[0]})"
+            if strict:
+                raise LeaseLost(msg)
+            log.warning(msg)
+        return lost
+
+    def fail(self, batch: Any, *, retryable: bool = True, reason: str = "") -> list[str]:
+        """Give the samples of ``batch`` back (retryable) or quarantine them."""
+        return self.ledger.fail(lease_ids_of(batch), retryable=retryable, reason=reason)
+
+    def renew(self, batch: Any, ttl: float | None = None) -> list[str]:
+        """Extend the leases of ``batch``; returns the ids already lost."""
+        return self.ledger.renew(lease_ids_of(batch), self.lease_ttl if ttl is None else ttl)
+
+    def mark_durable(self, step: int) -> int:
+        """A checkpoint covering ``step`` is written: trained samples become
+        DURABLE and, online, their bytes are freed. Returns how many were freed."""
+        freed = self.ledger.mark_durable(step, free=self.mode == "online")
+        for ref in freed:
+            self.store.delete(ref)
+        return len(freed)
+
+    def reconcile(self, resume_step: int | None) -> Any:
+        """Apply the restart rule before any consumer starts (one process only):
+        see :meth:`~torch_dataflow.ledger.base.Ledger.reconcile`."""
+        report = self.ledger.reconcile(resume_step, free=self.mode == "online")
+        for ref in report.freed:
+            self.store.delete(ref)
+        return report

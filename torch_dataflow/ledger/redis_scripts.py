@@ -1,0 +1,550 @@
+"""Lua scripts of the Redis ledger: every state change is one script.
+
+Key layout (``P`` is the run prefix, ``"{namespace}:"``):
+
+=========================  ==========  ============================================
+key                        type        content
+=========================  ==========  ============================================
+``P meta``                 hash        schema, attempt, epoch, seq, verifier,
+                                       ``ep:<e>`` (epoch begun), nctr (nonces)
+``P s:<sid>``              hash        catalog: g(gen) c(committed) t(tomb)
+                                       st(status) ref q(seq) why(reason)
+``P stat``                 hash        catalog counts by status, ``c`` = committed
+``P live`` / ``P qs``      set         ids with status LIVE / QUARANTINED
+``P de:<sid>``             set         epochs holding a delivery of ``sid``
+``P d:<e>:<sid>``          hash        delivery: g s(state) o(ord) ow(owner)
+                                       n(nonce) dl(deadline) sp(step) sl(slot)
+``P n:<e>``                hash        deliveries of epoch ``e`` by state
+``P E``                    set         epochs ever holding a delivery
+``P p:<e>``                zset        PENDING ids of epoch ``e`` by ord
+``P L``                    zset        LEASED ``<e>:<sid>`` by deadline
+``P T`` / ``P D``          zset        TRAINED / DURABLE ``<e>:<sid>`` by step
+``P plan:<key>``           hash        ns(next step) es(end step)
+``P plans``                set         plan keys (dropped by reconcile)
+``P cl:<key>``             hash        ``<step>:<rank>`` claims of a plan
+``P sl:<slot>``            zset        ids leased to one (plan, step, rank) by ord
+``P prod``                 hash        producer -> done (0/1)
+``P r:<token>``            string      reply of a mutating call, for 60 s (retry)
+=========================  ==========  ============================================
+
+Every script takes ``ARGV = [P, token, drop, now, ...]``: ``token`` names the
+call so a retry after a lost reply gets the first reply back instead of running
+twice (``""``: not cached); ``drop`` is the caller's previous token, whose
+cached reply is no longer needed; ``now`` is the client's clock or ``""`` for
+the server's (``TIME``). Validation happens before the first write, because
+Redis does not roll a script back on error; errors are replies
+``{"!", kind, sample_id, generation, superseding generation}``. Numbers that must stay exact travel as strings (Lua
+``tostring`` keeps only 14 digits).
+"""
+
+from __future__ import annotations
+
+__all__ = ["SCRIPTS"]
+
+_PRELUDE = r"""
+local P, TOKEN = ARGV[1], ARGV[2]
+if ARGV[3] ~= '' and ARGV[3] ~= TOKEN then redis.call('DEL', P..'r:'..ARGV[3]) end
+if TOKEN ~= '' then
+  local c = redis.call('GET', P..'r:'..TOKEN)
+  if c then return cjson.decode(c) end
+end
+local NOW
+if ARGV[4] ~= '' then NOW = tonumber(ARGV[4]) else
+  local t = redis.call('TIME'); NOW = tonumber(t[1]) + tonumber(t[2]) / 1e6 end
+-- counter deltas, written once per script by flush()
+local DELTA = {}
+local function cnt(key, field, by)
+  local t = DELTA[key]
+  if not t then t = {}; DELTA[key] = t end
+  t[field] = (t[field] or 0) + by
+end
+local function flush()
+  for key, t in pairs(DELTA) do
+    for field, by in pairs(t) do if by ~= 0 then redis.call('HINCRBY', key, field, by) end end
+  end
+  DELTA = {}
+end
+local function done(reply)
+  flush()
+  if TOKEN ~= '' then redis.call('SET', P..'r:'..TOKEN, cjson.encode(reply), 'PX', 60000) end
+  return reply
+end
+local function split_on(text, sep)
+  local out, i = {}, 1
+  if text == '' then return out end
+  while true do
+    local j = string.find(text, sep, i, true)
+    if not j then out[#out + 1] = string.sub(text, i); return out end
+    out[#out + 1] = string.sub(text, i, j - 1)
+    i = j + 1
+  end
+end
+local function istr(x) return string.format('%d', x) end
+local function dkey(e, sid) return P..'d:'..e..':'..sid end
+local function skey(sid) return P..'s:'..sid end
+local function split(m) local i = string.find(m, ':', 1, true); return string.sub(m, 1, i - 1), string.sub(m, i + 1) end
+-- remove a delivery from the index of its state ``s``
+local function leave(e, sid, s, sl)
+  local m = e..':'..sid
+  if s == '0' then redis.call('ZREM', P..'p:'..e, sid)
+  elseif s == '1' then
+    redis.call('ZREM', P..'L', m)
+    if sl then redis.call('ZREM', P..'sl:'..sl, sid) end
+  elseif s == '2' then redis.call('ZREM', P..'T', m)
+  else redis.call('ZREM', P..'D', m) end
+  cnt(P..'n:'..e, s, -1)
+end
+local function to_pending(e, sid, ord)
+  redis.call('HSET', dkey(e, sid), 's', '0')
+  redis.call('HDEL', dkey(e, sid), 'ow', 'n', 'dl', 'sl', 'sp')
+  redis.call('ZADD', P..'p:'..e, tonumber(ord), sid)
+  cnt(P..'n:'..e, '0', 1)
+end
+local function drop_delivery(e, sid, s, sl)
+  leave(e, sid, s, sl)
+  redis.call('DEL', dkey(e, sid))
+  redis.call('SREM', P..'de:'..sid, e)
+end
+-- LEASED -> PENDING for every lease whose deadline passed
+local function reclaim()
+  for _, m in ipairs(redis.call('ZRANGEBYSCORE', P..'L', '-inf', '('..string.format('%.17g', NOW))) do
+    local e, sid = split(m)
+    local d = redis.call('HMGET', dkey(e, sid), 'o', 'sl')
+    leave(e, sid, '1', d[2])
+    to_pending(e, sid, d[1])
+  end
+end
+local function set_status(sid, old, new)
+  if old then
+    cnt(P..'stat', old, -1)
+    if old == '0' then redis.call('SREM', P..'live', sid) elseif old == '2' then redis.call('SREM', P..'qs', sid) end
+  end
+  cnt(P..'stat', new, 1)
+  if new == '0' then redis.call('SADD', P..'live', sid) elseif new == '2' then redis.call('SADD', P..'qs', sid) end
+  redis.call('HSET', skey(sid), 'st', new)
+end
+-- drop the PENDING and LEASED deliveries of ``sid`` in every epoch
+local function drop_undone(sid)
+  for _, e in ipairs(redis.call('SMEMBERS', P..'de:'..sid)) do
+    local d = redis.call('HMGET', dkey(e, sid), 's', 'sl')
+    if d[1] == '0' or d[1] == '1' then drop_delivery(e, sid, d[1], d[2]) end
+  end
+end
+local function closed()
+  local v = redis.call('HVALS', P..'prod')
+  if #v == 0 then return false end
+  for _, x in ipairs(v) do if x ~= '1' then return false end end
+  return true
+end
+local function take_lease(e, sid, owner, nonce, dl, sl)
+  local k = dkey(e, sid)
+  cnt(P..'n:'..e, '1', 1)
+  redis.call('HSET', k, 's', '1', 'ow', owner, 'n', nonce, 'dl', string.format('%.17g', dl))
+  redis.call('ZADD', P..'L', dl, e..':'..sid)
+  if sl then
+    redis.call('HSET', k, 'sl', sl)
+    redis.call('ZADD', P..'sl:'..sl, tonumber(redis.call('HGET', k, 'o')), sid)
+  else
+    redis.call('HDEL', k, 'sl')
+  end
+end
+local function nonce_base(count)
+  return redis.call('HINCRBY', P..'meta', 'nctr', count) - count
+end
+local function nonce(prefix, base, i) return prefix..string.format('%08x', (base + i) % 4294967296) end
+-- TRAINED at <= step -> DURABLE; with free, FREED refs of samples with nothing left to do
+local function durable(step, free)
+  local sids, seen = {}, {}
+  for _, m in ipairs(redis.call('ZRANGEBYSCORE', P..'T', '-inf', step)) do
+    local e, sid = split(m)
+    local sp = redis.call('HGET', dkey(e, sid), 'sp')
+    leave(e, sid, '2', nil)
+    redis.call('HSET', dkey(e, sid), 's', '3')
+    cnt(P..'n:'..e, '3', 1)
+    redis.call('ZADD', P..'D', tonumber(sp), m)
+    if not seen[sid] then seen[sid] = true; sids[#sids + 1] = sid end
+  end
+  local freed = {}
+  if free then
+    for _, sid in ipairs(sids) do
+      local undone = false
+      for _, e in ipairs(redis.call('SMEMBERS', P..'de:'..sid)) do
+        if redis.call('HGET', dkey(e, sid), 's') ~= '3' then undone = true; break end
+      end
+      if not undone then
+        local s = redis.call('HMGET', skey(sid), 'st', 'ref')
+        if s[1] == '0' then freed[#freed + 1] = s[2]; set_status(sid, '0', '3') end
+      end
+    end
+  end
+  return #sids, freed
+end
+"""
+
+_INIT = r"""
+local P = ARGV[1]
+local m = P..'meta'
+if redis.call('EXISTS', m) == 0 then
+  redis.call('HSET', m, 'schema', ARGV[2], 'attempt', '0', 'epoch', '0', 'seq', '0', 'nctr', '0')
+  if ARGV[3] ~= '' then redis.call('HSET', m, 'verifier', ARGV[3]) end
+end
+return redis.call('HMGET', m, 'schema', 'verifier')
+"""
+
+_RESERVE = r"""
+local out = {}
+for i = 5, #ARGV do
+  local sid = ARGV[i]
+  local k = skey(sid)
+  if redis.call('HEXISTS', k, 'st') == 0 then
+    redis.call('HSET', k, 'g', '1', 'c', '0', 't', '0')
+    set_status(sid, nil, '-1')
+    out[#out + 1] = '1'
+  else
+    out[#out + 1] = istr(redis.call('HINCRBY', k, 'g', 1))
+  end
+end
+return done(out)
+"""
+
+# ARGV[5]: lines "sid\tgeneration\tref json"
+_COMMIT = r"""
+local todo = {}
+for _, line in ipairs(split_on(ARGV[5], '\n')) do
+  local f = split_on(line, '\t')
+  local sid, gen = f[1], tonumber(f[2])
+  local r = redis.call('HMGET', skey(sid), 'st', 'g', 'c', 't', 'ref')
+  if not r[1] or gen > tonumber(r[2]) then
+    return {'!', 'unreserved', sid, istr(gen), ''}
+  end
+  local g, c, t = tonumber(r[2]), tonumber(r[3]), tonumber(r[4])
+  if gen <= t then return {'!', 'aborted', sid, istr(gen), ''} end
+  if gen ~= c then
+    if gen < g or gen < c then
+      return {'!', 'stale', sid, istr(gen), istr(math.max(g, c))}
+    end
+    todo[#todo + 1] = {sid, f[2], f[3], r[1], c, r[5]}
+  end
+end
+local epoch = redis.call('HGET', P..'meta', 'epoch')
+local seq = tonumber(redis.call('HGET', P..'meta', 'seq'))
+local superseded = {}
+for _, x in ipairs(todo) do
+  local sid, gen, ref, st, c, old = x[1], x[2], x[3], x[4], x[5], x[6]
+  if c > 0 and old and (st == '0' or st == '2') then superseded[#superseded + 1] = old end
+  seq = seq + 1
+  redis.call('HSET', skey(sid), 'c', gen, 'ref', ref, 'q', istr(seq))
+  redis.call('HDEL', skey(sid), 'why')
+  set_status(sid, st, '0')
+  if c == 0 then cnt(P..'stat', 'c', 1) end
+  -- the new generation takes over undone deliveries in every epoch (old leases are lost)
+  for _, e in ipairs(redis.call('SMEMBERS', P..'de:'..sid)) do
+    local d = redis.call('HMGET', dkey(e, sid), 's', 'sl', 'o')
+    if d[1] == '0' or d[1] == '1' then
+      redis.call('HSET', dkey(e, sid), 'g', gen)
+      if d[1] == '1' then leave(e, sid, '1', d[2]); to_pending(e, sid, d[3]) end
+    end
+  end
+  -- the current epoch's delivery is PENDING at the new commit's place in the order
+  local k = dkey(epoch, sid)
+  local d = redis.call('HMGET', k, 's', 'sl')
+  if d[1] then leave(epoch, sid, d[1], d[2]) else
+    redis.call('SADD', P..'de:'..sid, epoch)
+    redis.call('SADD', P..'E', epoch)
+  end
+  redis.call('HSET', k, 'g', gen, 'o', istr(seq))
+  to_pending(epoch, sid, istr(seq))
+end
+redis.call('HSET', P..'meta', 'seq', istr(seq))
+return done(table.concat(superseded, '\n'))
+"""
+
+# ARGV[5]=epoch ARGV[6]=tag ARGV[7]=shuffle ARGV[8..]: pairs (sid, ord) for a shuffle
+_BEGIN_EPOCH = r"""
+local e = ARGV[5]
+if redis.call('HEXISTS', P..'meta', 'ep:'..e) == 1 then return {'done'} end
+local fresh = {}
+for _, sid in ipairs(redis.call('SMEMBERS', P..'live')) do
+  if redis.call('EXISTS', dkey(e, sid)) == 0 then fresh[#fresh + 1] = sid end
+end
+local ords = {}
+if ARGV[7] == '1' then
+  for i = 8, #ARGV, 2 do ords[ARGV[i]] = ARGV[i + 1] end
+  local missing = {}
+  for _, sid in ipairs(fresh) do if not ords[sid] then missing[#missing + 1] = sid end end
+  for _, sid in ipairs(redis.call('ZRANGE', P..'p:'..e, 0, -1)) do
+    if not ords[sid] then missing[#missing + 1] = sid end
+  end
+  if #missing > 0 then return {'missing', missing} end
+end
+for _, sid in ipairs(fresh) do
+  local s = redis.call('HMGET', skey(sid), 'c', 'q')
+  redis.call('HSET', dkey(e, sid), 'g', s[1], 'o', s[2])
+  to_pending(e, sid, s[2])
+  redis.call('SADD', P..'de:'..sid, e)
+  redis.call('SADD', P..'E', e)
+end
+if ARGV[7] == '1' then
+  for _, sid in ipairs(redis.call('ZRANGE', P..'p:'..e, 0, -1)) do
+    redis.call('HSET', dkey(e, sid), 'o', ords[sid])
+    redis.call('ZADD', P..'p:'..e, tonumber(ords[sid]), sid)
+  end
+end
+redis.call('HSET', P..'meta', 'ep:'..e, ARGV[6])
+if tonumber(e) > tonumber(redis.call('HGET', P..'meta', 'epoch')) then redis.call('HSET', P..'meta', 'epoch', e) end
+flush()
+return {'done'}
+"""
+
+# ARGV[5]=epoch ARGV[6]=n ARGV[7]=owner ARGV[8]=ttl ARGV[9]=nonce prefix
+_LEASE = r"""
+reclaim()
+local e, owner = ARGV[5], ARGV[7]
+local dl = NOW + tonumber(ARGV[8])
+local popped = redis.call('ZPOPMIN', P..'p:'..e, tonumber(ARGV[6]))
+local base = nonce_base(#popped / 2)
+local out = {}
+for i = 1, #popped, 2 do
+  local sid = popped[i]
+  local nc = nonce(ARGV[9], base, (i + 1) / 2)
+  cnt(P..'n:'..e, '0', -1)
+  take_lease(e, sid, owner, nc, dl, nil)
+  out[#out + 1] = sid..'\t'..redis.call('HGET', dkey(e, sid), 'g')..'\t'..nc..'\t'..redis.call('HGET', skey(sid), 'ref')
+end
+return done({string.format('%.17g', dl), table.concat(out, '\n')})
+"""
+
+# ARGV[5]=plan key ARGV[6]=epoch ARGV[7]=world ARGV[8]=batch ARGV[9]=step ARGV[10]=rank ARGV[11]=ttl
+# ARGV[12]=wait_for_stream ARGV[13]=nonce prefix
+_CLAIM_STEP = r"""
+reclaim()
+local key, e = ARGV[5], ARGV[6]
+local world, batch, step, rank = tonumber(ARGV[7]), tonumber(ARGV[8]), tonumber(ARGV[9]), ARGV[10]
+local need, dl = world * batch, NOW + tonumber(ARGV[11])
+local pk, pq = P..'plan:'..key, P..'p:'..e
+local pl = redis.call('HMGET', pk, 'ns', 'es')
+local k = tonumber(pl[1] or '0')
+if redis.call('HEXISTS', P..'cl:'..key, ARGV[9]..':'..rank) == 1 then return done({'claimed', 0}) end
+if pl[2] and step >= tonumber(pl[2]) then return done({'end', redis.call('ZCARD', pq)}) end
+local status = 'ready'
+while k <= step do
+  if redis.call('ZCARD', pq) < need then
+    if ARGV[12] == '1' and not closed() then status = 'wait' else status = 'end' end
+    break
+  end
+  local popped = redis.call('ZPOPMIN', pq, need)
+  local base = nonce_base(need)
+  for i = 1, #popped, 2 do
+    local j = (i - 1) / 2
+    local r = istr(math.floor(j / batch))
+    local sid = popped[i]
+    cnt(P..'n:'..e, '0', -1)
+    take_lease(e, sid, key..'/r'..r, nonce(ARGV[13], base, j + 1), dl, key..'/s'..istr(k)..'/r'..r)
+  end
+  k = k + 1
+end
+redis.call('HSET', pk, 'ns', istr(k))
+if status == 'end' then redis.call('HSET', pk, 'es', istr(k)) else redis.call('HDEL', pk, 'es') end
+redis.call('SADD', P..'plans', key)
+if status ~= 'ready' then
+  local tail = 0
+  if status == 'end' then tail = redis.call('ZCARD', pq) end
+  return done({status, tail})
+end
+redis.call('HSET', P..'cl:'..key, ARGV[9]..':'..rank, '1')
+local dls = string.format('%.17g', dl)
+local out = {}
+for _, sid in ipairs(redis.call('ZRANGE', P..'sl:'..key..'/s'..ARGV[9]..'/r'..rank, 0, -1)) do
+  local k2 = dkey(e, sid)
+  redis.call('HSET', k2, 'dl', dls)
+  redis.call('ZADD', P..'L', dl, e..':'..sid)
+  local d = redis.call('HMGET', k2, 'g', 'n', 'ow')
+  out[#out + 1] = sid..'\t'..d[1]..'\t'..d[2]..'\t'..d[3]..'\t'..redis.call('HGET', skey(sid), 'ref')
+end
+return done({'ready', dls, table.concat(out, '\n')})
+"""
+
+# ARGV[5]=ttl ARGV[6]: lines "epoch\tsid\tgen\tnonce"; returns the 1-based indexes lost
+_RENEW = r"""
+local dl = NOW + tonumber(ARGV[5])
+local dls = string.format('%.17g', dl)
+local lost = {}
+for i, line in ipairs(split_on(ARGV[6], '\n')) do
+  local q = split_on(line, '\t')
+  local e, sid = q[1], q[2]
+  local d = redis.call('HMGET', dkey(e, sid), 'g', 's', 'n')
+  if d[1] == q[3] and d[2] == '1' and d[3] == q[4] then
+    redis.call('HSET', dkey(e, sid), 'dl', dls)
+    redis.call('ZADD', P..'L', dl, e..':'..sid)
+  else lost[#lost + 1] = i end
+end
+return lost
+"""
+
+# ARGV[5]=step ARGV[6]: lines "epoch\tsid\tgen\tnonce"
+_ACK = r"""
+local step = ARGV[5]
+local lost = {}
+for i, line in ipairs(split_on(ARGV[6], '\n')) do
+  local q = split_on(line, '\t')
+  local e, sid = q[1], q[2]
+  local k = dkey(e, sid)
+  local d = redis.call('HMGET', k, 'g', 's', 'n', 'sl')
+  if d[1] == q[3] and d[3] == q[4] and (d[2] == '1' or d[2] == '2') then
+    if d[2] == '1' then
+      leave(e, sid, '1', d[4])
+      redis.call('HSET', k, 's', '2', 'sp', step)
+      redis.call('HDEL', k, 'dl', 'sl')
+      cnt(P..'n:'..e, '2', 1)
+      redis.call('ZADD', P..'T', tonumber(step), e..':'..sid)
+    end
+  else lost[#lost + 1] = i end
+end
+flush()
+return lost
+"""
+
+# ARGV[5]=retryable ARGV[6]=reason ARGV[7]: lines "epoch\tsid\tgen\tnonce"
+_FAIL = r"""
+local lost, held = {}, {}
+for i, line in ipairs(split_on(ARGV[7], '\n')) do
+  local q = split_on(line, '\t')
+  local e, sid = q[1], q[2]
+  local d = redis.call('HMGET', dkey(e, sid), 'g', 's', 'n', 'sl', 'o')
+  if d[1] == q[3] and d[2] == '1' and d[3] == q[4] then
+    leave(e, sid, '1', d[4])
+    to_pending(e, sid, d[5])
+    held[#held + 1] = sid
+  else lost[#lost + 1] = i end
+end
+if ARGV[5] == '0' then
+  for _, sid in ipairs(held) do
+    local st = redis.call('HGET', skey(sid), 'st')
+    if st ~= '2' then set_status(sid, st, '2') end
+    redis.call('HSET', skey(sid), 'why', ARGV[6])
+    drop_undone(sid)
+  end
+end
+return done(lost)
+"""
+
+_ABORT = r"""
+local freed = {}
+for i = 5, #ARGV do
+  local sid = ARGV[i]
+  local s = redis.call('HMGET', skey(sid), 'st', 'g', 'ref')
+  if not s[1] then
+    redis.call('HSET', skey(sid), 'g', '0', 'c', '0', 't', '0')
+    set_status(sid, nil, '1')
+  else
+    if s[3] and (s[1] == '0' or s[1] == '2') then freed[#freed + 1] = s[3] end
+    redis.call('HSET', skey(sid), 't', s[2])
+    if s[1] ~= '1' then set_status(sid, s[1], '1') end
+    drop_undone(sid)
+  end
+end
+return done(table.concat(freed, '\n'))
+"""
+
+# ARGV[5]=step ARGV[6]=free
+_MARK_DURABLE = r"""
+local _, freed = durable(ARGV[5], ARGV[6] == '1')
+return done(table.concat(freed, '\n'))
+"""
+
+# ARGV[5]=resume step or '' ARGV[6]=free
+_RECONCILE = r"""
+local released, replayed, ndur, freed = 0, 0, 0, {}
+for _, m in ipairs(redis.call('ZRANGE', P..'L', 0, -1)) do
+  local e, sid = split(m)
+  local d = redis.call('HMGET', dkey(e, sid), 'o', 'sl')
+  leave(e, sid, '1', d[2]); to_pending(e, sid, d[1])
+  released = released + 1
+end
+local lo = '-inf'
+if ARGV[5] ~= '' then lo = '('..ARGV[5] end
+for _, m in ipairs(redis.call('ZRANGEBYSCORE', P..'T', lo, '+inf')) do
+  local e, sid = split(m)
+  leave(e, sid, '2', nil); to_pending(e, sid, redis.call('HGET', dkey(e, sid), 'o'))
+  replayed = replayed + 1
+end
+if ARGV[5] ~= '' then ndur, freed = durable(ARGV[5], ARGV[6] == '1') end
+for _, key in ipairs(redis.call('SMEMBERS', P..'plans')) do redis.call('DEL', P..'plan:'..key, P..'cl:'..key) end
+redis.call('DEL', P..'plans')
+local attempt = redis.call('HINCRBY', P..'meta', 'attempt', 1)
+return done({attempt, replayed, ndur, released, table.concat(freed, '\n')})
+"""
+
+_COUNTS = r"""
+local epochs, by = {}, {0, 0, 0, 0}
+local want = ARGV[5]
+for _, e in ipairs(redis.call('SMEMBERS', P..'E')) do
+  local n = redis.call('HMGET', P..'n:'..e, '0', '1', '2', '3')
+  local total = 0
+  for j = 1, 4 do
+    local v = tonumber(n[j] or '0')
+    total = total + v
+    if want == '' or want == e then by[j] = by[j] + v end
+  end
+  if total > 0 then epochs[#epochs + 1] = e end
+end
+local st = redis.call('HMGET', P..'stat', '1', '2', '3', 'c')
+local c = 0
+if closed() then c = 1 end
+return {by, st, c, epochs}
+"""
+
+# ARGV[5]=owner prefix
+_LEASES = r"""
+local out, pre = {}, ARGV[5]
+for _, m in ipairs(redis.call('ZRANGE', P..'L', 0, -1)) do
+  local e, sid = split(m)
+  local d = redis.call('HMGET', dkey(e, sid), 'g', 'n', 'ow', 'dl')
+  if d[3] and string.sub(d[3], 1, #pre) == pre then
+    out[#out + 1] = {e, sid, d[1], d[2], d[3], d[4], redis.call('HGET', skey(sid), 'ref')}
+  end
+end
+return out
+"""
+
+_QUARANTINED = r"""
+local out = {}
+for _, sid in ipairs(redis.call('SMEMBERS', P..'qs')) do
+  local s = redis.call('HMGET', skey(sid), 'ref', 'why')
+  out[#out + 1] = {s[1] or '', s[2] or ''}
+end
+return out
+"""
+
+_TRAINED = r"""
+local out = {}
+for _, z in ipairs({'T', 'D'}) do
+  for _, m in ipairs(redis.call('ZRANGE', P..z, 0, -1)) do
+    local e, sid = split(m)
+    if ARGV[5] == '' or ARGV[5] == e then out[#out + 1] = {sid, redis.call('HGET', dkey(e, sid), 'sp')} end
+  end
+end
+return out
+"""
+
+SCRIPTS: dict[str, str] = {
+    name: (src if name == "init" else _PRELUDE + src)
+    for name, src in {
+        "init": _INIT,
+        "reserve": _RESERVE,
+        "commit": _COMMIT,
+        "begin_epoch": _BEGIN_EPOCH,
+        "lease": _LEASE,
+        "claim_step": _CLAIM_STEP,
+        "renew": _RENEW,
+        "ack": _ACK,
+        "fail": _FAIL,
+        "abort": _ABORT,
+        "mark_durable": _MARK_DURABLE,
+        "reconcile": _RECONCILE,
+        "counts": _COUNTS,
+        "leases": _LEASES,
+        "quarantined": _QUARANTINED,
+        "trained_steps": _TRAINED,
+    }.items()
+}

@@ -1,0 +1,39 @@
+"""A DataLoader that takes ``shuffle`` and ``drop_last`` for a FeatureStoreDataset.
+
+``torch.utils.data.DataLoader`` rejects ``shuffle=True`` for an
+``IterableDataset``; :class:`FeatureLoader` hands ``batch_size`` and
+``shuffle`` to the dataset (which shuffles and balances through the ledger)
+and calls the base class with ``shuffle=None``.
+
+Example:
+    >>> from torch_dataflow import FeatureLoader, FeatureStoreDataset
+    >>> ds = FeatureStoreDataset("memory://fl-doc", "memory://fl-doc", mode="offline")
+    >>> loader = FeatureLoader(ds, batch_size=4, shuffle=True)
+    >>> ds.batch_size
+    4
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from torch.utils.data import DataLoader
+
+from .dataset import FeatureStoreDataset
+
+__all__ = ["FeatureLoader"]
+
+
+class FeatureLoader(DataLoader):
+    """``DataLoader`` for :class:`FeatureStoreDataset` with DataLoader-style arguments."""
+
+    def __init__(self, dataset: FeatureStoreDataset, batch_size: int | None = 1, shuffle: bool | None = None,
+                 **kwargs: Any) -> None:
+        if not isinstance(dataset, FeatureStoreDataset):
+            raise TypeError(f"FeatureLoader takes a FeatureStoreDataset, got {type(dataset).__name__}")
+        dataset.configure(batch_size=batch_size or 1, shuffle=shuffle)
+        super().__init__(dataset, batch_size=batch_size, shuffle=None, **kwargs)
+
+    def set_epoch(self, epoch: int) -> None:
+        """Forward to the dataset (Lightning and training loops call this per epoch)."""
+        self.dataset.set_epoch(epoch)  # type: ignore[attr-defined]

@@ -1,0 +1,199 @@
+"""Producer side: :class:`FeatureWriter` writes bytes, then commits the ref.
+
+Example:
+    >>> import torch
+    >>> from torch_dataflow import FeatureWriter
+    >>> with FeatureWriter(store="memory://w-doc", ledger="memory://w-doc") as w:
+    ...     ref = w.put("sample-0", {"x": torch.ones(2)})
+    >>> ref.generation
+    1
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+import time
+from collections.abc import Iterable, Mapping
+from typing import Any
+
+import torch
+
+from .errors import SampleAborted, StoreFull
+from .ledger import Ledger, open_ledger
+from .refs import SampleRef, validate_sample_id
+from .stores import FeatureStore, open_store
+
+__all__ = ["FeatureWriter"]
+
+log = logging.getLogger(__name__)
+
+
+def _nbytes(tensors: Mapping[str, torch.Tensor]) -> int:
+    """Size of a sample's tensors; a ``TypeError`` before anything is reserved or written."""
+    if not isinstance(tensors, Mapping):
+        raise TypeError(f"a sample is a Mapping[str, Tensor], got {type(tensors).__name__}")
+    for name, t in tensors.items():
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"sample value {name!r} is a {type(t).__name__}, not a torch.Tensor")
+    return sum(int(t.numel()) * t.element_size() for t in tensors.values())
+
+
+class FeatureWriter:
+    """Put samples into a store and commit them to a ledger, with backpressure.
+
+    Each :meth:`put` reserves the next generation of the sample id, writes the
+    encoded tensors to the store (invisible until complete), then commits the
+    ref: a consumer can never see a ref whose bytes are not all there. If the
+    id was aborted while the bytes were in flight, the bytes are deleted and
+    :class:`~torch_dataflow.errors.SampleAborted` is raised.
+
+    Backpressure (DESIGN invariant 8): while the store holds more than
+    ``max_resident_bytes`` or the ledger more than ``max_pending`` undelivered
+    samples, ``put`` waits (polling every ``poll`` seconds) and raises
+    :class:`~torch_dataflow.errors.StoreFull` after ``put_timeout`` seconds —
+    it never drops data and never grows without bound.
+
+    Args:
+        store: a store URI or instance.
+        ledger: a ledger URI or instance.
+        name: this producer's name; the stream closes when every registered
+            producer has called :meth:`close`.
+        max_resident_bytes: store budget in bytes (``None``: unbounded).
+        max_pending: ledger budget of pending + leased samples (``None``: unbounded).
+        put_timeout: seconds ``put`` may wait for room before ``StoreFull``.
+    """
+
+    def __init__(
+        self,
+        store: str | FeatureStore,
+        ledger: str | Ledger,
+        *,
+        name: str | None = None,
+        max_resident_bytes: int | None = None,
+        max_pending: int | None = None,
+        put_timeout: float = 600.0,
+        poll: float = 0.05,
+    ) -> None:
+        self.store = open_store(store)
+        self.ledger = open_ledger(ledger)
+        self.name = name or f"{socket.gethostname()}:{os.getpid()}:{id(self):x}"
+        self.max_resident_bytes = max_resident_bytes
+        self.max_pending = max_pending
+        self.put_timeout = put_timeout
+        self.poll = poll
+        self.written = 0
+        self.bytes_written = 0
+        self.waited_s = 0.0
+        self._registered = False
+        self._closed = False
+
+    def _register(self) -> None:
+        if not self._registered:
+            self.ledger.register_producer(self.name)
+            self._registered = True
+
+    def _over_budget(self, incoming: int) -> str | None:
+        if self.max_resident_bytes is not None:
+            resident = self.store.health().resident_bytes
+            if resident > 0 and resident + incoming > self.max_resident_bytes:
+                return f"store holds {resident} bytes, budget {self.max_resident_bytes}"
+        if self.max_pending is not None:
+            c = self.ledger.counts(epoch=None)
+            if c.pending + c.leased >= self.max_pending:
+                return f"ledger has {c.pending + c.leased} undelivered samples, budget {self.max_pending}"
+        return None
+
+    def wait_for_room(self, incoming: int = 0) -> None:
+        """Block until the store and ledger are under budget, or raise ``StoreFull``."""
+        if self.max_resident_bytes is None and self.max_pending is None:
+            return
+        start = time.monotonic()
+        while (why := self._over_budget(incoming)) is not None:
+            waited = time.monotonic() - start
+            if waited > self.put_timeout:
+                self.waited_s += waited
+                raise StoreFull(f"producer {self.name} waited {waited:.1f}s for room: {why}")
+            time.sleep(self.poll)
+        self.waited_s += time.monotonic() - start
+
+    def put(
+        self, sample_id: str, tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, Any] | None = None
+    ) -> SampleRef:
+        """Write one sample and commit it; returns the committed ref.
+
+        Raises:
+            TypeError / ConfigError: bad tensors or sample id (nothing written).
+            StoreFull: no room within ``put_timeout``.
+            SampleAborted: the id was aborted while its bytes were in flight.
+        """
+        if self._closed:
+            raise RuntimeError(f"FeatureWriter {self.name} is closed")
+        validate_sample_id(sample_id)
+        incoming = _nbytes(tensors)
+        self._register()
+        self.wait_for_room(incoming)
+        [gen] = self.ledger.reserve([sample_id])
+        ref = self.store.put(sample_id, gen, tensors, metadata)
+        try:
+            superseded = self.ledger.commit([ref])
+        except SampleAborted:
+            self.store.delete(ref)
+            raise
+        except BaseException:
+            # Not committed: nobody will ever read these bytes.
+            self.store.delete(ref)
+            raise
+        for old in superseded:
+            self.store.delete(old)
+        self.written += 1
+        self.bytes_written += ref.nbytes
+        return ref
+
+    def put_many(
+        self, items: Iterable[tuple[str, Mapping[str, torch.Tensor]] | tuple[str, Mapping[str, torch.Tensor], Any]]
+    ) -> list[SampleRef]:
+        """``put`` several samples with one reserve and one commit."""
+        batch = [(it[0], it[1], it[2] if len(it) > 2 else None) for it in items]
+        if not batch:
+            return []
+        incoming = sum(_nbytes(ts) for sid, ts, _ in batch if validate_sample_id(sid))
+        self._register()
+        self.wait_for_room(incoming)
+        gens = self.ledger.reserve([sid for sid, _, _ in batch])
+        refs = self.store.put_many([(sid, g, ts, meta) for (sid, ts, meta), g in zip(batch, gens)])
+        try:
+            superseded = self.ledger.commit(refs)
+        except BaseException:
+            for r in refs:
+                self.store.delete(r)
+            raise
+        for old in superseded:
+            self.store.delete(old)
+        self.written += len(refs)
+        self.bytes_written += sum(r.nbytes for r in refs)
+        return refs
+
+    def abort(self, sample_ids: Iterable[str]) -> int:
+        """Tombstone sample ids and free their bytes; returns how many were freed."""
+        refs = self.ledger.abort(list(sample_ids))
+        for r in refs:
+            self.store.delete(r)
+        return len(refs)
+
+    def close(self) -> None:
+        """Mark this producer finished (consumers stop when all producers are)."""
+        if not self._closed:
+            self._register()
+            self.ledger.producer_done(self.name)
+            self._closed = True
+
+    def __enter__(self) -> FeatureWriter:
+        return self
+
+    def __exit__(self, exc_type: object, *exc: object) -> None:
+        # A producer that dies with an exception does not close the stream:
+        # consumers must not mistake a crash for the end of the data.
+        if exc_type is None:
+            self.close()

@@ -1,0 +1,495 @@
+"""``mooncake://host:port``: sample bytes in the Mooncake distributed object store.
+
+Each sample generation is one hard-pinned Mooncake object keyed
+``<namespace>/<sample_id>@<generation>``. Objects live in the segment of the
+process that wrote them (its memory, mounted on its first put), so a producer
+must stay alive until its samples are consumed, and a producer that dies takes
+its unconsumed samples with it: readers then get :class:`SampleUnavailable`
+(never a hang), and the ledger redelivers or aborts. See ``docs/mooncake.md``.
+
+Data path (no pickle, no intermediate ``bytes``): a put registers the caller's
+tensor memory and the codec header and hands Mooncake the list of buffers
+(``batch_put_from_multi_buffers``); a get allocates one fresh buffer per
+sample, registers it, ``get_into``s it and decodes zero-copy views of it (the
+buffer is private to the caller, never the store's memory). ``transfer=staging``
+copies through one pre-registered arena instead (measured slower on TCP; kept
+for transports where registration is expensive).
+
+Removal is lease-aware: Mooncake refuses to remove an object under a read
+lease (``-706``); such a removal is parked, the generation is unreadable for
+this process at once, and :meth:`MooncakeStore.gc` (also run at ``close()``
+and process exit) retries it and forces it once it is ``force_after`` s old.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from typing import Any
+
+import torch
+
+from .. import codec
+from ..auth import SecretGuard, make_verifier
+from ..errors import BackendUnavailable, ConfigError, CorruptSample, SampleUnavailable
+from ..refs import SampleRef, validate_sample_id
+from ..uri import parse_size, parse_uri
+from . import _mooncake_client as mc
+from .base import Buffer, FeatureStore, StoreHealth
+
+__all__ = ["MooncakeStore"]
+
+_QUERY = {
+    "protocol": str,
+    "devices": str,
+    "segment_size": "size",
+    "buffer_size": "size",
+    "metadata_server": str,
+    "local_hostname": str,
+    "secret": str,
+    "max_bytes": "size",
+    "namespace": str,
+    "transfer": str,
+    "force_after": float,
+    "connect_timeout": float,
+    "read_retries": int,
+}
+_AUTH_KEY = ".auth"  # sample ids may not start with '.', so this never collides
+_NO_SECRET = "none"
+
+
+def _addr(buf: Buffer) -> int:
+    return mc.buffer_address(buf)
+
+
+class MooncakeStore(FeatureStore):
+    """Sample bytes in a Mooncake cluster, read zero-copy over TCP or RDMA.
+
+    Args:
+        master: ``host:port`` of ``mooncake_master``.
+        protocol: ``tcp`` or ``rdma``.
+        devices: RDMA device names (``mlx5_0,mlx5_1``); empty for TCP.
+        segment_size: memory this process contributes, mounted on its first put
+            (readers contribute none). Objects are placed in the writer's segment.
+        buffer_size: the client's local transfer buffer, and with
+            ``transfer=staging`` the size of the registered staging arena.
+        metadata_server: ``P2PHANDSHAKE`` (no server) or a metadata server URL.
+        local_hostname: address this client advertises (loopback by default).
+        secret: shared secret; its verifier is kept in the store as an object.
+        max_bytes: byte budget the producer respects (backpressure waits in the
+            producer; the store itself refuses only when Mooncake is full).
+        namespace: key prefix, so runs sharing a master never see each other.
+        transfer: ``direct`` (register caller and result memory per call) or
+            ``staging`` (copy through one pre-registered arena).
+        force_after: seconds after which a removal blocked by a read lease is forced.
+        connect_timeout: seconds to wait for the master's port before failing.
+        read_retries: retries of a read that fails in transfer before the
+            sample is reported unavailable.
+
+    Example:
+        >>> import torch
+        >>> from torch_dataflow.stores import open_store
+        >>> store = open_store("mooncake://127.0.0.1:50051?segment_size=256MiB")  # doctest: +SKIP
+        >>> ref = store.put("s1", 1, {"x": torch.arange(3)})                      # doctest: +SKIP
+        >>> store.get(ref)["x"].tolist()                                          # doctest: +SKIP
+        [0, 1, 2]
+        >>> store.delete(ref)                                                     # doctest: +SKIP
+        True
+    """
+
+    def __init__(
+        self,
+        master: str = "127.0.0.1:50051",
+        *,
+        protocol: str = "tcp",
+        devices: str = "",
+        segment_size: int | str = "1GiB",
+        buffer_size: int | str = "16MiB",
+        metadata_server: str = "P2PHANDSHAKE",
+        local_hostname: str = "127.0.0.1",
+        secret: str | None = None,
+        max_bytes: int | str | None = None,
+        namespace: str = "td",
+        transfer: str = "direct",
+        force_after: float = 30.0,
+        connect_timeout: float = 10.0,
+        read_retries: int = 2,
+    ) -> None:
+        if protocol not in ("tcp", "rdma"):
+            raise ConfigError(f"mooncake protocol must be tcp or rdma, got {protocol!r}")
+        if transfer not in ("direct", "staging"):
+            raise ConfigError(f"mooncake transfer must be direct or staging, got {transfer!r}")
+        if not namespace or "/" in namespace or "@" in namespace or namespace.startswith("."):
+            raise ConfigError(f"mooncake namespace must be non-empty, without '/', '@' or a leading '.': {namespace!r}")
+        self.cfg = mc.MooncakeConfig(
+            master=master,
+            protocol=protocol,
+            devices=devices,
+            segment_size=parse_size(segment_size),
+            buffer_size=parse_size(buffer_size),
+            metadata_server=metadata_server,
+            local_hostname=local_hostname,
+            connect_timeout=float(connect_timeout),
+        )
+        self.secret = secret
+        self.max_bytes = None if max_bytes is None else parse_size(max_bytes)
+        self.namespace = namespace
+        self.transfer = transfer
+        self.force_after = float(force_after)
+        self.read_retries = int(read_retries)
+        self.uri = f"mooncake://{master}" + ("" if namespace == "td" else f"?namespace={namespace}")
+        self._c: mc._Client | None = None
+        self._pid = -1
+        self._arena: torch.Tensor | None = None
+        self._last_gc = 0.0
+
+    @classmethod
+    def from_uri(cls, uri: str, **overrides: Any) -> MooncakeStore:
+        """Build from ``mooncake://host:port?protocol=tcp&segment_size=4GiB&...``; keyword overrides win."""
+        parsed = parse_uri(uri, _QUERY)
+        if parsed.scheme != "mooncake" or not parsed.host or not parsed.port:
+            raise ConfigError(f"not a mooncake://host:port URI: {uri!r}")
+        if parsed.path not in ("", "/"):
+            raise ConfigError(f"a mooncake:// URI has no path (use ?namespace=...): {uri!r}")
+        return cls(f"{parsed.host}:{parsed.port}", **{**parsed.query, **overrides})
+
+    @staticmethod
+    def close_clients() -> None:
+        """Close this process's Mooncake clients now (also done at exit). Their objects go with them."""
+        mc.close_all()
+
+    # ------------------------------------------------------------- plumbing
+    def _key(self, sample_id: str, generation: int) -> str:
+        return f"{self.namespace}/{sample_id}@{generation}"
+
+    def _client(self) -> mc._Client:
+        if self._c is None or self._pid != os.getpid():
+            self._attach()
+        assert self._c is not None
+        return self._c
+
+    def _attach(self) -> None:
+        client = mc.get_client(self.cfg)
+        store = client.connect()
+        key = f"{self.namespace}/{_AUTH_KEY}"
+        recorded = bytes(store.get(key)).decode("utf-8")
+        if not recorded:
+            # The first client fixes the namespace's secret, or its absence ("none"),
+            # so a secret given to a store created without one is refused too.
+            client.ensure_segment()
+            mark = _NO_SECRET if self.secret is None else make_verifier(self.secret)
+            rc = store.put(key, mark.encode("utf-8"), client.put_cfg)
+            if rc != mc.OK:
+                raise mc.status_error(rc, "put", f"the auth verifier of {self.uri}")
+            recorded = bytes(store.get(key)).decode("utf-8")  # put never overwrites: the first one wins
+        verifier = None if recorded == _NO_SECRET else recorded
+        self._guard = SecretGuard.attach(self.secret, verifier, f"store {self.uri}")
+        self._c, self._pid = client, os.getpid()
+
+    def _staging(self, nbytes: int) -> torch.Tensor | None:
+        """The registered arena when ``transfer=staging`` and the blob fits, else ``None``."""
+        if self.transfer != "staging" or nbytes > self.cfg.buffer_size:
+            return None
+        c = self._client()
+        with c.lock:
+            if self._arena is None:
+                arena = torch.empty(self.cfg.buffer_size, dtype=torch.uint8)
+                if c.connect().register_buffer(arena.data_ptr(), arena.numel()) != mc.OK:
+                    return None
+                self._arena = arena
+        return self._arena
+
+    def _maybe_gc(self) -> None:
+        c = self._client()
+        if c.pending and time.monotonic() - self._last_gc > 1.0:
+            self._last_gc = time.monotonic()
+            c.gc(self.namespace, self.force_after)
+
+    # ------------------------------------------------------------ writes
+    def _publish(self, items: Sequence[tuple[str, Sequence[Buffer], int]]) -> None:
+        """Put each ``(key, parts, nbytes)``; raise the first failure after tracking successes."""
+        c = self._client()
+        c.ensure_segment()
+        store = c.store
+        for key, _, _ in items:  # Mooncake's put never overwrites: replace what this process holds
+            if key in c.written.get(self.namespace, {}) or key in c.pending:
+                store.remove(key, True)
+                with c.lock:
+                    c.pending.pop(key, None)
+        todo = list(items)
+        for attempt in range(2):
+            rcs = self._put_once(c, todo)
+            with c.lock:
+                w = c.written.setdefault(self.namespace, {})
+                for (key, _, n), rc in zip(todo, rcs, strict=True):
+                    if rc == mc.OK:
+                        w[key] = n
+            failed = [(it, rc) for it, rc in zip(todo, rcs, strict=True) if rc != mc.OK]
+            if not failed:
+                return
+            if attempt == 0 and all(rc == mc.NO_AVAILABLE_HANDLE for _, rc in failed) and c.pending:
+                c.gc(self.namespace, self.force_after)  # parked removals may free room
+                todo = [it for it, _ in failed]
+                continue
+            (key, _, _), rc = failed[0]
+            raise mc.status_error(rc, "put", key)
+
+    def _put_once(self, c: mc._Client, items: Sequence[tuple[str, Sequence[Buffer], int]]) -> list[int]:
+        store = c.store
+        arena = self._staging(max(n for _, _, n in items))
+        if arena is not None:
+            rcs = []
+            with c.lock:
+                view = memoryview(arena.numpy())
+                for key, parts, n in items:
+                    pos = 0
+                    for p in parts:
+                        view[pos : pos + len(p)] = memoryview(p).cast("B")
+                        pos += len(p)
+                    rcs.append(store.put_from(key, arena.data_ptr(), n, c.put_cfg))
+            return rcs
+        keys = [key for key, _, _ in items]
+        ptrs = [[_addr(p) for p in parts if len(p)] for _, parts, _ in items]
+        sizes = [[len(p) for p in parts if len(p)] for _, parts, _ in items]
+        ranges = [(p, n) for pl, sl in zip(ptrs, sizes, strict=True) for p, n in zip(pl, sl, strict=True)]
+        with c.registered(ranges) as ok:
+            if ok:
+                return [int(rc) for rc in store.batch_put_from_multi_buffers(keys, ptrs, sizes, c.put_cfg)]
+        # Some caller memory is registered elsewhere (another thread's put of the same
+        # tensor): copy each blob once into fresh memory of our own.
+        rcs = []
+        for key, parts, n in items:
+            blob = torch.empty(n, dtype=torch.uint8)
+            view, pos = memoryview(blob.numpy()), 0
+            for p in parts:
+                view[pos : pos + len(p)] = memoryview(p).cast("B")
+                pos += len(p)
+            with c.registered([(blob.data_ptr(), n)]):
+                rcs.append(store.put_from(key, blob.data_ptr(), n, c.put_cfg))
+        return rcs
+
+    def _write(self, sample_id: str, generation: int, parts: Sequence[Buffer], nbytes: int) -> None:
+        if sum(len(p) for p in parts) != nbytes:
+            raise ConfigError(f"parts hold {sum(len(p) for p in parts)} bytes, expected {nbytes}")
+        if nbytes == 0:  # Mooncake refuses empty objects (-600), or reports 0 and stores nothing
+            raise ConfigError("mooncake cannot store an empty object")
+        self._maybe_gc()
+        self._publish([(self._key(sample_id, generation), parts, nbytes)])
+
+    def put_many(
+        self, items: Iterable[tuple[str, int, Mapping[str, torch.Tensor], Mapping[str, Any] | None]]
+    ) -> list[SampleRef]:
+        """Encode every sample, then put them all in one batched Mooncake call."""
+        self._check_auth()
+        encoded = []
+        for sid, gen, tensors, meta in items:
+            validate_sample_id(sid)
+            if isinstance(gen, bool) or not isinstance(gen, int) or gen < 1:
+                raise ConfigError(f"generation must be an int >= 1, got {gen!r}")
+            encoded.append((sid, gen, codec.encode(tensors), meta))
+        if not encoded:
+            return []
+        self._maybe_gc()
+        self._publish([(self._key(s, g), e.parts(), e.nbytes) for s, g, e, _ in encoded])
+        return [
+            SampleRef(
+                sample_id=s,
+                generation=g,
+                store=self.uri,
+                specs=e.specs,
+                nbytes=e.nbytes,
+                checksum=e.checksum,
+                metadata=dict(m or {}),
+            )
+            for s, g, e, m in encoded
+        ]
+
+    # ------------------------------------------------------------- reads
+    def _fetch(self, refs: Sequence[SampleRef], decode: bool) -> list[Any]:
+        """Read each ref's blob into fresh memory; decode (verified) if asked."""
+        c = self._client()
+        store = c.store
+        keys = [self._key(r.sample_id, r.generation) for r in refs]
+        for ref, key in zip(refs, keys, strict=True):
+            if key in c.pending:
+                raise self._missing(ref.sample_id, ref.generation, self.uri)
+            if ref.nbytes < 8:
+                raise CorruptSample(f"{self._what(ref)} has an impossible size {ref.nbytes}")
+        arena = self._staging(max(r.nbytes for r in refs))
+        if arena is not None:
+            out = []
+            with c.lock:
+                for ref, key in zip(refs, keys, strict=True):
+                    rc = self._retry(lambda key=key, ref=ref: store.get_into(key, arena.data_ptr(), ref.nbytes))
+                    view = self._check_read(ref, key, rc, memoryview(arena.numpy()))
+                    out.append(self._decode(ref, key, view, copy=True) if decode else bytes(view))
+            return out
+        bufs = [torch.empty(r.nbytes, dtype=torch.uint8) for r in refs]
+        ptrs, sizes = [b.data_ptr() for b in bufs], [r.nbytes for r in refs]
+        with c.registered(list(zip(ptrs, sizes, strict=True))) as ok:
+            if not ok:
+                raise BackendUnavailable("mooncake could not register fresh read buffers")
+            if len(refs) == 1:
+                rcs = [self._retry(lambda: store.get_into(keys[0], ptrs[0], sizes[0]))]
+            else:
+                rcs = [int(rc) for rc in store.batch_get_into(keys, ptrs, sizes)]
+                rcs = [
+                    rc
+                    if rc != mc.TRANSFER_FAIL
+                    else self._retry(lambda i=i: store.get_into(keys[i], ptrs[i], sizes[i]))
+                    for i, rc in enumerate(rcs)
+                ]
+        out = []
+        for ref, key, buf, rc in zip(refs, keys, bufs, rcs, strict=True):
+            view = self._check_read(ref, key, rc, memoryview(buf.numpy()))
+            out.append(self._decode(ref, key, view, copy=False) if decode else view)
+        return out
+
+    def _retry(self, read: Any) -> int:
+        rc = int(read())
+        for attempt in range(self.read_retries):
+            if rc != mc.TRANSFER_FAIL:
+                break
+            time.sleep(0.05 * (attempt + 1))
+            rc = int(read())
+        return rc
+
+    def _check_read(self, ref: SampleRef, key: str, rc: int, view: memoryview) -> memoryview:
+        what = self._what(ref)
+        if rc == mc.TRANSFER_FAIL:
+            raise SampleUnavailable(
+                f"{what} is unreachable (mooncake get: {mc.code_name(rc)}): the segment holding it is gone, "
+                "most likely because the process that wrote it exited"
+            )
+        if rc == mc.INVALID_PARAMS:
+            raise CorruptSample(f"{what} is corrupt: the stored object is larger than the ref's {ref.nbytes} bytes")
+        if rc < 0:
+            raise mc.status_error(rc, "get", what)
+        if rc != ref.nbytes:
+            raise CorruptSample(f"{what} is corrupt: {rc} bytes stored, the ref says {ref.nbytes} (truncated?)")
+        return view[:rc]
+
+    def _decode(self, ref: SampleRef, key: str, view: memoryview, copy: bool) -> dict[str, torch.Tensor]:
+        try:
+            # The buffer is private to this call, so views of it are independent of the store.
+            return codec.decode(view, copy=copy, expected_checksum=ref.checksum, what=self._what(ref))
+        except CorruptSample:
+            # A removal (forced) during the transfer tears the read: that is "gone", not corrupt.
+            c = self._client()
+            if key in c.pending or c.store.is_exist(key) == 0:
+                raise self._missing(ref.sample_id, ref.generation, self.uri) from None
+            raise
+
+    def get(self, ref: SampleRef, *, zero_copy: bool = False) -> dict[str, torch.Tensor]:
+        """Read and verify one sample; tensors are views of a fresh buffer owned by the caller."""
+        self._check_auth()
+        return self._fetch([ref], decode=True)[0]
+
+    def get_many(self, refs: Sequence[SampleRef], *, zero_copy: bool = False) -> list[dict[str, torch.Tensor]]:
+        """Read many samples in one batched Mooncake call; the first failure (in order) raises."""
+        self._check_auth()
+        return self._fetch(list(refs), decode=True) if refs else []
+
+    def _read(self, sample_id: str, generation: int) -> Buffer:
+        key = self._key(sample_id, generation)
+        c = self._client()
+        size = c.store.get_size(key)
+        if key in c.pending or size in mc._GONE:
+            raise self._missing(sample_id, generation, self.uri)
+        if size < 0:
+            raise mc.status_error(int(size), "get_size", key)
+        probe = SampleRef(
+            sample_id=sample_id, generation=generation, store=self.uri, specs=(), nbytes=int(size), checksum=""
+        )
+        return self._fetch([probe], decode=False)[0]
+
+    # ----------------------------------------------------- lifetime, listing
+    def _delete(self, sample_id: str, generation: int) -> bool:
+        removed = self._client().remove(self._key(sample_id, generation), self.namespace)
+        self._maybe_gc()
+        return removed
+
+    def gc(self, *, force: bool = False) -> int:
+        """Retry removals that met a read lease; force those older than ``force_after``
+        (all of them with ``force=True``). Returns how many are still pending."""
+        self._check_auth()
+        self._last_gc = time.monotonic()
+        return self._client().gc(self.namespace, self.force_after, force=force)
+
+    def _exists(self, sample_id: str, generation: int) -> bool:
+        c = self._client()
+        key = self._key(sample_id, generation)
+        if key in c.pending:
+            return False
+        rc = int(c.store.is_exist(key))
+        if rc < 0:
+            raise mc.status_error(rc, "is_exist", key)
+        return rc == 1
+
+    def _keys(self) -> Iterator[tuple[str, int]]:
+        """Keys this process wrote and that still exist (freed ones are never listed).
+
+        Mooncake cannot list keys, so samples other processes wrote are not
+        listed; written keys are probed with ``batch_is_exist`` (which takes a
+        read lease: a delete right after is parked until the lease ends).
+        """
+        c = self._client()
+        with c.lock:
+            written = list(c.written.get(self.namespace, {}))
+        probed = c.store.batch_is_exist(written) if written else []
+        for key, rc in zip(written, probed, strict=True):
+            if rc == 1:
+                sid, _, gen = key[len(self.namespace) + 1 :].rpartition("@")
+                yield sid, int(gen)
+
+    def pending_removals(self) -> list[tuple[str, int]]:
+        """Freed generations whose bytes still wait for a read lease to end (see :meth:`gc`)."""
+        self._check_auth()
+        c = self._client()
+        prefix = self.namespace + "/"
+        with c.lock:
+            keys = [k[len(prefix) :] for k, (ns, _) in c.pending.items() if ns == self.namespace]
+        return sorted((sid, int(gen)) for sid, _, gen in (k.rpartition("@") for k in keys))
+
+    def health(self) -> StoreHealth:
+        """Bytes and samples this process holds in the store (Mooncake has no per-prefix totals)."""
+        self._check_auth()
+        c = self._client()
+        with c.lock:
+            w = c.written.get(self.namespace, {})
+            return StoreHealth(resident_bytes=sum(w.values()), count=len(w))
+
+    def close(self) -> None:
+        """Drain this namespace's parked removals (forcing them), then drop the handle.
+
+        The process's Mooncake client stays open for reuse (closing takes 1-2 s
+        and drops every object this process wrote); see :meth:`close_clients`.
+        """
+        if self._c is not None and self._pid == os.getpid() and self._c.store is not None:
+            left = self._c.gc(self.namespace, self.force_after, force=True)
+            if left:
+                mc.log.error("store %s closed with %d removals it could not complete", self.uri, left)
+        if self._arena is not None and self._c is not None and self._c.store is not None:
+            self._c.store.unregister_buffer(self._arena.data_ptr())
+        self._arena = None
+        self._c, self._guard = None, None
+
+    def _config_state(self) -> dict[str, Any]:
+        cfg = self.cfg
+        return {
+            "master": cfg.master,
+            "protocol": cfg.protocol,
+            "devices": cfg.devices,
+            "segment_size": cfg.segment_size,
+            "buffer_size": cfg.buffer_size,
+            "metadata_server": cfg.metadata_server,
+            "local_hostname": cfg.local_hostname,
+            "secret": self.secret,
+            "max_bytes": self.max_bytes,
+            "namespace": self.namespace,
+            "transfer": self.transfer,
+            "force_after": self.force_after,
+            "connect_timeout": cfg.connect_timeout,
+            "read_retries": self.read_retries,
+        }
