@@ -188,7 +188,8 @@ def test_reput_frees_old_generation_and_delivers_new(uris: tuple[str, str]) -> N
     r2 = w.put("s", sample(2))
     assert r2.generation == r1.generation + 1
     assert not w.store.exists(r1) and w.store.exists(r2)
-    [s] = list(FeatureStoreDataset(*uris))
+    w.close()
+    [s] = list(FeatureStoreDataset(*uris, idle_timeout=30))
     assert int(s["i"]) == 2
 
 

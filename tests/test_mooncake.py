@@ -21,7 +21,7 @@ import torch
 from torch_dataflow.errors import BackendUnavailable, ConfigError, SampleUnavailable, StoreFull
 from torch_dataflow.refs import SampleRef
 from torch_dataflow.stores import open_store
-from torch_dataflow.testing import StoreConformance, assert_same_tensors, sample_tensors
+from torch_dataflow.testing import StoreConformance, sample_tensors
 
 IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
 LEASE_TTL_MS = 300  # short, so parked removals drain quickly
@@ -51,9 +51,14 @@ def master() -> Any:
         if IN_CI:
             pytest.fail(f"Mooncake tests must run in CI: {problem}")
         pytest.skip(problem)
+    # multiprocessing's resource tracker is a child that lives as long as pytest:
+    # start it now so the leak check does not blame the first test that spawns.
+    from multiprocessing import resource_tracker
+
     from torch_dataflow.stores.mooncake import MooncakeStore
     from torch_dataflow.stores.mooncake_master import MooncakeMaster
 
+    resource_tracker.ensure_running()
     m = MooncakeMaster(lease_ttl_ms=LEASE_TTL_MS, client_ttl_s=CLIENT_TTL_S, segment_size="768MiB")
     m.start()
     try:
@@ -106,7 +111,7 @@ class TestMooncakeStore(StoreConformance):
 
     def discard_store(self, store: Any) -> None:
         try:
-            for sid, gen in store.keys():
+            for sid, gen in list(store.keys()):
                 store._delete(sid, gen)
             store.gc(force=True)
         except Exception:  # a test that left the store unusable (auth) still closes it
@@ -345,7 +350,8 @@ def test_producer_death_mid_run(master: Any, tmp_path: Any, holder: str) -> None
     ledger.register_producer("producer")
     ctx = mp.get_context("spawn")
     seg = 64 << 20 if holder == "writer" else 0
-    prod = ctx.Process(target=_producer, args=(uri, ledger_uri, n, seg, True, ctx.Event()))
+    unused = ctx.Event()  # keep a reference: the child unpickles it after start()
+    prod = ctx.Process(target=_producer, args=(uri, ledger_uri, n, seg, True, unused))
     prod.start()
     prod.join(120)
     assert prod.exitcode == -9
@@ -375,23 +381,49 @@ def test_producer_death_mid_run(master: Any, tmp_path: Any, holder: str) -> None
     assert set(_raw(s).batch_is_exist(keys)) == {0}
 
 
-def _forked_read(store: Any, ref_json: str, q: Any) -> None:
-    q.put(store.get(SampleRef.from_json(ref_json))["input_ids"].tolist())
+_FORK_SCRIPT = """
+import multiprocessing as mp, sys
+from torch_dataflow.refs import SampleRef
+from torch_dataflow.stores import open_store
+
+def read(store, ref_json, q):
+    try:
+        q.put(store.get(SampleRef.from_json(ref_json))["input_ids"].tolist())
+    except Exception as e:
+        q.put(f"{type(e).__name__}: {e}")
+
+def fork_read(store, ref_json):
+    ctx = mp.get_context("fork")
+    q = ctx.Queue()
+    p = ctx.Process(target=read, args=(store, ref_json, q))
+    p.start()
+    got = q.get(timeout=60)
+    p.join(60)
+    return got
+
+if __name__ == "__main__":
+    uri, ref_json = sys.argv[1], sys.argv[2]
+    store = open_store(uri, segment_size=0)
+    print(repr(fork_read(store, ref_json)))   # forked before this process connected
+    print(repr(store.get(SampleRef.from_json(ref_json))["input_ids"].tolist()))
+    print(repr(fork_read(store, ref_json)))   # forked after
+"""
 
 
 @pytest.mark.slow
-def test_fork_reconnects(master: Any) -> None:
+def test_fork_before_and_after_connect(master: Any, tmp_path: Any) -> None:
+    """Stores connect lazily, so DataLoader workers forked before the parent used
+    the store connect on their own. Forked after, Mooncake would deadlock: the
+    worker gets a ConfigError that says to use spawn/forkserver, never a hang."""
     s = _store(master)
     ref, t = s.put("f", 1, sample_tensors()), sample_tensors()
-    assert_same_tensors(s.get(ref), t)
-    ctx = mp.get_context("fork")
-    q = ctx.Queue()
-    p = ctx.Process(target=_forked_read, args=(s, ref.to_json(), q))
-    p.start()
-    try:
-        assert q.get(timeout=120) == t["input_ids"].tolist()
-    finally:
-        p.join(60)
-    assert p.exitcode == 0
-    assert_same_tensors(s.get(ref), t)  # the parent's client is untouched
+    script = tmp_path / "fork_script.py"
+    script.write_text(_FORK_SCRIPT)
+    uri = f"{master.uri}?namespace={s.namespace}"
+    out = subprocess.run([sys.executable, str(script), uri, ref.to_json()], capture_output=True, text=True, timeout=240)
+    assert out.returncode == 0, out.stderr[-3000:]
+    before, parent, after = out.stdout.strip().splitlines()[-3:]
+    want = repr(t["input_ids"].tolist())
+    assert before == want and parent == want
+    assert after.lstrip("'\"").startswith("ConfigError") and "spawn" in after
     s.close()

@@ -262,7 +262,8 @@ class Ledger(ABC):
     @abstractmethod
     def fail(self, lease_ids: Sequence[str], *, retryable: bool = True, reason: str = "") -> list[str]:
         """Give leases back: PENDING again if ``retryable``, else the sample is
-        QUARANTINED (never delivered again; kept for inspection). Returns lost ids."""
+        QUARANTINED (never delivered again; kept for inspection), in one atomic
+        step. Returns lost ids (each once, in input order; a repeated id counts once)."""
 
     @abstractmethod
     def abort(self, sample_ids: Sequence[str]) -> list[SampleRef]:

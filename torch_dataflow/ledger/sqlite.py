@@ -321,7 +321,7 @@ class SQLiteLedger(Ledger):
             con.executemany(f"UPDATE deliveries SET state={L}, owner=?, nonce=?, deadline=?, slot=NULL "
                             "WHERE epoch=? AND sample_id=?", upd)
         return [Lease(format_lease_id(epoch, g, u[1], sid), epoch, owner, deadline, SampleRef.from_json(ref))
-                for (sid, g, ref), u in zip(rows, upd)]
+                for (sid, g, ref), u in zip(rows, upd, strict=True)]
 
     def claim_step(self, plan: Plan, step: int, rank: int, ttl: float, *, wait_for_stream: bool) -> StepClaim:
         if not 0 <= rank < plan.world:
@@ -348,8 +348,11 @@ class SQLiteLedger(Ledger):
                     [(f"{key}/r{i // plan.batch}", new_nonce(), now + ttl, f"{key}/s{k}/r{i // plan.batch}",
                       plan.epoch, r[0]) for i, r in enumerate(rows)])
                 k += 1
-            con.execute("INSERT INTO plans VALUES (?, ?, ?) ON CONFLICT(key) DO UPDATE SET next_step=excluded.next_step, "
-                        "end_step=excluded.end_step", (key, k, k if status == "end" else None))
+            if row is None or k != next_step or status == "end":
+                # An ended plan stays ended: ranks must agree on its length forever.
+                con.execute("INSERT INTO plans VALUES (?, ?, ?) ON CONFLICT(key) DO UPDATE SET "
+                            "next_step=max(next_step, excluded.next_step), "
+                            "end_step=coalesce(end_step, excluded.end_step)", (key, k, k if status == "end" else None))
             if status != "ready":
                 return StepClaim(status, tail=self._pending(con, plan.epoch) if status == "end" else 0)
             con.execute("INSERT INTO claims VALUES (?, ?, ?)", (key, step, rank))
@@ -365,8 +368,11 @@ class SQLiteLedger(Ledger):
     def _pending(con: sqlite3.Connection, epoch: int) -> int:
         return con.execute(f"SELECT count(*) FROM deliveries WHERE epoch=? AND state={P}", (epoch,)).fetchone()[0]
 
-    def _lease_update(self, sql: str, lease_ids: Sequence[str], extra: tuple[Any, ...]) -> list[str]:
-        """Run ``sql`` (ending in the lease-identity predicate) for each id; return lost ids."""
+    def _lease_update(self, sql: str, lease_ids: Sequence[str], extra: tuple[Any, ...], *,
+                      idempotent: bool = True, on_held: Any = None) -> list[str]:
+        """Run ``sql`` (ending in the lease-identity predicate) for each id in one
+        transaction; return the lost ids in input order. ``on_held(con, sample_ids)``
+        runs in the same transaction for the ids that were held."""
         parsed, lost = [], []
         for lid in lease_ids:
             try:
@@ -374,13 +380,23 @@ class SQLiteLedger(Ledger):
             except Exception:
                 lost.append(lid)
                 continue
-            parsed.append((lid, (*extra, e, s, g, n)))
+            parsed.append((lid, s, (*extra, e, s, g, n)))
         with self._tx() as con:
-            cur = con.executemany(sql, [p for _, p in parsed])
-            if cur.rowcount != len(parsed):  # find which ones (the statements are idempotent)
-                lost.extend(lid for lid, p in parsed if con.execute(sql, p).rowcount == 0)
+            if idempotent:
+                cur = con.executemany(sql, [p for _, _, p in parsed])
+                if cur.rowcount != len(parsed):  # find which ones (re-running is harmless)
+                    lost.extend(lid for lid, _, p in parsed if con.execute(sql, p).rowcount == 0)
+            else:
+                seen: set[str] = set()
+                for lid, _, p in parsed:  # a repeated id is handled once
+                    if lid not in seen and con.execute(sql, p).rowcount == 0:
+                        lost.append(lid)
+                    seen.add(lid)
+            if on_held is not None:
+                gone = set(lost)
+                on_held(con, list(dict.fromkeys(s for lid, s, _ in parsed if lid not in gone)))
         gone = set(lost)
-        return [lid for lid in lease_ids if lid in gone]
+        return [lid for lid in dict.fromkeys(lease_ids) if lid in gone]
 
     _IDENT = "epoch=? AND sample_id=? AND gen=? AND nonce=?"
 
@@ -394,17 +410,13 @@ class SQLiteLedger(Ledger):
             f"slot=NULL WHERE {self._IDENT} AND state IN ({L},{T})", lease_ids, (int(step),))
 
     def fail(self, lease_ids: Sequence[str], *, retryable: bool = True, reason: str = "") -> list[str]:
-        if retryable:
-            return self._lease_update(f"UPDATE deliveries SET state={P}, {_CLEAR_LEASE} "
-                                      f"WHERE {self._IDENT} AND state={L}", lease_ids, ())
-        lost = self._lease_update(f"UPDATE deliveries SET state={P}, {_CLEAR_LEASE} "
-                                  f"WHERE {self._IDENT} AND state={L}", lease_ids, ())
-        held = [parse_lease_id(x)[3] for x in lease_ids if x not in set(lost)]
-        with self._tx() as con:
+        def quarantine(con: sqlite3.Connection, held: list[str]) -> None:
             con.executemany("UPDATE samples SET status=?, reason=? WHERE sample_id=?",
                             [(int(SampleStatus.QUARANTINED), reason or "failed", s) for s in held])
             con.executemany(f"DELETE FROM deliveries WHERE sample_id=? AND state IN ({P},{L})", [(s,) for s in held])
-        return lost
+
+        return self._lease_update(f"UPDATE deliveries SET state={P}, {_CLEAR_LEASE} WHERE {self._IDENT} AND state={L}",
+                                  lease_ids, (), idempotent=False, on_held=None if retryable else quarantine)
 
     def abort(self, sample_ids: Sequence[str]) -> list[SampleRef]:
         ids = [validate_sample_id(s) for s in sample_ids]

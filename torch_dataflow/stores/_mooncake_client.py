@@ -120,6 +120,8 @@ class _Client:
     written: dict[str, dict[str, int]] = field(default_factory=dict)
     # key -> (namespace, first -706 time): freed by us, bytes still held under a read lease.
     pending: dict[str, tuple[str, float]] = field(default_factory=dict)
+    # transfer=staging: one registered arena per client, guarded by ``lock``.
+    arena: Any = None
 
     # ----------------------------------------------------------- connection
     def connect(self) -> Any:
@@ -177,6 +179,19 @@ class _Client:
             self.mounted = True
 
     # --------------------------------------------------------- registration
+    def staging_arena(self) -> Any:
+        """The client's registered staging arena (``buffer_size`` bytes), made on first use."""
+        with self.lock:
+            if self.arena is None:
+                import torch
+
+                arena = torch.empty(self.cfg.buffer_size, dtype=torch.uint8)
+                rc = self.connect().register_buffer(arena.data_ptr(), arena.numel())
+                if rc != OK:
+                    raise BackendUnavailable(f"registering a staging arena failed: {code_name(rc)}")
+                self.arena = arena  # registered until the client closes
+            return self.arena
+
     @contextmanager
     def registered(self, ranges: Sequence[tuple[int, int]]) -> Iterator[bool]:
         """Register ``ranges`` for the duration; yields ``False`` if any could not be."""
@@ -246,6 +261,7 @@ class _Client:
                 warnings.warn(msg, RuntimeWarning, stacklevel=2)
             store, self.store = self.store, None
             self.mounted = False
+            self.arena = None
             self.written.clear()
             self.pending.clear()
         store.close()
@@ -265,6 +281,14 @@ def get_client(cfg: MooncakeConfig) -> _Client:
             _INHERITED.extend(_CLIENTS.values())
             _CLIENTS.clear()
             _PID = os.getpid()
+        if any(c.store is not None for c in _INHERITED):
+            # Measured: a client set up after fork() deadlocks in Mooncake's native
+            # state inherited from the parent's client. Fail loudly instead of hanging.
+            raise ConfigError(
+                "this process was forked from one with a live Mooncake client, and Mooncake cannot start "
+                "another one here (it deadlocks): start DataLoader workers with "
+                "multiprocessing_context='spawn' or 'forkserver', or fork before the parent uses the store"
+            )
         client = _CLIENTS.get(cfg)
         if client is None:
             if not isinstance(cfg.master, str) or ":" not in cfg.master:

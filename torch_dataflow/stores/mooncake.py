@@ -57,6 +57,7 @@ _QUERY = {
 }
 _AUTH_KEY = ".auth"  # sample ids may not start with '.', so this never collides
 _NO_SECRET = "none"
+_PUT_ATTEMPTS = 6  # transfer failures retried with backoff for ~3 s in all
 
 
 def _addr(buf: Buffer) -> int:
@@ -141,7 +142,6 @@ class MooncakeStore(FeatureStore):
         self.uri = f"mooncake://{master}" + ("" if namespace == "td" else f"?namespace={namespace}")
         self._c: mc._Client | None = None
         self._pid = -1
-        self._arena: torch.Tensor | None = None
         self._last_gc = 0.0
 
     @classmethod
@@ -173,32 +173,41 @@ class MooncakeStore(FeatureStore):
         client = mc.get_client(self.cfg)
         store = client.connect()
         key = f"{self.namespace}/{_AUTH_KEY}"
-        recorded = bytes(store.get(key)).decode("utf-8")
-        if not recorded:
-            # The first client fixes the namespace's secret, or its absence ("none"),
-            # so a secret given to a store created without one is refused too.
-            client.ensure_segment()
-            mark = _NO_SECRET if self.secret is None else make_verifier(self.secret)
-            rc = store.put(key, mark.encode("utf-8"), client.put_cfg)
-            if rc != mc.OK:
-                raise mc.status_error(rc, "put", f"the auth verifier of {self.uri}")
-            recorded = bytes(store.get(key)).decode("utf-8")  # put never overwrites: the first one wins
+        with client.lock:  # threads of one process attach one at a time
+            recorded = bytes(store.get(key)).decode("utf-8")
+            if not recorded and store.get_size(key) >= 0:
+                # Listed but unreadable: it lived in the segment of a client that died.
+                # Lost with it; the next client to attach records the namespace's secret again.
+                mc.log.warning("the auth verifier of %s was lost with its holder; recording it again", self.uri)
+                store.remove(key, True)
+            if not recorded:
+                # The first client fixes the namespace's secret, or its absence ("none"),
+                # so a secret given to a store created without one is refused too.
+                client.ensure_segment()
+                mark = _NO_SECRET if self.secret is None else make_verifier(self.secret)
+                for attempt in range(_PUT_ATTEMPTS):
+                    rc = store.put(key, mark.encode("utf-8"), client.put_cfg)
+                    if rc != mc.TRANSFER_FAIL:
+                        break
+                    time.sleep(0.1 * 2**attempt)
+                if rc != mc.OK:
+                    raise mc.status_error(rc, "put", f"the auth verifier of {self.uri}")
+                for _ in range(50):  # put never overwrites: the first writer (maybe another process) wins
+                    recorded = bytes(store.get(key)).decode("utf-8")
+                    if recorded:
+                        break
+                    time.sleep(0.01)
+                else:
+                    raise BackendUnavailable(f"the auth verifier of {self.uri} cannot be read back")
         verifier = None if recorded == _NO_SECRET else recorded
         self._guard = SecretGuard.attach(self.secret, verifier, f"store {self.uri}")
         self._c, self._pid = client, os.getpid()
 
     def _staging(self, nbytes: int) -> torch.Tensor | None:
-        """The registered arena when ``transfer=staging`` and the blob fits, else ``None``."""
+        """The client's registered arena when ``transfer=staging`` and the blob fits, else ``None``."""
         if self.transfer != "staging" or nbytes > self.cfg.buffer_size:
             return None
-        c = self._client()
-        with c.lock:
-            if self._arena is None:
-                arena = torch.empty(self.cfg.buffer_size, dtype=torch.uint8)
-                if c.connect().register_buffer(arena.data_ptr(), arena.numel()) != mc.OK:
-                    return None
-                self._arena = arena
-        return self._arena
+        return self._client().staging_arena()
 
     def _maybe_gc(self) -> None:
         c = self._client()
@@ -217,8 +226,8 @@ class MooncakeStore(FeatureStore):
                 store.remove(key, True)
                 with c.lock:
                     c.pending.pop(key, None)
-        todo = list(items)
-        for attempt in range(2):
+        todo, gc_done = list(items), False
+        for attempt in range(_PUT_ATTEMPTS):
             rcs = self._put_once(c, todo)
             with c.lock:
                 w = c.written.setdefault(self.namespace, {})
@@ -228,12 +237,19 @@ class MooncakeStore(FeatureStore):
             failed = [(it, rc) for it, rc in zip(todo, rcs, strict=True) if rc != mc.OK]
             if not failed:
                 return
-            if attempt == 0 and all(rc == mc.NO_AVAILABLE_HANDLE for _, rc in failed) and c.pending:
+            codes = {rc for _, rc in failed}
+            if codes == {mc.NO_AVAILABLE_HANDLE} and c.pending and not gc_done:
                 c.gc(self.namespace, self.force_after)  # parked removals may free room
-                todo = [it for it, _ in failed]
-                continue
-            (key, _, _), rc = failed[0]
-            raise mc.status_error(rc, "put", key)
+                gc_done = True
+            elif codes == {mc.TRANSFER_FAIL} and attempt + 1 < _PUT_ATTEMPTS:
+                # The master may place a put in the segment of a writer that died and
+                # that it has not dropped yet (client_ttl): another try lands elsewhere.
+                time.sleep(0.1 * 2**attempt)
+            else:
+                break
+            todo = [it for it, _ in failed]
+        (key, _, _), rc = failed[0]
+        raise mc.status_error(rc, "put", key)
 
     def _put_once(self, c: mc._Client, items: Sequence[tuple[str, Sequence[Buffer], int]]) -> list[int]:
         store = c.store
@@ -327,9 +343,9 @@ class MooncakeStore(FeatureStore):
             return out
         bufs = [torch.empty(r.nbytes, dtype=torch.uint8) for r in refs]
         ptrs, sizes = [b.data_ptr() for b in bufs], [r.nbytes for r in refs]
-        with c.registered(list(zip(ptrs, sizes, strict=True))) as ok:
-            if not ok:
-                raise BackendUnavailable("mooncake could not register fresh read buffers")
+        # A refused registration means the memory overlaps one held elsewhere, so it
+        # is registered already: the transfer works either way.
+        with c.registered(list(zip(ptrs, sizes, strict=True))):
             if len(refs) == 1:
                 rcs = [self._retry(lambda: store.get_into(keys[0], ptrs[0], sizes[0]))]
             else:
@@ -470,9 +486,6 @@ class MooncakeStore(FeatureStore):
             left = self._c.gc(self.namespace, self.force_after, force=True)
             if left:
                 mc.log.error("store %s closed with %d removals it could not complete", self.uri, left)
-        if self._arena is not None and self._c is not None and self._c.store is not None:
-            self._c.store.unregister_buffer(self._arena.data_ptr())
-        self._arena = None
         self._c, self._guard = None, None
 
     def _config_state(self) -> dict[str, Any]:

@@ -365,3 +365,24 @@ class LedgerConformance:
         assert again == set(ids) - {x.sample_id for x in e1[:2]}
         assert led.lease("b", 100, ttl=30, epoch=0) == []
         assert led.counts().freed == 0
+
+    def test_fail_mixed_held_and_lost(self) -> None:
+        led = self.make_ledger()
+        commit_ids(led, ["a", "b"])
+        la, lb = led.lease("c", 2, ttl=30)
+        assert led.ack([la.lease_id], 1) == []
+        # a repeated id is handled once; lost ids come back once, in input order
+        assert led.fail([la.lease_id, lb.lease_id, lb.lease_id], retryable=False, reason="bad") == [la.lease_id]
+        assert [r.sample_id for r, _ in led.quarantined() if r] == [lb.sample_id]
+        assert led.lease("c", 5, ttl=30) == []
+
+    def test_inv9_ended_plan_stays_ended(self) -> None:
+        led = self.make_ledger()
+        commit_ids(led, _ids(5))
+        plan = Plan(led.attempt(), 0, 2, 2)
+        c0 = [led.claim_step(plan, 0, r, ttl=30, wait_for_stream=False) for r in range(2)]
+        assert led.claim_step(plan, 1, 0, ttl=30, wait_for_stream=False).status == "end"
+        led.fail([x.lease_id for c in c0 for x in c.leases])  # 4 more pending: enough for a step
+        assert led.claim_step(plan, 0, 0, ttl=30, wait_for_stream=False).status == "claimed"
+        assert led.claim_step(plan, 1, 1, ttl=30, wait_for_stream=False).status == "end"
+        assert led.claim_step(plan, 2, 0, ttl=30, wait_for_stream=False).status == "end"
