@@ -14,9 +14,15 @@ IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
 def _children() -> set[int]:
     try:
         with open(f"/proc/{os.getpid()}/task/{os.getpid()}/children") as f:
-            return {int(p) for p in f.read().split()}
+            pids = {int(p) for p in f.read().split()}
     except OSError:
         return set()
+    # multiprocessing's resource tracker is started once by the first spawned
+    # process and lives for the whole session by design: not a leak.
+    from multiprocessing import resource_tracker
+
+    tracker = getattr(resource_tracker._resource_tracker, "_pid", None)
+    return pids - {tracker}
 
 
 @pytest.fixture(autouse=True)

@@ -82,18 +82,32 @@ TestRedisLedgerModel = make_state_machine(
 
 
 # ---------------------------------------------------------------- same answers as SQLite
+def _pick(rnd: random.Random, mine: list[Any]) -> list[str]:
+    """Lease ids for ack/fail/renew: a mix of held and lost ones (acked, expired,
+    superseded, reclaimed), some repeated, sometimes a bogus id, in random order."""
+    if not mine:
+        return ["bogus"] if rnd.random() < .5 else []
+    ids = [x.lease_id for x in rnd.sample(mine, min(len(mine), rnd.randint(1, 4)))]
+    ids += rnd.choices(ids, k=rnd.randint(0, 2))  # repeated ids: handled once, reported once
+    if rnd.random() < .3:
+        ids += ["bogus", "bogus"] if rnd.random() < .5 else ["bogus"]
+    rnd.shuffle(ids)
+    return ids
+
+
 def _diff_run(seed: int, sqlite: Ledger, red: Ledger) -> None:
     """Random operations on both ledgers; every answer must be the same."""
     rnd = random.Random(seed)
     ids = [f"s{i}" for i in range(8)]
     held: dict[str, list[Any]] = {"a": [], "b": []}
     for i in range(60):
-        op = rnd.choice(["rc", "rc", "reserve", "commit", "lease", "ack", "fail", "failq", "renew", "abort",
+        op = rnd.choice(["rc", "rc", "reserve", "commit", "lease", "ack", "fail", "fail", "failq", "renew", "abort",
                          "durable", "reconcile", "begin", "claim", "done", "counts"])
         sel, step = rnd.sample(ids, rnd.randint(1, 3)), rnd.randint(0, 5)
         out: dict[str, Any] = {}
         for name, led in (("a", sqlite), ("b", red)):
             mine, r2 = held[name], random.Random(i)  # the same draws for both ledgers
+
 
             def pos(lost: list[str], mine: list[Any] = mine) -> list[Any]:
                 return [x if x == "bogus" else [m.lease_id for m in mine].index(x) for x in lost]
@@ -110,11 +124,12 @@ def _diff_run(seed: int, sqlite: Ledger, red: Ledger) -> None:
                     mine += got
                     r = [(x.sample_id, x.generation, x.epoch) for x in got]
                 elif op == "ack":
-                    r = pos(led.ack([x.lease_id for x in mine[:2]] + ["bogus"], step))
+                    r = pos(led.ack(_pick(r2, mine), step))
                 elif op in ("fail", "failq"):
-                    r = pos(led.fail([x.lease_id for x in mine[-1:]], retryable=op == "fail", reason="bad"))
+                    r = pos(led.fail(_pick(r2, mine), retryable=op == "fail", reason="bad"))
+                    r = (r, sorted((x[0].key if x[0] else None, x[1]) for x in led.quarantined()), led.counts())
                 elif op == "renew":
-                    r = pos(led.renew([x.lease_id for x in mine[:3]], 100))
+                    r = pos(led.renew(_pick(r2, mine), 100))
                 elif op == "abort":
                     r = sorted(x.key for x in led.abort(sel))
                 elif op == "durable":

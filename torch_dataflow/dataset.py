@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import logging
 import os
+import secrets
 import socket
 import time
 from collections.abc import Iterator, Mapping, Sequence
@@ -142,6 +143,8 @@ class FeatureStoreDataset(IterableDataset):
         self.lease_ttl, self.poll, self.idle_timeout = lease_ttl, poll, idle_timeout
         self.zero_copy = zero_copy
         self.epoch = 0
+        # One id for this dataset and all its DataLoader workers (pickled to them).
+        self.consumer_id = f"{socket.gethostname()}:{os.getpid()}:{secrets.token_hex(3)}"
         self._dist: tuple[int, int] | None = None  # captured in the main process at pickling
         self.quarantined: list[str] = []
 
@@ -180,8 +183,7 @@ class FeatureStoreDataset(IterableDataset):
         if self.mode == "offline":
             self.ledger.begin_epoch(epoch, seed=self.seed, shuffle=self.shuffle)
         if world == 1:
-            owner = f"{socket.gethostname()}:{os.getpid()}/r0/w{worker}"
-            yield from self._iter_free(owner, epoch)
+            yield from self._iter_free(f"{self.consumer_id}/w{worker}", epoch)
         else:
             yield from self._iter_plan(rank, world, worker, workers, epoch)
 
@@ -207,8 +209,9 @@ class FeatureStoreDataset(IterableDataset):
                         yield sample
                 continue
             if self.mode == "offline" or self.ledger.is_closed():
-                # Re-check: a sample may have been committed or reclaimed just now.
-                if not self.ledger.counts(epoch=epoch).pending:
+                # Everything is handed out. Leases other consumers hold are theirs
+                # until acked or expired; an expired one goes to the next run.
+                if not self.ledger.counts(epoch=epoch).pending:  # re-check: reclaimed just now?
                     return
                 continue
             self._idle(since, warned, f"ledger {self.ledger.uri}")

@@ -310,9 +310,11 @@ class RedisLedger(Ledger):
         return StepClaim("ready", tuple(self._lease_objs(plan.epoch, float(reply[1]), reply[2], None)))
 
     def _by_lease(self, name: str, lease_ids: Sequence[str], extra: Sequence[str], cache: bool) -> list[str]:
-        """Run a per-lease script; return the lost ids in the order given."""
+        """Run a per-lease script; return the lost ids once each, in input order.
+
+        A repeated id is sent (and handled) once, as in the SQLite reference."""
         lost, parsed, lines = [], [], []
-        for lid in lease_ids:
+        for lid in dict.fromkeys(lease_ids):
             try:
                 e, g, n, s = parse_lease_id(lid)
             except Exception:
@@ -328,7 +330,7 @@ class RedisLedger(Ledger):
             return lost
         idx = self._run(name, [*extra, "\n".join(lines)], cache=cache)
         gone = set(lost) | {parsed[int(i) - 1] for i in idx}
-        return [lid for lid in lease_ids if lid in gone]
+        return [lid for lid in dict.fromkeys(lease_ids) if lid in gone]
 
     def renew(self, lease_ids: Sequence[str], ttl: float) -> list[str]:
         return self._by_lease("renew", lease_ids, [repr(float(ttl))], False)

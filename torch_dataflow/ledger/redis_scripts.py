@@ -51,6 +51,39 @@ end
 local NOW
 if ARGV[4] ~= '' then NOW = tonumber(ARGV[4]) else
   local t = redis.call('TIME'); NOW = tonumber(t[1]) + tonumber(t[2]) / 1e6 end
+-- Index writes (ZADD/ZREM/SADD/SREM) are buffered per key, in order, and sent as
+-- few variadic calls by apply(): one redis.call costs more than the work it does.
+-- Rule: apply() before reading a key that may have buffered writes.
+local BUF, BUFK = {}, {}
+local function later(cmd, key, score, member)
+  local q = BUF[key]
+  if not q then q = {}; BUF[key] = q; BUFK[#BUFK + 1] = key end
+  q[#q + 1] = cmd; q[#q + 1] = score; q[#q + 1] = member
+end
+local function zadd(key, score, member) later('ZADD', key, score, member) end
+local function zrem(key, member) later('ZREM', key, false, member) end
+local function sadd(key, member) later('SADD', key, false, member) end
+local function srem(key, member) later('SREM', key, false, member) end
+local function send(cmd, key, args)
+  for i = 1, #args, 4000 do  -- stay under Lua's unpack limit (4000 is even: ZADD pairs stay whole)
+    redis.call(cmd, key, unpack(args, i, math.min(#args, i + 3999)))
+  end
+end
+local function apply()
+  for _, key in ipairs(BUFK) do
+    local q, cmd, args = BUF[key], nil, {}
+    for i = 1, #q, 3 do
+      if q[i] ~= cmd then
+        if cmd then send(cmd, key, args) end
+        cmd, args = q[i], {}
+      end
+      if cmd == 'ZADD' then args[#args + 1] = q[i + 1] end
+      args[#args + 1] = q[i + 2]
+    end
+    if cmd then send(cmd, key, args) end
+  end
+  BUF, BUFK = {}, {}
+end
 -- counter deltas, written once per script by flush()
 local DELTA = {}
 local function cnt(key, field, by)
@@ -59,6 +92,7 @@ local function cnt(key, field, by)
   t[field] = (t[field] or 0) + by
 end
 local function flush()
+  apply()
   for key, t in pairs(DELTA) do
     for field, by in pairs(t) do if by ~= 0 then redis.call('HINCRBY', key, field, by) end end
   end
@@ -83,21 +117,22 @@ local function istr(x) return string.format('%d', x) end
 local function dkey(e, sid) return P..'d:'..e..':'..sid end
 local function skey(sid) return P..'s:'..sid end
 local function split(m) local i = string.find(m, ':', 1, true); return string.sub(m, 1, i - 1), string.sub(m, i + 1) end
+-- A delivery's lease fields (ow n dl sl) and step (sp) are only meaningful in the
+-- states that set them (LEASED; TRAINED/DURABLE): every check reads the state too,
+-- so leaving a state does not delete them. ``sl`` is '' for a lease outside a plan.
 -- remove a delivery from the index of its state ``s``
 local function leave(e, sid, s, sl)
-  local m = e..':'..sid
-  if s == '0' then redis.call('ZREM', P..'p:'..e, sid)
+  if s == '0' then zrem(P..'p:'..e, sid)
   elseif s == '1' then
-    redis.call('ZREM', P..'L', m)
-    if sl then redis.call('ZREM', P..'sl:'..sl, sid) end
-  elseif s == '2' then redis.call('ZREM', P..'T', m)
-  else redis.call('ZREM', P..'D', m) end
+    zrem(P..'L', e..':'..sid)
+    if sl and sl ~= '' then zrem(P..'sl:'..sl, sid) end
+  elseif s == '2' then zrem(P..'T', e..':'..sid)
+  else zrem(P..'D', e..':'..sid) end
   cnt(P..'n:'..e, s, -1)
 end
 local function to_pending(e, sid, ord)
   redis.call('HSET', dkey(e, sid), 's', '0')
-  redis.call('HDEL', dkey(e, sid), 'ow', 'n', 'dl', 'sl', 'sp')
-  redis.call('ZADD', P..'p:'..e, tonumber(ord), sid)
+  zadd(P..'p:'..e, ord, sid)
   cnt(P..'n:'..e, '0', 1)
 end
 local function drop_delivery(e, sid, s, sl)
@@ -107,20 +142,27 @@ local function drop_delivery(e, sid, s, sl)
 end
 -- LEASED -> PENDING for every lease whose deadline passed
 local function reclaim()
+  apply()
   for _, m in ipairs(redis.call('ZRANGEBYSCORE', P..'L', '-inf', '('..string.format('%.17g', NOW))) do
     local e, sid = split(m)
     local d = redis.call('HMGET', dkey(e, sid), 'o', 'sl')
     leave(e, sid, '1', d[2])
     to_pending(e, sid, d[1])
   end
+  apply()
 end
-local function set_status(sid, old, new)
+-- status indexes and counts only; the caller writes the ``st`` field
+local function restat(sid, old, new)
+  if old == new then return end
   if old then
     cnt(P..'stat', old, -1)
-    if old == '0' then redis.call('SREM', P..'live', sid) elseif old == '2' then redis.call('SREM', P..'qs', sid) end
+    if old == '0' then srem(P..'live', sid) elseif old == '2' then srem(P..'qs', sid) end
   end
   cnt(P..'stat', new, 1)
-  if new == '0' then redis.call('SADD', P..'live', sid) elseif new == '2' then redis.call('SADD', P..'qs', sid) end
+  if new == '0' then sadd(P..'live', sid) elseif new == '2' then sadd(P..'qs', sid) end
+end
+local function set_status(sid, old, new)
+  restat(sid, old, new)
   redis.call('HSET', skey(sid), 'st', new)
 end
 -- drop the PENDING and LEASED deliveries of ``sid`` in every epoch
@@ -136,17 +178,12 @@ local function closed()
   for _, x in ipairs(v) do if x ~= '1' then return false end end
   return true
 end
-local function take_lease(e, sid, owner, nonce, dl, sl)
-  local k = dkey(e, sid)
-  cnt(P..'n:'..e, '1', 1)
-  redis.call('HSET', k, 's', '1', 'ow', owner, 'n', nonce, 'dl', string.format('%.17g', dl))
-  redis.call('ZADD', P..'L', dl, e..':'..sid)
-  if sl then
-    redis.call('HSET', k, 'sl', sl)
-    redis.call('ZADD', P..'sl:'..sl, tonumber(redis.call('HGET', k, 'o')), sid)
-  else
-    redis.call('HDEL', k, 'sl')
-  end
+-- PENDING (already popped from ``p:<e>``, counted by the caller) -> LEASED;
+-- ``ord`` is the popped score, the delivery's place in its slot
+local function take_lease(e, sid, owner, nonce, dls, sl, ord)
+  redis.call('HSET', dkey(e, sid), 's', '1', 'ow', owner, 'n', nonce, 'dl', dls, 'sl', sl)
+  zadd(P..'L', dls, e..':'..sid)
+  if sl ~= '' then zadd(P..'sl:'..sl, ord, sid) end
 end
 local function nonce_base(count)
   return redis.call('HINCRBY', P..'meta', 'nctr', count) - count
@@ -154,22 +191,27 @@ end
 local function nonce(prefix, base, i) return prefix..string.format('%08x', (base + i) % 4294967296) end
 -- TRAINED at <= step -> DURABLE; with free, FREED refs of samples with nothing left to do
 local function durable(step, free)
-  local sids, seen = {}, {}
-  for _, m in ipairs(redis.call('ZRANGEBYSCORE', P..'T', '-inf', step)) do
+  apply()
+  local got = redis.call('ZRANGEBYSCORE', P..'T', '-inf', step, 'WITHSCORES')
+  if #got == 0 then return 0, {} end
+  redis.call('ZREMRANGEBYSCORE', P..'T', '-inf', step)
+  local sids, now_durable = {}, {}
+  for i = 1, #got, 2 do
+    local m = got[i]
     local e, sid = split(m)
-    local sp = redis.call('HGET', dkey(e, sid), 'sp')
-    leave(e, sid, '2', nil)
     redis.call('HSET', dkey(e, sid), 's', '3')
+    cnt(P..'n:'..e, '2', -1)
     cnt(P..'n:'..e, '3', 1)
-    redis.call('ZADD', P..'D', tonumber(sp), m)
-    if not seen[sid] then seen[sid] = true; sids[#sids + 1] = sid end
+    zadd(P..'D', got[i + 1], m)
+    if not now_durable[sid] then now_durable[sid] = {}; sids[#sids + 1] = sid end
+    now_durable[sid][e] = true
   end
   local freed = {}
   if free then
     for _, sid in ipairs(sids) do
-      local undone = false
+      local undone, mine = false, now_durable[sid]
       for _, e in ipairs(redis.call('SMEMBERS', P..'de:'..sid)) do
-        if redis.call('HGET', dkey(e, sid), 's') ~= '3' then undone = true; break end
+        if not mine[e] and redis.call('HGET', dkey(e, sid), 's') ~= '3' then undone = true; break end
       end
       if not undone then
         local s = redis.call('HMGET', skey(sid), 'st', 'ref')
@@ -196,9 +238,9 @@ local out = {}
 for i = 5, #ARGV do
   local sid = ARGV[i]
   local k = skey(sid)
-  if redis.call('HEXISTS', k, 'st') == 0 then
+  if redis.call('HSETNX', k, 'st', '-1') == 1 then
     redis.call('HSET', k, 'g', '1', 'c', '0', 't', '0')
-    set_status(sid, nil, '-1')
+    cnt(P..'stat', '-1', 1)
     out[#out + 1] = '1'
   else
     out[#out + 1] = istr(redis.call('HINCRBY', k, 'g', 1))
@@ -213,7 +255,7 @@ local todo = {}
 for _, line in ipairs(split_on(ARGV[5], '\n')) do
   local f = split_on(line, '\t')
   local sid, gen = f[1], tonumber(f[2])
-  local r = redis.call('HMGET', skey(sid), 'st', 'g', 'c', 't', 'ref')
+  local r = redis.call('HMGET', skey(sid), 'st', 'g', 'c', 't', 'ref', 'why')
   if not r[1] or gen > tonumber(r[2]) then
     return {'!', 'unreserved', sid, istr(gen), ''}
   end
@@ -223,38 +265,46 @@ for _, line in ipairs(split_on(ARGV[5], '\n')) do
     if gen < g or gen < c then
       return {'!', 'stale', sid, istr(gen), istr(math.max(g, c))}
     end
-    todo[#todo + 1] = {sid, f[2], f[3], r[1], c, r[5]}
+    todo[#todo + 1] = {sid, f[2], f[3], r[1], c, r[5], r[6]}
   end
 end
+if #todo == 0 then return done('') end
 local epoch = redis.call('HGET', P..'meta', 'epoch')
 local seq = tonumber(redis.call('HGET', P..'meta', 'seq'))
-local superseded = {}
+local superseded, fresh = {}, false
 for _, x in ipairs(todo) do
-  local sid, gen, ref, st, c, old = x[1], x[2], x[3], x[4], x[5], x[6]
+  local sid, gen, ref, st, c, old, why = x[1], x[2], x[3], x[4], x[5], x[6], x[7]
   if c > 0 and old and (st == '0' or st == '2') then superseded[#superseded + 1] = old end
   seq = seq + 1
-  redis.call('HSET', skey(sid), 'c', gen, 'ref', ref, 'q', istr(seq))
-  redis.call('HDEL', skey(sid), 'why')
-  set_status(sid, st, '0')
-  if c == 0 then cnt(P..'stat', 'c', 1) end
-  -- the new generation takes over undone deliveries in every epoch (old leases are lost)
-  for _, e in ipairs(redis.call('SMEMBERS', P..'de:'..sid)) do
-    local d = redis.call('HMGET', dkey(e, sid), 's', 'sl', 'o')
-    if d[1] == '0' or d[1] == '1' then
-      redis.call('HSET', dkey(e, sid), 'g', gen)
-      if d[1] == '1' then leave(e, sid, '1', d[2]); to_pending(e, sid, d[3]) end
+  local q = istr(seq)
+  redis.call('HSET', skey(sid), 'c', gen, 'ref', ref, 'q', q, 'st', '0')
+  if why then redis.call('HDEL', skey(sid), 'why') end
+  restat(sid, st, '0')
+  local had = false  -- a never-committed id has no delivery anywhere
+  if c == 0 then cnt(P..'stat', 'c', 1) else
+    -- the new generation takes over undone deliveries in every epoch (old leases are lost)
+    for _, e in ipairs(redis.call('SMEMBERS', P..'de:'..sid)) do
+      local d = redis.call('HMGET', dkey(e, sid), 's', 'sl', 'o')
+      if d[1] == '0' or d[1] == '1' then
+        redis.call('HSET', dkey(e, sid), 'g', gen)
+        if d[1] == '1' then leave(e, sid, '1', d[2]); to_pending(e, sid, d[3]) end
+      end
+      if e == epoch then had = true end
     end
   end
   -- the current epoch's delivery is PENDING at the new commit's place in the order
-  local k = dkey(epoch, sid)
-  local d = redis.call('HMGET', k, 's', 'sl')
-  if d[1] then leave(epoch, sid, d[1], d[2]) else
+  if had then
+    local d = redis.call('HMGET', dkey(epoch, sid), 's', 'sl')
+    leave(epoch, sid, d[1], d[2])
+  else
     redis.call('SADD', P..'de:'..sid, epoch)
-    redis.call('SADD', P..'E', epoch)
+    fresh = true
   end
-  redis.call('HSET', k, 'g', gen, 'o', istr(seq))
-  to_pending(epoch, sid, istr(seq))
+  redis.call('HSET', dkey(epoch, sid), 'g', gen, 'o', q, 's', '0')
+  zadd(P..'p:'..epoch, q, sid)
+  cnt(P..'n:'..epoch, '0', 1)
 end
+if fresh then redis.call('SADD', P..'E', epoch) end
 redis.call('HSET', P..'meta', 'seq', istr(seq))
 return done(table.concat(superseded, '\n'))
 """
@@ -279,15 +329,17 @@ if ARGV[7] == '1' then
 end
 for _, sid in ipairs(fresh) do
   local s = redis.call('HMGET', skey(sid), 'c', 'q')
-  redis.call('HSET', dkey(e, sid), 'g', s[1], 'o', s[2])
-  to_pending(e, sid, s[2])
+  redis.call('HSET', dkey(e, sid), 'g', s[1], 'o', s[2], 's', '0')
+  zadd(P..'p:'..e, s[2], sid)
+  cnt(P..'n:'..e, '0', 1)
   redis.call('SADD', P..'de:'..sid, e)
-  redis.call('SADD', P..'E', e)
 end
+if #fresh > 0 then redis.call('SADD', P..'E', e) end
 if ARGV[7] == '1' then
+  apply()
   for _, sid in ipairs(redis.call('ZRANGE', P..'p:'..e, 0, -1)) do
     redis.call('HSET', dkey(e, sid), 'o', ords[sid])
-    redis.call('ZADD', P..'p:'..e, tonumber(ords[sid]), sid)
+    zadd(P..'p:'..e, ords[sid], sid)
   end
 end
 redis.call('HSET', P..'meta', 'ep:'..e, ARGV[6])
@@ -300,18 +352,21 @@ return {'done'}
 _LEASE = r"""
 reclaim()
 local e, owner = ARGV[5], ARGV[7]
-local dl = NOW + tonumber(ARGV[8])
+local dls = string.format('%.17g', NOW + tonumber(ARGV[8]))
 local popped = redis.call('ZPOPMIN', P..'p:'..e, tonumber(ARGV[6]))
-local base = nonce_base(#popped / 2)
 local out = {}
-for i = 1, #popped, 2 do
-  local sid = popped[i]
-  local nc = nonce(ARGV[9], base, (i + 1) / 2)
-  cnt(P..'n:'..e, '0', -1)
-  take_lease(e, sid, owner, nc, dl, nil)
-  out[#out + 1] = sid..'\t'..redis.call('HGET', dkey(e, sid), 'g')..'\t'..nc..'\t'..redis.call('HGET', skey(sid), 'ref')
+if #popped > 0 then
+  local base = nonce_base(#popped / 2)
+  cnt(P..'n:'..e, '0', -#popped / 2)
+  cnt(P..'n:'..e, '1', #popped / 2)
+  for i = 1, #popped, 2 do
+    local sid = popped[i]
+    local nc = nonce(ARGV[9], base, (i + 1) / 2)
+    take_lease(e, sid, owner, nc, dls, '', popped[i + 1])
+    out[#out + 1] = sid..'\t'..redis.call('HGET', dkey(e, sid), 'g')..'\t'..nc..'\t'..redis.call('HGET', skey(sid), 'ref')
+  end
 end
-return done({string.format('%.17g', dl), table.concat(out, '\n')})
+return done({dls, table.concat(out, '\n')})
 """
 
 # ARGV[5]=plan key ARGV[6]=epoch ARGV[7]=world ARGV[8]=batch ARGV[9]=step ARGV[10]=rank ARGV[11]=ttl
@@ -320,13 +375,14 @@ _CLAIM_STEP = r"""
 reclaim()
 local key, e = ARGV[5], ARGV[6]
 local world, batch, step, rank = tonumber(ARGV[7]), tonumber(ARGV[8]), tonumber(ARGV[9]), ARGV[10]
-local need, dl = world * batch, NOW + tonumber(ARGV[11])
+local need = world * batch
+local dls = string.format('%.17g', NOW + tonumber(ARGV[11]))
 local pk, pq = P..'plan:'..key, P..'p:'..e
 local pl = redis.call('HMGET', pk, 'ns', 'es')
 local k = tonumber(pl[1] or '0')
 if redis.call('HEXISTS', P..'cl:'..key, ARGV[9]..':'..rank) == 1 then return done({'claimed', 0}) end
 if pl[2] and step >= tonumber(pl[2]) then return done({'end', redis.call('ZCARD', pq)}) end
-local status = 'ready'
+local status, first = 'ready', k
 while k <= step do
   if redis.call('ZCARD', pq) < need then
     if ARGV[12] == '1' and not closed() then status = 'wait' else status = 'end' end
@@ -334,30 +390,35 @@ while k <= step do
   end
   local popped = redis.call('ZPOPMIN', pq, need)
   local base = nonce_base(need)
+  cnt(P..'n:'..e, '0', -need)
+  cnt(P..'n:'..e, '1', need)
   for i = 1, #popped, 2 do
     local j = (i - 1) / 2
     local r = istr(math.floor(j / batch))
-    local sid = popped[i]
-    cnt(P..'n:'..e, '0', -1)
-    take_lease(e, sid, key..'/r'..r, nonce(ARGV[13], base, j + 1), dl, key..'/s'..istr(k)..'/r'..r)
+    take_lease(e, popped[i], key..'/r'..r, nonce(ARGV[13], base, j + 1), dls, key..'/s'..istr(k)..'/r'..r,
+               popped[i + 1])
   end
   k = k + 1
 end
-redis.call('HSET', pk, 'ns', istr(k))
-if status == 'end' then redis.call('HSET', pk, 'es', istr(k)) else redis.call('HDEL', pk, 'es') end
-redis.call('SADD', P..'plans', key)
+-- an ended plan stays ended: ranks must agree on its length forever
+if not pl[1] or k > tonumber(pl[1]) then redis.call('HSET', pk, 'ns', istr(k)) end
+if status == 'end' and not pl[2] then redis.call('HSET', pk, 'es', istr(k)) end
+if not pl[1] then redis.call('SADD', P..'plans', key) end
 if status ~= 'ready' then
   local tail = 0
   if status == 'end' then tail = redis.call('ZCARD', pq) end
   return done({status, tail})
 end
 redis.call('HSET', P..'cl:'..key, ARGV[9]..':'..rank, '1')
-local dls = string.format('%.17g', dl)
+apply()
+local refresh = step < first  -- a step materialised by this call already has this deadline
 local out = {}
 for _, sid in ipairs(redis.call('ZRANGE', P..'sl:'..key..'/s'..ARGV[9]..'/r'..rank, 0, -1)) do
   local k2 = dkey(e, sid)
-  redis.call('HSET', k2, 'dl', dls)
-  redis.call('ZADD', P..'L', dl, e..':'..sid)
+  if refresh then
+    redis.call('HSET', k2, 'dl', dls)
+    zadd(P..'L', dls, e..':'..sid)
+  end
   local d = redis.call('HMGET', k2, 'g', 'n', 'ow')
   out[#out + 1] = sid..'\t'..d[1]..'\t'..d[2]..'\t'..d[3]..'\t'..redis.call('HGET', skey(sid), 'ref')
 end
@@ -366,8 +427,7 @@ return done({'ready', dls, table.concat(out, '\n')})
 
 # ARGV[5]=ttl ARGV[6]: lines "epoch\tsid\tgen\tnonce"; returns the 1-based indexes lost
 _RENEW = r"""
-local dl = NOW + tonumber(ARGV[5])
-local dls = string.format('%.17g', dl)
+local dls = string.format('%.17g', NOW + tonumber(ARGV[5]))
 local lost = {}
 for i, line in ipairs(split_on(ARGV[6], '\n')) do
   local q = split_on(line, '\t')
@@ -375,10 +435,10 @@ for i, line in ipairs(split_on(ARGV[6], '\n')) do
   local d = redis.call('HMGET', dkey(e, sid), 'g', 's', 'n')
   if d[1] == q[3] and d[2] == '1' and d[3] == q[4] then
     redis.call('HSET', dkey(e, sid), 'dl', dls)
-    redis.call('ZADD', P..'L', dl, e..':'..sid)
+    zadd(P..'L', dls, e..':'..sid)
   else lost[#lost + 1] = i end
 end
-return lost
+return done(lost)
 """
 
 # ARGV[5]=step ARGV[6]: lines "epoch\tsid\tgen\tnonce"
@@ -394,14 +454,12 @@ for i, line in ipairs(split_on(ARGV[6], '\n')) do
     if d[2] == '1' then
       leave(e, sid, '1', d[4])
       redis.call('HSET', k, 's', '2', 'sp', step)
-      redis.call('HDEL', k, 'dl', 'sl')
       cnt(P..'n:'..e, '2', 1)
-      redis.call('ZADD', P..'T', tonumber(step), e..':'..sid)
+      zadd(P..'T', step, e..':'..sid)
     end
   else lost[#lost + 1] = i end
 end
-flush()
-return lost
+return done(lost)
 """
 
 # ARGV[5]=retryable ARGV[6]=reason ARGV[7]: lines "epoch\tsid\tgen\tnonce"
@@ -417,11 +475,12 @@ for i, line in ipairs(split_on(ARGV[7], '\n')) do
     held[#held + 1] = sid
   else lost[#lost + 1] = i end
 end
+-- not retryable: the held ones are quarantined in the same script
 if ARGV[5] == '0' then
   for _, sid in ipairs(held) do
     local st = redis.call('HGET', skey(sid), 'st')
-    if st ~= '2' then set_status(sid, st, '2') end
-    redis.call('HSET', skey(sid), 'why', ARGV[6])
+    restat(sid, st, '2')
+    redis.call('HSET', skey(sid), 'st', '2', 'why', ARGV[6])
     drop_undone(sid)
   end
 end
@@ -463,6 +522,7 @@ for _, m in ipairs(redis.call('ZRANGE', P..'L', 0, -1)) do
 end
 local lo = '-inf'
 if ARGV[5] ~= '' then lo = '('..ARGV[5] end
+apply()
 for _, m in ipairs(redis.call('ZRANGEBYSCORE', P..'T', lo, '+inf')) do
   local e, sid = split(m)
   leave(e, sid, '2', nil); to_pending(e, sid, redis.call('HGET', dkey(e, sid), 'o'))

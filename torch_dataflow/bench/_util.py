@@ -1,0 +1,137 @@
+"""Shared pieces of the benchmark scenarios: settings, timing, samples, targets, machine."""
+
+from __future__ import annotations
+
+import math
+import os
+import platform
+import statistics
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+__all__ = [
+    "Settings",
+    "eagle3_sample",
+    "machine",
+    "median_s",
+    "memcpy_s",
+    "ratio_entry",
+    "sample_nbytes",
+    "target",
+]
+
+
+@dataclass(frozen=True)
+class Settings:
+    """What every scenario is told: the CI-sized setting or the full one, and repeats.
+
+    ``repeats`` overrides each scenario's default number of repeats (medians
+    are taken over them); ``None`` keeps the defaults.
+    """
+
+    quick: bool = False
+    repeats: int | None = None
+
+    def reps(self, full: int, quick: int) -> int:
+        if self.repeats is not None:
+            return max(1, self.repeats)
+        return quick if self.quick else full
+
+
+def eagle3_sample(s: int, h: int, *, seed: int = 0) -> dict[str, torch.Tensor]:
+    """One EAGLE3 feature sample as SpecForge writes it (notes/EAGLE3.md)."""
+    g = torch.Generator().manual_seed(seed)
+    return {
+        "input_ids": torch.randint(0, 32000, (s,), generator=g),
+        "loss_mask": torch.randint(0, 2, (s,), generator=g),
+        "hidden_state": torch.randn(1, s, h, generator=g).bfloat16(),
+        "aux_hidden_state": torch.randn(1, s, 3 * h, generator=g).bfloat16(),
+    }
+
+
+def sample_nbytes(sample: dict[str, torch.Tensor]) -> int:
+    """Tensor payload bytes of a sample (what a trainer receives)."""
+    return sum(t.numel() * t.element_size() for t in sample.values())
+
+
+def median_s(fn: Callable[[int], Any], reps: int, cleanup: Callable[[int], Any] | None = None,
+             warmup: int = 1) -> float:
+    """Median seconds of ``fn(i)`` over ``reps`` calls, after ``warmup`` untimed calls.
+
+    ``cleanup(i)`` runs after each call, untimed (deleting is not part of a round trip).
+    """
+    for w in range(warmup):
+        fn(-1 - w)  # first-touch page faults, lazy attach, allocator growth
+        if cleanup:
+            cleanup(-1 - w)
+    times = []
+    for i in range(reps):
+        t0 = time.perf_counter()
+        fn(i)
+        times.append(time.perf_counter() - t0)
+        if cleanup:
+            cleanup(i)
+    return statistics.median(times)
+
+
+def memcpy_s(nbytes: int, reps: int) -> float:
+    """Median seconds of one copy of ``nbytes`` between two preallocated tensors."""
+    src = torch.randint(0, 255, (nbytes,), dtype=torch.uint8)
+    dst = torch.empty_like(src)
+    return median_s(lambda i: dst.copy_(src), reps, warmup=2)
+
+
+def ratio_entry(label: str, value: float, target: float | None = None) -> dict[str, Any]:
+    """One bar of the plot: a ratio to a same-run baseline (1 = parity)."""
+    return {"label": label, "value": float(value), "target": target}
+
+
+def target(what: str, value: float, goal: float, unit: str = "x", *, quick: bool = False) -> dict[str, Any]:
+    """A target check; ``met`` is False for a miss (reported as MISSED, never asserted)."""
+    ok = bool(math.isfinite(value) and value >= goal)
+    return {"what": what, "value": float(value), "goal": float(goal), "unit": unit, "met": ok, "quick": quick}
+
+
+def _meminfo_gib() -> float | None:
+    try:
+        with open("/proc/meminfo", encoding="ascii") as f:
+            for line in f:
+                if line.startswith("MemTotal:"):
+                    return int(line.split()[1]) / 2**20
+    except OSError:
+        pass
+    return None
+
+
+def _cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def machine() -> dict[str, Any]:
+    """The machine as the docs describe it (cores and memory from /proc)."""
+    load = os.getloadavg() if hasattr(os, "getloadavg") else (float("nan"),) * 3
+    mem = _meminfo_gib()
+    return {
+        "cpu": _cpu_model(),
+        "arch": platform.machine(),
+        "cores": os.cpu_count(),
+        "affinity": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count(),
+        "mem_gib": round(mem, 1) if mem is not None else None,
+        "kernel": platform.release(),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "torch_threads": torch.get_num_threads(),
+        "loadavg_1m": round(load[0], 2),
+        "date": time.strftime("%Y-%m-%d %H:%M"),
+    }

@@ -1,0 +1,253 @@
+"""Lightning callback: ack each optimizer step's samples, free them once a
+checkpoint is written, and reconcile the ledger on resume.
+
+Importing this module imports ``lightning``; ``import torch_dataflow`` does not.
+
+Example:
+    >>> import lightning as L  # doctest: +SKIP
+    >>> from torch_dataflow import FeatureLoader, FeatureStoreDataset
+    >>> from torch_dataflow.lightning import FeatureAckCallback
+    >>> ds = FeatureStoreDataset("file:///data/feats", "sqlite:///data/ledger.db", batch_size=8)  # doctest: +SKIP
+    >>> trainer = L.Trainer(accumulate_grad_batches=4, callbacks=[FeatureAckCallback(ds),  # doctest: +SKIP
+    ...                     L.pytorch.callbacks.ModelCheckpoint(every_n_train_steps=100, save_last=True)])
+    >>> trainer.fit(model, FeatureLoader(ds, batch_size=8, num_workers=2), ckpt_path="last")  # doctest: +SKIP
+
+How it keeps training exactly-once (DESIGN invariant 2):
+
+* **Ack on the optimizer step.** Lease ids of every batch are collected in
+  ``on_train_batch_start``; in ``on_train_batch_end`` they are acked with
+  ``trainer.global_step`` *if it advanced* during the batch, i.e. an optimizer
+  step really happened (``accumulate_grad_batches``: every k-th batch and the
+  epoch's last; manual optimisation: whenever ``opt.step()`` ran, ``global_step``
+  counting every optimizer's steps). Until then they stay collected (and are
+  renewed if ``renew_every`` is set).
+* **Ack before the checkpoint.** ``ModelCheckpoint`` runs after every other
+  callback, so the ack of step ``S`` is in the ledger before the checkpoint of
+  ``S`` is dumped; :meth:`FeatureAckCallback.state_dict` acks anything still
+  owed, and with several ranks ``on_save_checkpoint`` holds a barrier so every
+  rank's acks land before rank 0 writes the file.
+* **Durable only after the file is complete.** ``on_save_checkpoint`` runs
+  *before* the file exists, so marking durable there would free samples whose
+  checkpoint may never be written. Instead the strategy's ``CheckpointIO`` is
+  wrapped: when its ``save_checkpoint`` returns (Lightning writes atomically
+  through a temporary file), the file is ``fsync``-ed and the ledger marks
+  everything trained at or before that checkpoint's step DURABLE. A crash
+  before that point leaves the samples TRAINED, and the resume's
+  ``reconcile(step)`` makes exactly the covered ones durable. With
+  ``AsyncCheckpointIO`` the wrapped base IO reports from its thread and the
+  mark happens at the next hook in the main thread.
+* **Reconcile once on resume.** In ``on_train_start`` (after every checkpoint
+  restore, before the first batch is fetched) rank 0 calls
+  ``reconcile(step of the checkpoint)`` — or ``reconcile(None)`` on a fresh
+  start — and every rank waits at a barrier. Resume from the *newest*
+  checkpoint: samples made durable by a newer one are not trained again.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+from collections.abc import Mapping
+from typing import Any
+
+import lightning.pytorch as pl
+from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.plugins.io import CheckpointIO
+
+from .acking import Datasets, StepAcker
+
+__all__ = ["FeatureAckCallback"]
+
+log = logging.getLogger(__name__)
+
+
+def _fsync(path: Any) -> None:
+    """Flush a local checkpoint file and its directory to stable storage."""
+    p = str(path)
+    if "://" in p and not p.startswith("file://"):
+        return  # object stores: the upload returning is their durability point
+    p = p.removeprefix("file://")
+    try:
+        fd = os.open(p, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        dfd = os.open(os.path.dirname(os.path.abspath(p)), os.O_RDONLY)
+        try:
+            os.fsync(dfd)
+        finally:
+            os.close(dfd)
+    except OSError as e:  # a directory fsync is not supported everywhere
+        log.debug("fsync of %s failed: %s", p, e)
+
+
+class _DurableCheckpointIO(CheckpointIO):
+    """Delegates to the real IO; reports the checkpoint's step once it is written."""
+
+    def __init__(self, inner: CheckpointIO, callback: FeatureAckCallback) -> None:
+        super().__init__()
+        self.inner = inner
+        self.callback = callback
+
+    def save_checkpoint(self, checkpoint: dict[str, Any], path: Any, storage_options: Any | None = None) -> None:
+        self.inner.save_checkpoint(checkpoint, path, storage_options=storage_options)
+        state = (checkpoint.get("callbacks") or {}).get(self.callback.state_key)
+        if state is None:  # weights-only: training cannot resume from it
+            return
+        if self.callback.fsync:
+            _fsync(path)
+        self.callback._written(int(state["step"]))
+
+    def load_checkpoint(self, *args: Any, **kwargs: Any) -> dict[str, Any]:
+        return self.inner.load_checkpoint(*args, **kwargs)
+
+    def remove_checkpoint(self, path: Any) -> None:
+        self.inner.remove_checkpoint(path)
+
+    def teardown(self) -> None:
+        self.inner.teardown()
+
+
+class FeatureAckCallback(Callback):
+    """Acks the samples of every optimizer step; frees them once a checkpoint
+    covering the step is written; reconciles the ledger when training resumes.
+
+    Args:
+        datasets: the :class:`~torch_dataflow.FeatureStoreDataset` the train
+            loader reads, or a list/dict of them matching a ``CombinedLoader``'s
+            batch (see :class:`~torch_dataflow.acking.StepAcker`).
+        free: ``"checkpoint"`` (default): bytes are freed when a checkpoint
+            covering the step is complete; a crash replays every sample trained
+            after the last checkpoint. ``"step"``: durable and freed right after
+            the optimizer step (lower memory; samples trained after the last
+            checkpoint are *not* replayed: their effect is lost in a crash).
+        strict: raise ``LeaseLost`` if a lease expired before its ack.
+        renew_every: renew leases held across batches after this many seconds.
+        fsync: ``fsync`` a local checkpoint file before marking durable.
+
+    Example:
+        >>> from torch_dataflow import FeatureStoreDataset
+        >>> cb = FeatureAckCallback(FeatureStoreDataset("memory://cb-doc", "memory://cb-doc"))
+        >>> cb.state_key
+        'FeatureAckCallback'
+    """
+
+    def __init__(self, datasets: Datasets, *, free: str = "checkpoint", strict: bool = False,
+                 renew_every: float | None = None, fsync: bool = True) -> None:
+        super().__init__()
+        self.acker = StepAcker(datasets, free=free, strict=strict, renew_every=renew_every)
+        self.fsync = fsync
+        self._trainer: pl.Trainer | None = None
+        self._loaded: Mapping[str, Any] | None = None
+        self._seen_step = 0
+        self._main = threading.get_ident()
+        self._lock = threading.Lock()
+        self._written_steps: list[int] = []
+        self.written: list[int] = []  # steps of checkpoints seen complete (rank 0)
+
+    # ------------------------------------------------------------ setup / resume
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        if stage != "fit":
+            return
+        self._trainer = trainer
+        self._main = threading.get_ident()
+        self.acker.rank = trainer.global_rank
+        self.acker.barrier = lambda: trainer.strategy.barrier("torch_dataflow.reconcile")
+        self._wrap_checkpoint_io(trainer)
+
+    def _wrap_checkpoint_io(self, trainer: pl.Trainer) -> None:
+        strategy = trainer.strategy
+        io = strategy.checkpoint_io
+        if isinstance(io, _DurableCheckpointIO):
+            io.callback = self
+            return
+        inner = getattr(io, "checkpoint_io", None)
+        if inner is not None and hasattr(io, "_checkpoint_io"):
+            # A wrapping IO (AsyncCheckpointIO): the base IO is what writes the file.
+            if not isinstance(inner, _DurableCheckpointIO):
+                io._checkpoint_io = _DurableCheckpointIO(inner, self)
+            return
+        strategy.checkpoint_io = _DurableCheckpointIO(io, self)
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self._loaded = dict(state_dict)
+
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if not self.acker.resumed:
+            if self._loaded is not None:
+                self.acker.resume(from_state=self._loaded)
+            elif trainer.ckpt_path is not None:
+                log.warning("checkpoint %s has no %s state: resuming the ledger at its global_step %d",
+                            trainer.ckpt_path, self.state_key, trainer.global_step)
+                self.acker.resume(trainer.global_step)
+            else:
+                self.acker.resume(None)
+        if self.acker.step != trainer.global_step:
+            log.warning("ledger step %d differs from trainer.global_step %d", self.acker.step, trainer.global_step)
+        self._seen_step = trainer.global_step
+
+    # ------------------------------------------------------------ batches
+    def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any,
+                             batch_idx: int) -> None:
+        self._drain()
+        self.acker.add(batch)
+
+    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any,
+                           batch_idx: int) -> None:
+        if not self._sync(trainer):
+            self.acker.keep_alive()
+        self._drain()
+
+    def _sync(self, trainer: pl.Trainer) -> bool:
+        """Ack what was collected if an optimizer step happened since the last ack."""
+        step = trainer.global_step
+        if step <= self._seen_step:
+            return False
+        self._seen_step = step
+        if self.acker.pending():
+            self.acker.after_step(step)
+        else:
+            self.acker.step = step
+        return True
+
+    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._sync(trainer)
+        if self.acker.pending():
+            n = self.acker.release("training ended before an optimizer step used them")
+            log.info("gave back %d leases whose batches never reached an optimizer step", n)
+        self._drain()
+
+    # ------------------------------------------------------------ checkpoints
+    def state_dict(self) -> dict[str, Any]:
+        if self._trainer is not None:
+            self._sync(self._trainer)  # the checkpoint's step must be acked before it is written
+        return self.acker.state_dict()
+
+    def on_save_checkpoint(self, trainer: pl.Trainer, pl_module: pl.LightningModule,
+                           checkpoint: dict[str, Any]) -> None:
+        # Every rank's acks of the steps in this checkpoint precede rank 0's write.
+        trainer.strategy.barrier("torch_dataflow.acks")
+
+    def _written(self, step: int) -> None:
+        if threading.get_ident() == self._main:
+            self._mark(step)
+        else:
+            with self._lock:
+                self._written_steps.append(step)
+
+    def _drain(self) -> None:
+        if self._written_steps:
+            with self._lock:
+                steps, self._written_steps = self._written_steps, []
+            for step in steps:
+                self._mark(step)
+
+    def _mark(self, step: int) -> None:
+        freed = self.acker.checkpoint_written(step)
+        self.written.append(step)
+        log.debug("checkpoint at step %d written: %d samples freed", step, freed)
+
+    def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        self._drain()
