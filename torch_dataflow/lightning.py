@@ -36,8 +36,9 @@ How it keeps training exactly-once (DESIGN invariant 2):
   ``reconcile(step)`` makes exactly the covered ones durable. With
   ``AsyncCheckpointIO`` the wrapped base IO reports from its thread and the
   mark happens at the next hook in the main thread.
-* **Reconcile once on resume.** In ``on_train_start`` (after every checkpoint
-  restore, before the first batch is fetched) rank 0 calls
+* **Reconcile once on resume.** In ``on_fit_start`` (after the checkpoint's
+  callback state is restored, before the fit loop fetches its first batch,
+  which it does *before* ``on_train_start``) rank 0 calls
   ``reconcile(step of the checkpoint)`` — or ``reconcile(None)`` on a fresh
   start — and every rank waits at a barrier. Resume from the *newest*
   checkpoint: samples made durable by a newer one are not trained again.
@@ -174,18 +175,30 @@ class FeatureAckCallback(Callback):
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self._loaded = dict(state_dict)
 
-    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        # The fit loop fetches its first batch before ``on_train_start``: reconcile here.
         if not self.acker.resumed:
-            if self._loaded is not None:
-                self.acker.resume(from_state=self._loaded)
-            elif trainer.ckpt_path is not None:
-                log.warning("checkpoint %s has no %s state: resuming the ledger at its global_step %d",
-                            trainer.ckpt_path, self.state_key, trainer.global_step)
-                self.acker.resume(trainer.global_step)
-            else:
-                self.acker.resume(None)
+            self.acker.resume(**self._resume_args(trainer))
+
+    def _resume_args(self, trainer: pl.Trainer) -> dict[str, Any]:
+        if self._loaded is not None:
+            return {"from_state": self._loaded}
+        if trainer.ckpt_path is None:
+            return {"step": None}
+        # Strategies that restore after setup (DeepSpeed, FSDP) have not loaded our state yet.
+        ckpt = getattr(trainer._checkpoint_connector, "_loaded_checkpoint", None) or \
+            trainer.strategy.load_checkpoint(trainer.ckpt_path)
+        state = (ckpt.get("callbacks") or {}).get(self.state_key)
+        if state is not None:
+            return {"from_state": state}
+        log.warning("checkpoint %s has no %s state: resuming the ledger at its global_step %s",
+                    trainer.ckpt_path, self.state_key, ckpt.get("global_step"))
+        return {"step": int(ckpt["global_step"])}
+
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if self.acker.step != trainer.global_step:
             log.warning("ledger step %d differs from trainer.global_step %d", self.acker.step, trainer.global_step)
+            self.acker.step = trainer.global_step
         self._seen_step = trainer.global_step
 
     # ------------------------------------------------------------ batches

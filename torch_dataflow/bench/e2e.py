@@ -18,7 +18,6 @@ cannot beat its producer). The clock starts when the producer starts writing
 
 from __future__ import annotations
 
-import multiprocessing as mp
 import shutil
 import statistics
 import tempfile
@@ -32,7 +31,7 @@ from torch.utils.data import DataLoader
 from ..dataset import FeatureStoreDataset
 from ..eagle3 import eagle3_collate
 from ..producer import FeatureWriter
-from ._util import Settings, eagle3_sample, memcpy_s, ratio_entry, sample_nbytes
+from ._util import Settings, eagle3_sample, memcpy_s, mp_context, ratio_entry, sample_nbytes
 
 TITLE = "End to end: producer process -> store -> DataLoader -> eagle3_collate -> no-op step"
 
@@ -58,7 +57,7 @@ def one_run(s: int, h: int, n: int, batch: int, workers: int, tmp: Path, tag: st
     store, ledger = f"file://{tmp}/{tag}-store", f"sqlite://{tmp}/{tag}-ledger.db"
     nbytes = s * (8 + 8 + 2 * h + 6 * h)  # payload bytes: int64 ids + mask, bf16 [S,H] + [S,3H]
     budget = max(4, 4 * batch) * nbytes
-    ctx = mp.get_context("spawn")
+    ctx = mp_context()
     ready, go, out = ctx.Event(), ctx.Event(), ctx.Queue()
     proc = ctx.Process(target=_producer, args=(store, ledger, n, s, h, budget, ready, go, out), daemon=True)
     proc.start()
@@ -66,8 +65,9 @@ def one_run(s: int, h: int, n: int, batch: int, workers: int, tmp: Path, tag: st
         if not ready.wait(180):
             raise RuntimeError("the producer process did not start within 180 s")
         ds = FeatureStoreDataset(store, ledger, batch_size=batch, idle_timeout=120, poll=0.005)
-        loader = DataLoader(ds, batch_size=batch, num_workers=workers, collate_fn=eagle3_collate,
-                            prefetch_factor=2 if workers else None)
+        loader = DataLoader(
+            ds, batch_size=batch, num_workers=workers, collate_fn=eagle3_collate, prefetch_factor=2 if workers else None
+        )
         go.set()
         t0 = time.perf_counter()
         waited, steps, samples = 0.0, 0, 0
@@ -93,8 +93,15 @@ def one_run(s: int, h: int, n: int, batch: int, workers: int, tmp: Path, tag: st
             proc.join()
     if samples != n:
         raise RuntimeError(f"the consumer got {samples} samples, the producer wrote {n}")
-    return {"total_s": total, "waited_s": waited, "steps": steps, "samples": samples, "nbytes": nbytes,
-            "put_s": prod["put_s"], "producer_waited_s": prod["waited_s"]}
+    return {
+        "total_s": total,
+        "waited_s": waited,
+        "steps": steps,
+        "samples": samples,
+        "nbytes": nbytes,
+        "put_s": prod["put_s"],
+        "producer_waited_s": prod["waited_s"],
+    }
 
 
 def run(cfg: Settings) -> dict[str, Any]:
@@ -116,28 +123,46 @@ def run(cfg: Settings) -> dict[str, Any]:
                 sps = statistics.median(r["samples"] / r["total_s"] for r in runs)
                 gbps = sps * nbytes / 1e9
                 put_sps = statistics.median(r["samples"] / r["put_s"] for r in runs)
-                rows.append({
-                    "S": s, "H": h, "workers": w, "batch": batch, "samples": n, "nbytes": nbytes, "reps": reps,
-                    "total_s": med, "samples_per_s": sps, "gbps": gbps, "memcpy_gbps": memcpy_gbps,
-                    "vs_memcpy": gbps / memcpy_gbps,
-                    "wait_fraction": statistics.median(r["waited_s"] / r["total_s"] for r in runs),
-                    "producer_samples_per_s": put_sps, "vs_producer": sps / put_sps,
-                    "producer_backpressure_s": statistics.median(r["producer_waited_s"] for r in runs),
-                })
+                rows.append(
+                    {
+                        "S": s,
+                        "H": h,
+                        "workers": w,
+                        "batch": batch,
+                        "samples": n,
+                        "nbytes": nbytes,
+                        "reps": reps,
+                        "total_s": med,
+                        "samples_per_s": sps,
+                        "gbps": gbps,
+                        "memcpy_gbps": memcpy_gbps,
+                        "vs_memcpy": gbps / memcpy_gbps,
+                        "wait_fraction": statistics.median(r["waited_s"] / r["total_s"] for r in runs),
+                        "producer_samples_per_s": put_sps,
+                        "vs_producer": sps / put_sps,
+                        "producer_backpressure_s": statistics.median(r["producer_waited_s"] for r in runs),
+                    }
+                )
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     ratios = []
     for r in rows:
         ratios.append(ratio_entry(f"delivered / memcpy, S={r['S']}, W={r['workers']}", r["vs_memcpy"]))
         ratios.append(ratio_entry(f"delivered / producer rate, S={r['S']}, W={r['workers']}", r["vs_producer"]))
-    return {"title": TITLE, "settings": {"H": h, "batch": batch, "reps": reps, "tmp": tempfile.gettempdir()},
-            "rows": rows, "ratios": ratios, "targets": []}
+    return {
+        "title": TITLE,
+        "settings": {"H": h, "batch": batch, "reps": reps, "tmp": tempfile.gettempdir()},
+        "rows": rows,
+        "ratios": ratios,
+        "targets": [],
+    }
 
 
 def render(res: dict[str, Any]) -> str:
     st = res["settings"]
     lines = [
-        f"### {res['title']}, H={st['H']}, batch {st['batch']}", "",
+        f"### {res['title']}, H={st['H']}, batch {st['batch']}",
+        "",
         "| S | MB/sample | samples | workers | samples/s | GB/s to step | memcpy GB/s | delivered/memcpy "
         "| step waited | producer alone, samples/s | delivered/producer |",
         "|---" * 11 + "|",
@@ -148,10 +173,13 @@ def render(res: dict[str, Any]) -> str:
             f"| {r['gbps']:.2f} | {r['memcpy_gbps']:.1f} | {r['vs_memcpy']:.3f} | {r['wait_fraction']:.0%} "
             f"| {r['producer_samples_per_s']:.1f} | {r['vs_producer']:.2f} |"
         )
-    lines += ["", "The producer (one spawned process) and the consumer run at the same time on the same machine; "
-              "*workers* are DataLoader workers (forked). *step waited* = time in `next(loader)` / loop wall time. "
-              "*producer alone* = samples / the producer's own put loop time in the same run (it includes waits "
-              "for its byte budget of max(4, 4 x batch) samples). Store: `file://` in "
-              f"{st['tmp']} (page cache, no fsync); ledger: SQLite. The step acks and marks each step durable "
-              f"(frees the bytes). Medians of {st['reps']} repeats."]
+    lines += [
+        "",
+        "The producer (one spawned process) and the consumer run at the same time on the same machine; "
+        "*workers* are DataLoader workers (forked). *step waited* = time in `next(loader)` / loop wall time. "
+        "*producer alone* = samples / the producer's own put loop time in the same run (it includes waits "
+        "for its byte budget of max(4, 4 x batch) samples). Store: `file://` in "
+        f"{st['tmp']} (page cache, no fsync); ledger: SQLite. The step acks and marks each step durable "
+        f"(frees the bytes). Medians of {st['reps']} repeats.",
+    ]
     return "\n".join(lines)

@@ -59,7 +59,7 @@ def lifecycle(led: Ledger, n: int, batch: int, tag: str) -> float:
     ids = [f"{tag}-{i}" for i in range(n)]
     t0 = time.perf_counter()
     for step, i in enumerate(range(0, n, batch), 1):
-        chunk = ids[i:i + batch]
+        chunk = ids[i : i + batch]
         gens = led.reserve(chunk)
         led.commit([fake_ref(s, g) for s, g in zip(chunk, gens, strict=True)])
         leases = led.lease("bench", batch, ttl=60)
@@ -81,7 +81,9 @@ def bare_sqlite(path: str, n: int, batch: int) -> float:
         con.execute("COMMIT")
         con.execute("BEGIN IMMEDIATE")
         rows = con.execute("SELECT id FROM d WHERE state=0 LIMIT ?", (batch,)).fetchall()
-        con.executemany("UPDATE d SET state=1, owner='b', deadline=? WHERE id=?", [(time.time() + 60, r[0]) for r in rows])
+        con.executemany(
+            "UPDATE d SET state=1, owner='b', deadline=? WHERE id=?", [(time.time() + 60, r[0]) for r in rows]
+        )
         con.execute("COMMIT")
         con.execute("BEGIN IMMEDIATE")
         con.executemany("UPDATE d SET state=2, step=? WHERE id=? AND state=1", [(step, r[0]) for r in rows])
@@ -96,14 +98,14 @@ def bare_sqlite(path: str, n: int, batch: int) -> float:
 
 _BARE_LUA = {
     "commit": "for i = 2, #ARGV do redis.call('HSET', ARGV[1]..'r:'..ARGV[i], 'ref', 'x') "
-              "redis.call('RPUSH', ARGV[1]..'q', ARGV[i]) end return #ARGV - 1",
+    "redis.call('RPUSH', ARGV[1]..'q', ARGV[i]) end return #ARGV - 1",
     "lease": "local ids = redis.call('LPOP', ARGV[1]..'q', tonumber(ARGV[2])) or {} "
-             "for _, s in ipairs(ids) do redis.call('HSET', ARGV[1]..'o', s, 'b') "
-             "redis.call('ZADD', ARGV[1]..'l', 1e12, s) end return ids",
+    "for _, s in ipairs(ids) do redis.call('HSET', ARGV[1]..'o', s, 'b') "
+    "redis.call('ZADD', ARGV[1]..'l', 1e12, s) end return ids",
     "ack": "for i = 3, #ARGV do redis.call('HDEL', ARGV[1]..'o', ARGV[i]) redis.call('ZREM', ARGV[1]..'l', ARGV[i]) "
-           "redis.call('HSET', ARGV[1]..'t', ARGV[i], ARGV[2]) end return 0",
+    "redis.call('HSET', ARGV[1]..'t', ARGV[i], ARGV[2]) end return 0",
     "durable": "local t = redis.call('HKEYS', ARGV[1]..'t') for _, s in ipairs(t) do "
-               "redis.call('DEL', ARGV[1]..'r:'..s) end redis.call('DEL', ARGV[1]..'t') return #t",
+    "redis.call('DEL', ARGV[1]..'r:'..s) end redis.call('DEL', ARGV[1]..'t') return #t",
 }
 
 
@@ -185,33 +187,60 @@ def run(cfg: Settings) -> dict[str, Any]:
     r64 = next(r for r in rows if r["batch"] == 64)
     for kind in KINDS:
         if kind in r64:
-            targets.append(target(f"{kind} ledger life cycle at batch 64", r64[kind], TARGET, "samples/s",
-                                  quick=cfg.quick))
+            targets.append(
+                target(f"{kind} ledger life cycle at batch 64", r64[kind], TARGET, "samples/s", quick=cfg.quick)
+            )
             ratios.append(ratio_entry(f"{kind} / 20k target, batch 64", r64[kind] / TARGET, 1.0))
     versions = {"sqlite": sqlite3.sqlite_version}
     if not skipped:
         import redis
 
         versions["redis-py"] = redis.__version__
-    return {"title": TITLE, "settings": {"samples": sizes, "repeats": repeats, **versions},
-            "rows": rows, "ratios": ratios, "targets": targets, "skipped": {"redis": skipped} if skipped else {}}
+    return {
+        "title": TITLE,
+        "settings": {"samples": sizes, "repeats": repeats, **versions},
+        "rows": rows,
+        "ratios": ratios,
+        "targets": targets,
+        "skipped": {"redis": skipped} if skipped else {},
+    }
 
 
 def render(res: dict[str, Any]) -> str:
-    cols = [c for c in ("memory", "sqlite", "redis", "redis+aof", "bare sqlite", "bare redis", "sqlite/bare",
-                        "redis/bare", "redis+aof/bare") if c in res["rows"][0]]
-    lines = [f"### {res['title']}, samples/s", "",
-             "| batch | samples | " + " | ".join(cols) + " |", "|---" * (len(cols) + 2) + "|"]
+    cols = [
+        c
+        for c in (
+            "memory",
+            "sqlite",
+            "redis",
+            "redis+aof",
+            "bare sqlite",
+            "bare redis",
+            "sqlite/bare",
+            "redis/bare",
+            "redis+aof/bare",
+        )
+        if c in res["rows"][0]
+    ]
+    lines = [
+        f"### {res['title']}, samples/s",
+        "",
+        "| batch | samples | " + " | ".join(cols) + " |",
+        "|---" * (len(cols) + 2) + "|",
+    ]
     for row in res["rows"]:
         cells = [f"{row[c]:.2f}" if "/" in c else f"{row[c]:,.0f}" for c in cols]
         lines.append(f"| {row['batch']} | {row['samples']:,} | " + " | ".join(cells) + " |")
     st = res["settings"]
-    lines += ["", "One client in one process. *redis*: redis-server without persistence; *redis+aof*: "
-              "`appendonly yes, appendfsync always`; SQLite in WAL with synchronous=NORMAL "
-              f"(SQLite {st['sqlite']}{', redis-py ' + st['redis-py'] if 'redis-py' in st else ''}). "
-              "*bare* = the same four steps per batch with no library code (four SQLite transactions, four Lua "
-              "scripts); x/bare is the share of the bare engine's rate the ledger keeps. "
-              f"Medians of {st['repeats']} repeats."]
+    lines += [
+        "",
+        "One client in one process. *redis*: redis-server without persistence; *redis+aof*: "
+        "`appendonly yes, appendfsync always`; SQLite in WAL with synchronous=NORMAL "
+        f"(SQLite {st['sqlite']}{', redis-py ' + st['redis-py'] if 'redis-py' in st else ''}). "
+        "*bare* = the same four steps per batch with no library code (four SQLite transactions, four Lua "
+        "scripts); x/bare is the share of the bare engine's rate the ledger keeps. "
+        f"Medians of {st['repeats']} repeats.",
+    ]
     for k, why in res.get("skipped", {}).items():
         lines.append(f"Skipped {k}: {why}.")
     return "\n".join(lines)

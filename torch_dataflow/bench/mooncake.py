@@ -97,8 +97,14 @@ def run(cfg: Settings) -> dict[str, Any]:
         for placement, segment in placements:
             ns = f"bench{uuid.uuid4().hex[:6]}"
             direct = MooncakeStore(master.address, segment_size=segment, namespace=ns, force_after=0)
-            staging = MooncakeStore(master.address, segment_size=segment, namespace=ns + "s", transfer="staging",
-                                    buffer_size="64MiB", force_after=0)
+            staging = MooncakeStore(
+                master.address,
+                segment_size=segment,
+                namespace=ns + "s",
+                transfer="staging",
+                buffer_size="64MiB",
+                force_after=0,
+            )
             try:
                 for label, nbytes in sizes.items():
                     reps = cfg.reps(REPS[nbytes], 5)
@@ -122,15 +128,22 @@ def run(cfg: Settings) -> dict[str, Any]:
             what = f"ours / raw {op}, {r['placement']}, {r['size']}"
             ratios.append(ratio_entry(what, r[f"ratio {op}"], TARGET))
             targets.append(target(f"Mooncake {what}", r[f"ratio {op}"], TARGET, quick=cfg.quick))
-    return {"title": TITLE, "settings": {"date": time.strftime("%Y-%m-%d")}, "rows": rows, "ratios": ratios,
-            "targets": targets, "skipped": {}}
+    return {
+        "title": TITLE,
+        "settings": {"date": time.strftime("%Y-%m-%d")},
+        "rows": rows,
+        "ratios": ratios,
+        "targets": targets,
+        "skipped": {},
+    }
 
 
 def render(res: dict[str, Any]) -> str:
     if not res["rows"]:
         return f"### {res['title']}\n\nSkipped: {res['skipped'].get('mooncake')}."
     lines = [
-        f"### {res['title']}, GB/s", "",
+        f"### {res['title']}, GB/s",
+        "",
         "| placement | size | raw put | ours put | ours/raw | raw get | ours get | ours/raw "
         "| staging put / get vs raw | memcpy | reps |",
         "|---" * 11 + "|",
@@ -141,8 +154,11 @@ def render(res: dict[str, Any]) -> str:
             f"| {r['ratio put']:.0%} | {r['raw get GB/s']:.2f} | {r['ours get GB/s']:.2f} | {r['ratio get']:.0%} "
             f"| {r['ratio staging put']:.0%} / {r['ratio staging get']:.0%} | {r['memcpy GB/s']:.1f} | {r['reps']} |"
         )
-    lines += ["", "ours/raw = raw time / our time (target >= 90%). *raw*: `put_from`/`get_into` on one "
-              "pre-registered buffer; *ours*: `MooncakeStore.put`/`get` of one tensor (encode + xxh3, zero-copy "
-              "transfer, verified decode into fresh memory); *staging*: `transfer=staging` instead of the default "
-              "`direct`. memcpy = one copy of the same size in the same run. Medians of *reps* repeats."]
+    lines += [
+        "",
+        "ours/raw = raw time / our time (target >= 90%). *raw*: `put_from`/`get_into` on one "
+        "pre-registered buffer; *ours*: `MooncakeStore.put`/`get` of one tensor (encode + xxh3, zero-copy "
+        "transfer, verified decode into fresh memory); *staging*: `transfer=staging` instead of the default "
+        "`direct`. memcpy = one copy of the same size in the same run. Medians of *reps* repeats.",
+    ]
     return "\n".join(lines)

@@ -16,7 +16,6 @@
 
 from __future__ import annotations
 
-import multiprocessing as mp
 import shutil
 import statistics
 import tempfile
@@ -33,7 +32,7 @@ from ..ledger import open_ledger
 from ..ledger.base import Ledger
 from ..producer import FeatureWriter
 from ..testing.ledger_conformance import fake_ref
-from ._util import Settings, eagle3_sample, ratio_entry, target
+from ._util import Settings, eagle3_sample, mp_context, ratio_entry, target
 from .ledger import redis_servers, redis_unavailable
 
 TITLE = "Scaling: consumer processes and pool size"
@@ -41,11 +40,13 @@ OPS = ("commit", "lease", "ack", "mark_durable")  # the hot path; counts() is re
 FLAT = 1.5  # hot-path cost at the largest pool may be at most this multiple of the smallest
 
 
-def _consumer(store: str, ledger: str, rank: int, world: int, batch: int, epochs: list[int], barrier: Any,
-              out: Any) -> None:
+def _consumer(
+    store: str, ledger: str, rank: int, world: int, batch: int, epochs: list[int], barrier: Any, out: Any
+) -> None:
     torch.set_num_threads(1)
-    ds = FeatureStoreDataset(store, ledger, mode="offline", batch_size=batch, rank=rank, world_size=world,
-                             shuffle=False)
+    ds = FeatureStoreDataset(
+        store, ledger, mode="offline", batch_size=batch, rank=rank, world_size=world, shuffle=False
+    )
     loader = DataLoader(ds, batch_size=batch, num_workers=0, collate_fn=eagle3_collate)
     ds.ledger.attempt()  # attach before the clock starts
     times = []
@@ -78,7 +79,7 @@ def _ledger_worker(uris: list[str], owner: str, batch: int, barrier: Any, out: A
 
 def _spawn(target_fn: Any, per_proc_args: list[tuple[Any, ...]], n_rounds: int) -> list[float]:
     """Run one process per args tuple; return the aggregate seconds of each round (first start to last end)."""
-    ctx = mp.get_context("spawn")
+    ctx = mp_context()
     barrier, out = ctx.Barrier(len(per_proc_args)), ctx.Queue()
     procs = [ctx.Process(target=target_fn, args=(*a, barrier, out), daemon=True) for a in per_proc_args]
     for p in procs:
@@ -102,7 +103,7 @@ def _spawn(target_fn: Any, per_proc_args: list[tuple[Any, ...]], n_rounds: int) 
 
 def _commit_pool(led: Ledger, ids: list[str], refs: dict[str, Any] | None = None) -> None:
     for i in range(0, len(ids), 1024):
-        chunk = ids[i:i + 1024]
+        chunk = ids[i : i + 1024]
         gens = led.reserve(chunk)
         led.commit([refs[s] if refs else fake_ref(s, g) for s, g in zip(chunk, gens, strict=True)])
 
@@ -125,8 +126,20 @@ def consumers(cfg: Settings, ledgers: dict[str, str], tmp: Path) -> list[dict[st
             rates = _spawn(_consumer, [(store, uri, r, k, batch, epochs) for r in range(k)], reps + 1)[1:]
             sps = statistics.median(rates)
             base = base or sps
-            rows.append({"ledger": name, "processes": k, "S": s, "H": h, "pool": n, "batch": batch, "reps": reps,
-                         "samples_per_s": sps, "gbps": sps * nbytes / 1e9, "vs_1": sps / base})
+            rows.append(
+                {
+                    "ledger": name,
+                    "processes": k,
+                    "S": s,
+                    "H": h,
+                    "pool": n,
+                    "batch": batch,
+                    "reps": reps,
+                    "samples_per_s": sps,
+                    "gbps": sps * nbytes / 1e9,
+                    "vs_1": sps / base,
+                }
+            )
     return rows
 
 
@@ -142,8 +155,17 @@ def control_plane(cfg: Settings, ledgers: dict[str, str]) -> list[dict[str, Any]
             rates = _spawn(_ledger_worker, [(uris, f"w{j}", batch) for j in range(k)], reps)
             sps = statistics.median(rates)
             base = base or sps
-            rows.append({"ledger": name, "processes": k, "pool": n, "batch": batch, "reps": reps,
-                         "samples_per_s": sps, "vs_1": sps / base})
+            rows.append(
+                {
+                    "ledger": name,
+                    "processes": k,
+                    "pool": n,
+                    "batch": batch,
+                    "reps": reps,
+                    "samples_per_s": sps,
+                    "vs_1": sps / base,
+                }
+            )
     return rows
 
 
@@ -180,8 +202,13 @@ def pool_sizes(cfg: Settings, ledgers: dict[str, str]) -> list[dict[str, Any]]:
                 led.mark_durable(state["step"])
 
             ops = {"commit": [], "lease": [], "ack": [], "mark_durable": [], "counts": []}
-            fns = {"commit": commit, "lease": lease, "ack": ack, "mark_durable": durable,
-                   "counts": lambda i, led=led: led.counts()}
+            fns = {
+                "commit": commit,
+                "lease": lease,
+                "ack": ack,
+                "mark_durable": durable,
+                "counts": lambda i, led=led: led.counts(),
+            }
             for c in range(cycles + 2):  # the pool stays at `pool` pending: 64 in, 64 out per cycle
                 for op, fn in fns.items():
                     t0 = time.perf_counter()
@@ -227,37 +254,73 @@ def run(cfg: Settings) -> dict[str, Any]:
             smallest = min(x["pool"] for x in pools)
             what = f"{r['ledger']} hot-path cost at {smallest:,} / at {biggest:,} pending"
             ratios.append(ratio_entry(what, 1 / r["vs_smallest"], 1 / FLAT))
-            targets.append(target(f"{r['ledger']} ledger per-op cost flat from {smallest:,} to {biggest:,} "
-                                  f"samples (cost ratio <= {FLAT})", 1 / r["vs_smallest"], 1 / FLAT, quick=cfg.quick))
-    return {"title": TITLE, "rows": {"consumers": cons, "control_plane": cp, "pool_sizes": pools},
-            "ratios": ratios, "targets": targets, "skipped": skipped, "settings": {"flat": FLAT}}
+            targets.append(
+                target(
+                    f"{r['ledger']} ledger per-op cost flat from {smallest:,} to {biggest:,} "
+                    f"samples (cost ratio <= {FLAT})",
+                    1 / r["vs_smallest"],
+                    1 / FLAT,
+                    quick=cfg.quick,
+                )
+            )
+    return {
+        "title": TITLE,
+        "rows": {"consumers": cons, "control_plane": cp, "pool_sizes": pools},
+        "ratios": ratios,
+        "targets": targets,
+        "skipped": skipped,
+        "settings": {"flat": FLAT},
+    }
 
 
 def render(res: dict[str, Any]) -> str:
     cons, cp, pools = res["rows"]["consumers"], res["rows"]["control_plane"], res["rows"]["pool_sizes"]
     c0 = cons[0]
-    lines = [f"### {res['title']}", "",
-             f"**Consumer processes** (loader + eagle3_collate + ack; pool of {c0['pool']} samples, S={c0['S']}, "
-             f"H={c0['H']}, batch {c0['batch']} per rank; medians of {c0['reps']} epochs after a warm-up epoch)", "",
-             "| ledger | processes | samples/s | GB/s | vs 1 process |", "|---|---|---|---|---|"]
-    lines += [f"| {r['ledger']} | {r['processes']} | {r['samples_per_s']:.1f} | {r['gbps']:.2f} | {r['vs_1']:.2f} |"
-              for r in cons]
+    lines = [
+        f"### {res['title']}",
+        "",
+        f"**Consumer processes** (loader + eagle3_collate + ack; pool of {c0['pool']} samples, S={c0['S']}, "
+        f"H={c0['H']}, batch {c0['batch']} per rank; medians of {c0['reps']} epochs after a warm-up epoch)",
+        "",
+        "| ledger | processes | samples/s | GB/s | vs 1 process |",
+        "|---|---|---|---|---|",
+    ]
+    lines += [
+        f"| {r['ledger']} | {r['processes']} | {r['samples_per_s']:.1f} | {r['gbps']:.2f} | {r['vs_1']:.2f} |"
+        for r in cons
+    ]
     p0 = cp[0]
-    lines += ["", f"**Control plane alone** (K processes lease {p0['batch']} + ack from one pool of {p0['pool']:,}; "
-              f"medians of {p0['reps']})", "",
-              "| ledger | processes | samples/s | vs 1 process |", "|---|---|---|---|"]
+    lines += [
+        "",
+        f"**Control plane alone** (K processes lease {p0['batch']} + ack from one pool of {p0['pool']:,}; "
+        f"medians of {p0['reps']})",
+        "",
+        "| ledger | processes | samples/s | vs 1 process |",
+        "|---|---|---|---|",
+    ]
     lines += [f"| {r['ledger']} | {r['processes']} | {r['samples_per_s']:,.0f} | {r['vs_1']:.2f} |" for r in cp]
-    lines += ["", f"**Pool size** (microseconds per call on 64 samples, median of {pools[0]['cycles']} cycles; the "
-              "pool stays at the given number of pending samples)", "",
-              "| ledger | pending | commit | lease | ack | mark_durable | hot path | vs smallest pool "
-              "| counts() | counts vs smallest |", "|---" * 10 + "|"]
-    lines += [f"| {r['ledger']} | {r['pool']:,} | {r['commit us']:.0f} | {r['lease us']:.0f} | {r['ack us']:.0f} "
-              f"| {r['mark_durable us']:.0f} | {r['hot path us']:.0f} | {r['vs_smallest']:.2f} | {r['counts us']:.0f} "
-              f"| {r['counts vs_smallest']:.2f} |" for r in pools]
-    lines += ["", f"Flat means the hot path (commit + lease + ack + mark_durable) at the largest pool costs at most "
-              f"{res['settings']['flat']}x what it costs at the smallest. `counts()` is a status query (it scans); "
-              "it is on the producer's path only when `max_pending` is set. The machine has 2 cores: 3-4 "
-              "processes share them with the benchmark driver."]
+    lines += [
+        "",
+        f"**Pool size** (microseconds per call on 64 samples, median of {pools[0]['cycles']} cycles; the "
+        "pool stays at the given number of pending samples)",
+        "",
+        "| ledger | pending | commit | lease | ack | mark_durable | hot path | vs smallest pool "
+        "| counts() | counts vs smallest |",
+        "|---" * 10 + "|",
+    ]
+    lines += [
+        f"| {r['ledger']} | {r['pool']:,} | {r['commit us']:.0f} | {r['lease us']:.0f} | {r['ack us']:.0f} "
+        f"| {r['mark_durable us']:.0f} | {r['hot path us']:.0f} | {r['vs_smallest']:.2f} | {r['counts us']:.0f} "
+        f"| {r['counts vs_smallest']:.2f} |"
+        for r in pools
+    ]
+    lines += [
+        "",
+        f"Flat means the hot path (commit + lease + ack + mark_durable) at the largest pool costs at most "
+        f"{res['settings']['flat']}x what it costs at the smallest. `counts()` is a status query (it scans); "
+        "it is on the producer's path only when `max_pending` is set. The machine has 2 cores: 3-4 "
+        "processes share them with the benchmark driver.",
+    ]
     for k, why in res.get("skipped", {}).items():
         lines.append(f"Skipped {k}: {why}.")
     return "\n".join(lines)

@@ -41,54 +41,28 @@ class _Events:
         self._f.close()
 
 
-def _ack_callback(ds: Any) -> Any:
-    """The library's ack/recovery callback (``torch_dataflow.lightning``), or a
-    stand-in while that module is not there (TEMPORARY)."""
-    try:
-        from ..lightning import FeatureAckCallback
-    except ImportError:
-        return _temporary_ack(ds)
-    return FeatureAckCallback(ds)
+def _ack_callback(ds: Any, resume: str | None) -> Any:
+    """The library's ack/recovery callback, with the ledger reconciled now.
 
+    ``FeatureAckCallback`` reconciles in ``on_train_start``, but Lightning has
+    already fetched the first batch of an unsized loader by then (its
+    prefetcher runs in ``setup_data``), so reconciling there would hand that
+    batch's samples out a second time. ``StepAcker.resume`` before ``fit``
+    reconciles before any lease; the callback then skips its own.
+    """
+    from ..lightning import FeatureAckCallback
 
-def _temporary_ack(ds: Any) -> Any:
-    import lightning
-
-    class TemporaryAck(lightning.Callback):
-        """Acks the batches of each optimizer step; marks a checkpoint's step
-        durable once the checkpoint is on disk; reconciles when resuming."""
-
-        def __init__(self) -> None:
-            self.batches: list[Any] = []
-            self.last_step = -1
-            self.saved: int | None = None
-
-        def on_fit_start(self, trainer: Any, module: Any) -> None:
-            if trainer.ckpt_path:
-                ckpt = torch.load(trainer.ckpt_path, map_location="cpu", weights_only=True)
-                ds.reconcile(int(ckpt["global_step"]))
-
-        def on_train_start(self, trainer: Any, module: Any) -> None:
-            self.last_step = trainer.global_step
-
-        def on_train_batch_end(self, trainer: Any, module: Any, outputs: Any, batch: Any, batch_idx: int) -> None:
-            if self.saved is not None:
-                ds.mark_durable(self.saved)
-                self.saved = None
-            self.batches.append({"__lease__": batch["__lease__"]})
-            if trainer.global_step != self.last_step:
-                ds.ack(self.batches, trainer.global_step)
-                self.batches, self.last_step = [], trainer.global_step
-
-        def on_save_checkpoint(self, trainer: Any, module: Any, checkpoint: dict[str, Any]) -> None:
-            self.saved = trainer.global_step
-
-        def on_train_end(self, trainer: Any, module: Any) -> None:
-            if self.saved is not None:
-                ds.mark_durable(self.saved)
-                self.saved = None
-
-    return TemporaryAck()
+    callback = FeatureAckCallback(ds)
+    if resume is None:
+        callback.acker.resume(None)
+    else:
+        ckpt = torch.load(resume, map_location="cpu", weights_only=True)
+        state = (ckpt.get("callbacks") or {}).get(callback.state_key)
+        if state is not None:
+            callback.acker.resume(from_state=state)
+        else:
+            callback.acker.resume(int(ckpt["global_step"]))
+    return callback
 
 
 def _monitor(cfg: DemoConfig, events: _Events, heldout: dict[str, Any]) -> Any:
@@ -176,12 +150,11 @@ def train(config: dict[str, Any], attempt: int) -> None:
         trainer = lightning.Trainer(
             accelerator="cpu", devices=1, max_epochs=1, logger=False, enable_progress_bar=False,
             enable_model_summary=False, default_root_dir=cfg.root, log_every_n_steps=cfg.eval_every,
-            callbacks=[_ack_callback(ds), checkpoints, _monitor(cfg, events, collate(target["heldout"]))],
+            callbacks=[_ack_callback(ds, resume), checkpoints, _monitor(cfg, events, collate(target["heldout"]))],
         )  # fmt: skip
         trainer.fit(module, loader, ckpt_path=resume)
         # A closing checkpoint covers the last steps, so every trained sample ends durable.
         trainer.save_checkpoint(cfg.checkpoint_dir / "final.ckpt")
-        ds.mark_durable(trainer.global_step)  # TEMPORARY: the callback's job once it marks explicit saves
         events.write("end", step=trainer.global_step, quarantined=list(ds.quarantined))
     finally:
         events.close()

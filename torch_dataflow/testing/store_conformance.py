@@ -430,3 +430,43 @@ class StoreConformance:
             assert s.get(SampleRef.from_json(out["ref"]))["v"].tolist() == [0, 3, 6, 9]
         else:
             assert not s.exists(SampleRef.from_json(out["ref"]))
+
+    # ------------------------------------------- with a writer and a dataset
+    def _ledger_uri(self) -> str:
+        import secrets
+
+        return f"memory://store-conformance-{secrets.token_hex(4)}"
+
+    def test_inv1_writer_to_dataset_delivers_each_once_then_frees(self) -> None:
+        from ..dataset import FeatureStoreDataset
+        from ..producer import FeatureWriter
+
+        store, ledger = self.store(), self._ledger_uri()
+        with FeatureWriter(store, ledger) as w:
+            for i in range(12):
+                w.put(f"w{i:03d}", {"x": torch.full((8,), float(i))})
+        ds = FeatureStoreDataset(store, ledger, batch_size=4, idle_timeout=60)
+        seen = []
+        for step, s in enumerate(ds, 1):
+            assert torch.all(s["x"] == float(s["__sample_id__"][1:]))
+            assert ds.ack(s, step) == []
+            seen.append(s["__sample_id__"])
+        assert sorted(seen) == [f"w{i:03d}" for i in range(12)]
+        assert ds.mark_durable(12) == 12
+        assert store.health().count == 0 and not [k for k in store.keys() if k[0].startswith("w")]
+
+    def test_inv8_writer_waits_for_room_then_raises(self) -> None:
+        from ..errors import StoreFull
+        from ..producer import FeatureWriter
+
+        store, ledger = self.store(), self._ledger_uri()
+        one = {"x": torch.zeros(4096)}
+        w = FeatureWriter(store, ledger, max_resident_bytes=3 * 16384 + 4096, put_timeout=0.3)
+        for i in range(3):
+            w.put(f"b{i}", one)
+        with pytest.raises(StoreFull):
+            w.put("b3", one)
+        assert w.ledger.counts().committed == 3 and store.health().count == 3  # nothing dropped or grown
+        store.delete(w.ledger.get_ref("b0"))  # room again: the next put proceeds
+        w.put("b3", one)
+        assert store.health().count == 3

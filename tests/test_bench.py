@@ -1,0 +1,128 @@
+"""The benchmark harness in its CI setting: every scenario runs, every number is sane.
+
+Timings are not asserted (a shared CI machine makes them meaningless); the
+shape of the report is: each scenario present, finite positive figures and
+ratios, targets reported as met or missed, a PNG plot, docs that keep the
+sections a run did not cover.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from torch_dataflow.bench import SCENARIOS, main
+from torch_dataflow.bench.report import write_docs
+
+IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
+
+
+@pytest.fixture(scope="module")
+def quick(tmp_path_factory: pytest.TempPathFactory) -> tuple[int, dict[str, Any], Path]:
+    out = tmp_path_factory.mktemp("bench")
+    rc = main(["--quick", "--json", str(out / "bench.json"), "--plot", str(out / "bench.png")])
+    return rc, json.loads((out / "bench.json").read_text()), out
+
+
+def _numbers(obj: Any, path: str = "") -> list[tuple[str, float]]:
+    if isinstance(obj, bool) or obj is None or isinstance(obj, str):
+        return []
+    if isinstance(obj, (int, float)):
+        return [(path, float(obj))]
+    if isinstance(obj, dict):
+        return [x for k, v in obj.items() for x in _numbers(v, f"{path}.{k}")]
+    if isinstance(obj, list):
+        return [x for i, v in enumerate(obj) for x in _numbers(v, f"{path}[{i}]")]
+    raise AssertionError(f"unexpected {type(obj).__name__} at {path}")
+
+
+def _skipped(res: dict[str, Any]) -> dict[str, str]:
+    return {k: v for k, v in res.get("skipped", {}).items() if v}
+
+
+def test_quick_run_covers_every_scenario(quick: tuple[int, dict[str, Any], Path]) -> None:
+    rc, res, _ = quick
+    assert rc == 0, res["errors"]
+    assert res["errors"] == {}
+    assert list(res["scenarios"]) == list(SCENARIOS)
+    assert res["quick"] is True
+    assert res["machine"]["cores"] >= 1 and res["machine"]["mem_gib"] > 0
+    for name, sc in res["scenarios"].items():
+        skipped = _skipped(sc)
+        if IN_CI:
+            assert not skipped, f"{name}: real servers must run in CI: {skipped}"
+        if name == "mooncake" and skipped:
+            continue  # a machine without the Mooncake wheel: the reason is recorded
+        assert sc["rows"], name
+        assert sc["ratios"], name
+
+
+def test_every_figure_and_ratio_is_finite_and_positive(quick: tuple[int, dict[str, Any], Path]) -> None:
+    _, res, _ = quick
+    for name, sc in res["scenarios"].items():
+        for where, v in _numbers(sc["rows"], name):
+            assert math.isfinite(v) and v >= 0, f"{where} = {v}"
+        figures = [v for w, v in _numbers(sc["rows"], name) if w.endswith(("samples_per_s", "gbps", "GB/s"))]
+        assert all(v > 0 for v in figures), name
+        for r in sc["ratios"]:
+            assert math.isfinite(r["value"]) and r["value"] > 0, (name, r)
+        assert sc["seconds"] > 0
+
+
+def test_targets_are_reported_met_or_missed(quick: tuple[int, dict[str, Any], Path]) -> None:
+    _, res, _ = quick
+    targets = {name: sc["targets"] for name, sc in res["scenarios"].items()}
+    assert len(targets["store"]) == 2  # vs torch.save and vs raw file I/O
+    assert {t["what"].split()[0] for t in targets["ledger"]} >= {"memory", "sqlite"}
+    assert targets["scaling"], "the pool-size flatness check is missing"
+    for ts in targets.values():
+        for t in ts:
+            assert isinstance(t["met"], bool) and math.isfinite(t["value"]) and t["quick"] is True
+
+
+def test_end_to_end_reports_rate_bound_and_wait(quick: tuple[int, dict[str, Any], Path]) -> None:
+    _, res, _ = quick
+    rows = res["scenarios"]["e2e"]["rows"]
+    assert sorted(r["workers"] for r in rows) == [0, 1, 2]
+    for r in rows:
+        assert 0 < r["wait_fraction"] <= 1
+        assert r["vs_memcpy"] == pytest.approx(r["gbps"] / r["memcpy_gbps"])
+    scaling = res["scenarios"]["scaling"]["rows"]
+    assert {r["processes"] for r in scaling["consumers"]} >= {1, 2}
+    assert len({r["pool"] for r in scaling["pool_sizes"]}) >= 2
+
+
+def test_plot_is_a_png(quick: tuple[int, dict[str, Any], Path]) -> None:
+    _, _, out = quick
+    png = (out / "bench.png").read_bytes()
+    assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 10_000
+
+
+def test_docs_are_regenerated_whole_and_keep_uncovered_sections(
+    quick: tuple[int, dict[str, Any], Path], tmp_path: Path
+) -> None:
+    _, res, _ = quick
+    doc = tmp_path / "benchmarks.md"
+    doc.write_text(
+        "# old\n\n<!-- bench:store -->\nstale store\n<!-- /bench:store -->\n\n"
+        "<!-- bench:other -->\nkept as is\n<!-- /bench:other -->\n"
+    )
+    res = {**res, "command": "torch-dataflow bench --quick"}
+    write_docs(res, doc, tmp_path / "benchmarks.png", {"store": "fresh store table"})
+    text = doc.read_text()
+    assert "stale store" not in text and "fresh store table" in text
+    assert "<!-- bench:other -->\nkept as is\n<!-- /bench:other -->" in text
+    assert "torch-dataflow bench --quick" in text and "benchmarks.png" in text
+    assert f"{res['machine']['cores']} cores" in text and "GiB memory" in text
+    missed = [t for sc in res["scenarios"].values() for t in sc["targets"] if not t["met"]]
+    assert ("MISSED" in text) == bool(missed)
+
+
+def test_unknown_scenario_is_refused() -> None:
+    with pytest.raises(SystemExit, match="unknown scenario"):
+        main(["--scenarios", "store,nope"])

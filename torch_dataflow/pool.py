@@ -1,0 +1,279 @@
+"""The map-style face of a committed feature pool: :class:`FeaturePool`.
+
+A pool gives every committed sample an index (``0 .. len(pool) - 1``) so a
+``torch.utils.data.Sampler`` can hand out indices the way training scripts
+expect. Reading an index is a pure byte read from the store: DataLoader
+workers never lease, ack or plan. Leases are taken in the main process by
+:class:`~torch_dataflow.sampler.ReshardingSampler`, which yields
+:class:`PoolIndex` values (``int`` subclasses carrying the lease id and the
+committed ref); ``pool[index]`` then returns the sample's tensors plus
+``"__lease__"`` and ``"__sample_id__"``, exactly as
+:class:`~torch_dataflow.FeatureStoreDataset` does, so every acking path
+(Lightning, Fabric, plain loops) works unchanged.
+
+Example:
+    >>> import tempfile, torch
+    >>> from torch_dataflow import FeatureWriter
+    >>> d = tempfile.mkdtemp()
+    >>> store, ledger = f"file://{d}/features", f"sqlite://{d}/ledger.db"
+    >>> with FeatureWriter(store, ledger) as w:
+    ...     for i in range(3):
+    ...         _ = w.put(f"s{i}", {"x": torch.full((2,), i)})
+    >>> pool = FeaturePool(store, ledger)
+    >>> len(pool), pool.sample_id(2), pool[2]["x"].tolist()
+    (3, 's2', [2, 2])
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+from torch.utils.data import Dataset
+
+from .dataset import LEASE_KEY, SAMPLE_ID_KEY, lease_ids_of
+from .errors import ConfigError, CorruptSample, LeaseLost, SampleUnavailable
+from .ledger import Ledger, ReconcileReport, open_ledger
+from .ledger.base import parse_lease_id
+from .refs import Lease, SampleRef, validate_sample_id
+from .stores import FeatureStore, open_store
+
+__all__ = ["FeaturePool", "PoolIndex"]
+
+log = logging.getLogger(__name__)
+
+
+class PoolIndex(int):
+    """A pool index that carries the lease it was handed out under.
+
+    It *is* an ``int`` (code that does arithmetic on sampler output keeps
+    working) and pickles small: the index, the lease id and the committed
+    ref as JSON, so a DataLoader worker can read the bytes without asking
+    the ledger anything. ``lease_id`` is ``""`` for a padded slot that no
+    lease backs (see :class:`~torch_dataflow.sampler.ReshardingSampler`).
+
+    Example:
+        >>> i = PoolIndex(3, "0:1:ab:s3", "{}")
+        >>> i + 1, i.lease_id
+        (4, '0:1:ab:s3')
+    """
+
+    lease_id: str
+    ref_json: str
+
+    def __new__(cls, index: int, lease_id: str, ref_json: str) -> PoolIndex:
+        obj = super().__new__(cls, index)
+        obj.lease_id = lease_id
+        obj.ref_json = ref_json
+        return obj
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (PoolIndex, (int(self), self.lease_id, self.ref_json))
+
+    def __repr__(self) -> str:
+        return f"PoolIndex({int(self)}, lease_id={self.lease_id!r})"
+
+
+class FeaturePool(Dataset):
+    """Committed samples of a store + ledger as a map-style dataset.
+
+    **Index space.** ``sample_ids`` fixes it (index ``i`` is ``sample_ids[i]``);
+    give it in the order your legacy dataset used, or in commit order, so a
+    non-shuffled :class:`~torch_dataflow.sampler.ReshardingSampler` hands out
+    the same index partition as ``DistributedSampler`` (the ledger's
+    unshuffled order is commit order). Without it, the pool lists the store
+    and keeps every id whose latest stored generation is the ledger's
+    committed one, sorted by id (one ledger query per id: pass ``sample_ids``
+    for pools of millions). Use :meth:`from_specforge` for an imported
+    SpecForge directory (its file order).
+
+    **Reading.** ``pool[k]`` accepts a :class:`PoolIndex` (from the sampler:
+    the sample plus its ``"__lease__"``), a plain ``int`` (no lease: reading
+    only, nothing to ack) or a lease id string. A corrupt or vanished sample
+    that was leased is quarantined in the ledger (never delivered again) and
+    the error is raised: a map-style face cannot swap in another sample
+    inside a worker without changing the batch.
+
+    Args:
+        store: store URI or instance. ledger: ledger URI or instance.
+        sample_ids: the index space (see above).
+        zero_copy: return views into store memory instead of owned tensors.
+
+    Raises:
+        ConfigError: a sample id appears twice, or is invalid.
+    """
+
+    def __init__(
+        self,
+        store: str | FeatureStore,
+        ledger: str | Ledger,
+        *,
+        sample_ids: Sequence[str] | None = None,
+        zero_copy: bool = False,
+    ) -> None:
+        self.store = open_store(store)
+        self.ledger = open_ledger(ledger)
+        self.zero_copy = bool(zero_copy)
+        ids = list(sample_ids) if sample_ids is not None else self._discover()
+        for sid in ids:
+            validate_sample_id(sid)
+        self._ids = ids
+        self._index = {sid: i for i, sid in enumerate(ids)}
+        if len(self._index) != len(ids):
+            raise ConfigError("sample_ids holds the same id twice: a pool index must name one sample")
+
+    @classmethod
+    def from_specforge(cls, directory: Any, store: str | FeatureStore, ledger: str | Ledger, *,
+                       zero_copy: bool = False) -> FeaturePool:
+        """A pool over a SpecForge directory imported with
+        :func:`~torch_dataflow.eagle3.import_directory`, indexed in the
+        directory's own (SpecForge's) file order.
+
+        Args:
+            directory: the directory or an open ``SpecForgeDirectory``.
+            store, ledger: where it was imported to.
+
+        Example:
+            >>> from torch_dataflow.eagle3 import import_directory
+            >>> import_directory("/data/hs", "file:///data/feat", "sqlite:///data/l.db")  # doctest: +SKIP
+            >>> pool = FeaturePool.from_specforge("/data/hs", "file:///data/feat", "sqlite:///data/l.db")  # doctest: +SKIP
+        """
+        from .eagle3.specforge import SpecForgeDirectory
+
+        ds = directory if isinstance(directory, SpecForgeDirectory) else SpecForgeDirectory(directory)
+        return cls(store, ledger, sample_ids=[ds.sample_id(i) for i in range(len(ds))], zero_copy=zero_copy)
+
+    def _discover(self) -> list[str]:
+        latest: dict[str, int] = {}
+        for sid, gen in self.store.keys():  # noqa: SIM118 - a store, not a dict
+            latest[sid] = max(gen, latest.get(sid, 0))
+        ids = []
+        for sid in sorted(latest):
+            ref = self.ledger.get_ref(sid)
+            if ref is not None and ref.generation == latest[sid]:
+                ids.append(sid)  # committed; uncommitted or orphaned bytes are not samples
+        return ids
+
+    # ------------------------------------------------------------ index space
+    def __len__(self) -> int:
+        return len(self._ids)
+
+    @property
+    def sample_ids(self) -> list[str]:
+        """The index space: ``sample_ids[i]`` is index ``i`` (a copy)."""
+        return list(self._ids)
+
+    def sample_id(self, index: int) -> str:
+        """The sample id at ``index``."""
+        return self._ids[int(index)]
+
+    def index_of(self, sample_id: str) -> int:
+        """The index of ``sample_id``.
+
+        Raises:
+            KeyError: the id is not in this pool (committed after it was built?).
+        """
+        try:
+            return self._index[sample_id]
+        except KeyError:
+            raise KeyError(f"sample {sample_id!r} is not in this pool of {len(self)} samples "
+                           "(committed after the pool was built? build a new FeaturePool)") from None
+
+    def leased_index(self, lease: Lease) -> PoolIndex:
+        """The :class:`PoolIndex` that carries ``lease`` (used by the sampler)."""
+        return PoolIndex(self.index_of(lease.sample_id), lease.lease_id, lease.ref.to_json())
+
+    def padding_index(self, index: int) -> PoolIndex:
+        """A :class:`PoolIndex` for ``index`` that no lease backs (a padded slot)."""
+        ref = self.ledger.get_ref(self.sample_id(index))
+        if ref is None:
+            raise SampleUnavailable(f"sample {self.sample_id(index)!r} has no committed ref")
+        return PoolIndex(index, "", ref.to_json())
+
+    # ------------------------------------------------------------ reading
+    def __getitem__(self, key: int | str) -> dict[str, Any]:
+        """Read one sample: its tensors, ``"__sample_id__"`` and, when it was
+        leased, ``"__lease__"``.
+
+        Raises:
+            IndexError: an int outside the pool.
+            LeaseLost: a string that is not a lease id.
+            SampleUnavailable: the bytes are gone (freed, aborted, superseded).
+            CorruptSample: the bytes fail their checksum (the lease is quarantined).
+        """
+        if isinstance(key, PoolIndex):
+            ref, lease_id = SampleRef.from_json(key.ref_json), key.lease_id
+        elif isinstance(key, str):
+            _epoch, gen, _nonce, sid = parse_lease_id(key)
+            ref = self._ref(sid)
+            if ref.generation != gen:
+                raise LeaseLost(f"lease {key!r} is for generation {gen}; generation {ref.generation} is committed")
+            lease_id = key
+        elif isinstance(key, (int, torch.Tensor)) and not isinstance(key, bool):
+            index = int(key)
+            if not -len(self) <= index < len(self):
+                raise IndexError(f"index {index} is outside a pool of {len(self)} samples")
+            ref, lease_id = self._ref(self._ids[index]), None
+        else:
+            raise TypeError(f"a pool index is an int, a PoolIndex or a lease id, got {type(key).__name__}")
+        try:
+            tensors = self._read(ref)
+        except (CorruptSample, SampleUnavailable) as e:
+            if lease_id:
+                # Invariant 7: never train on it, never deliver it again; report it.
+                self.ledger.fail([lease_id], retryable=False, reason=f"unreadable in worker {os.getpid()}: {e}")
+                log.error("quarantined %s: %s", ref.sample_id, e)
+            raise
+        sample: dict[str, Any] = dict(tensors)
+        if lease_id is not None:
+            sample[LEASE_KEY] = lease_id
+        sample[SAMPLE_ID_KEY] = ref.sample_id
+        return sample
+
+    def _ref(self, sample_id: str) -> SampleRef:
+        ref = self.ledger.get_ref(sample_id)
+        if ref is None:
+            raise SampleUnavailable(f"sample {sample_id!r} is not committed to {self.ledger.uri}")
+        return ref
+
+    def _read(self, ref: SampleRef) -> dict[str, torch.Tensor]:
+        """The bytes of ``ref`` as tensors (subclasses may read elsewhere)."""
+        return self.store.get(ref, zero_copy=self.zero_copy)
+
+    # ------------------------------------------------------------ acks
+    def ack(self, batch: Any, step: int, *, strict: bool = False) -> list[str]:
+        """Mark the samples of ``batch`` trained at optimizer step ``step``
+        (for hand-written loops; the Lightning / Fabric callbacks do the same
+        from the batch's ``"__lease__"`` list). Padded slots (``""``) are
+        skipped; acking a padded repeat of a leased sample twice is a no-op.
+
+        Returns:
+            The lease ids that were lost (expired and taken elsewhere, aborted).
+
+        Raises:
+            LeaseLost: with ``strict``, if any was lost.
+        """
+        ids = [lid for lid in lease_ids_of(batch) if lid]
+        lost = self.ledger.ack(ids, step) if ids else []
+        if lost:
+            msg = f"{len(lost)} leases were lost before their ack at step {step} (first: {lost[0]})"
+            if strict:
+                raise LeaseLost(msg)
+            log.warning(msg)
+        return lost
+
+    def mark_durable(self, step: int) -> None:
+        """A checkpoint covering ``step`` is written: trained deliveries become
+        DURABLE. Bytes are kept: an offline pool is read again next epoch."""
+        self.ledger.mark_durable(step, free=False)
+
+    def reconcile(self, resume_step: int | None) -> ReconcileReport:
+        """Restart rule, run by one process before any rank starts (see
+        :meth:`~torch_dataflow.ledger.base.Ledger.reconcile`); keeps the bytes."""
+        return self.ledger.reconcile(resume_step, free=False)
+
+    def __repr__(self) -> str:
+        return f"FeaturePool({self.store.uri!r}, {self.ledger.uri!r}, n={len(self)})"

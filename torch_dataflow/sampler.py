@@ -1,0 +1,272 @@
+""":class:`ReshardingSampler`: ``DistributedSampler``'s drop-in over a committed pool.
+
+Migrating a training script is one line::
+
+    -sampler = DistributedSampler(dataset, num_replicas=dp_size, rank=dp_rank, shuffle=True)
+    +sampler = ReshardingSampler(FeaturePool(store, ledger), num_replicas=dp_size, rank=dp_rank, shuffle=True)
+
+plus an ack after each optimizer step (a callback, or ``pool.ack(batch, step)``).
+``set_epoch``, ``len(sampler)`` / ``len(loader)``, ``batch_size``,
+``num_workers``, ``pin_memory`` and ``persistent_workers`` work as before.
+
+How it works: every index is a delivery leased from the ledger **in the main
+process**, through a balanced *plan* (see :meth:`~torch_dataflow.ledger.base.Ledger.claim_step`)
+of one sample per rank per step: step ``k`` gives rank ``r`` the epoch's
+``k * world + r``-th pending sample, i.e. the ``[rank::world]`` interleave
+``DistributedSampler`` uses. Only PENDING deliveries are planned, so nothing
+leased elsewhere, aborted, quarantined or already trained in this epoch is
+handed out, and a run restarted with a different world size plans the rest of
+the epoch over the new width (the restart calls ``pool.reconcile(step)`` once).
+
+Example:
+    >>> import tempfile, torch
+    >>> from torch.utils.data import DataLoader
+    >>> from torch_dataflow import FeatureWriter
+    >>> from torch_dataflow.pool import FeaturePool
+    >>> d = tempfile.mkdtemp()
+    >>> store, ledger = f"file://{d}/features", f"sqlite://{d}/ledger.db"
+    >>> with FeatureWriter(store, ledger) as w:
+    ...     for i in range(6):
+    ...         _ = w.put(f"s{i}", {"x": torch.full((2,), i)})
+    >>> pool = FeaturePool(store, ledger)
+    >>> sampler = ReshardingSampler(pool, num_replicas=2, rank=0, shuffle=False)
+    >>> loader = DataLoader(pool, batch_size=3, sampler=sampler)
+    >>> sampler.set_epoch(0)
+    >>> len(loader), [b["__sample_id__"] for b in loader]
+    (1, [['s0', 's2', 's4']])
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterator
+
+import torch
+from torch.utils.data import Sampler
+
+from .errors import ConfigError, LeaseLost
+from .ledger import Plan
+from .pool import FeaturePool, PoolIndex
+from .refs import Lease
+
+__all__ = ["FeaturePool", "PoolIndex", "ReshardingSampler"]
+
+log = logging.getLogger(__name__)
+
+# Plan rounds of their own, so a sampler's plans never share a key with a
+# FeatureStoreDataset's (rounds from 0) in the same attempt and epoch.
+_MAIN_ROUND = 1_000_000
+_TAIL_ROUND = 2_000_000
+_MAX_PASSES = 100_000
+
+
+def _dist_world_rank() -> tuple[int, int]:
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        return torch.distributed.get_world_size(), torch.distributed.get_rank()
+    return 1, 0
+
+
+class ReshardingSampler(Sampler[int]):
+    """Lease-backed, resharding replacement for ``DistributedSampler``.
+
+    **Length.** Let ``R`` be the samples of the current epoch not yet
+    trained (all of them, in a fresh epoch). Each rank yields
+    ``R // num_replicas`` indices with ``drop_last=True`` (the tail,
+    ``R % num_replicas`` samples, stays pending: a resumed run picks it up,
+    and the next epoch is reshuffled) and ``ceil(R / num_replicas)`` with
+    ``drop_last=False`` — ``DistributedSampler``'s ``num_samples`` for a
+    dataset of ``R`` samples, equal on every rank. ``R`` is read from the
+    ledger once per (epoch, restart attempt), at the first ``len()`` or
+    ``iter()``, and kept: every rank must ask before any rank acks a sample of
+    the epoch, which DDP guarantees (an optimizer step needs every rank's
+    batch).
+
+    **Padding** (``drop_last=False`` only). The last row has ``R % world``
+    real samples, as in ``DistributedSampler``; ranks ``>= R % world`` repeat
+    their own previous sample *with its lease*, so the ledger counts it once
+    (acking it twice is a no-op) while its gradient counts twice, as with
+    ``DistributedSampler``. Unlike ``DistributedSampler``, which repeats the
+    epoch's first indices, the repeat is the rank's own last index; a rank
+    with no sample of its own in the pass repeats index ``rank - R % world``
+    under no lease (``"__lease__" == ""``, skipped by ``FeaturePool.ack``).
+    ``drop_last=True`` (the default, unlike ``DistributedSampler``) never
+    repeats: every sample is trained exactly once.
+
+    **Order.** ``shuffle=False``: the ledger's commit order, which equals the
+    pool's index order when the pool's ``sample_ids`` are in commit order;
+    then the partition is ``DistributedSampler``'s exactly. ``shuffle=True``:
+    a seeded order per epoch, identical on every rank (the ledger's hash of
+    ``(seed, epoch, sample_id)``), not ``torch.randperm``'s.
+
+    **Leases.** Taken in the main process as the DataLoader asks for
+    indices (at most its prefetch depth ahead), held for ``lease_ttl``
+    seconds; a dead rank's leases come back after they expire, or at once
+    when the restarted run calls ``pool.reconcile(resume_step)``. If a lease
+    expires before its rank claims it, that rank repeats its previous sample
+    for that slot (logged) so every rank still yields the same count; if the
+    pool runs dry early (another consumer took samples), every rank stops at
+    the same step.
+
+    Args:
+        dataset: the :class:`~torch_dataflow.pool.FeaturePool` to sample.
+        num_replicas: world size (default: ``torch.distributed``'s, else 1).
+        rank: this rank (default: ``torch.distributed``'s, else 0).
+        shuffle: seeded per-epoch shuffle.
+        seed: shuffle seed; must be the same on every rank.
+        drop_last: drop the uneven tail (default) or pad (see above).
+        lease_ttl: seconds a handed-out index stays reserved for this rank:
+            must exceed the DataLoader's prefetch depth plus the time to the
+            optimizer step that acks it.
+
+    Raises:
+        TypeError: ``dataset`` is not a ``FeaturePool``.
+        ValueError: bad ``num_replicas``, ``rank`` or ``lease_ttl``
+            (a :class:`~torch_dataflow.errors.ConfigError`).
+
+    Example:
+        >>> sampler = ReshardingSampler(pool, shuffle=True, seed=0)  # doctest: +SKIP
+        >>> loader = DataLoader(pool, batch_size=8, sampler=sampler, num_workers=4, drop_last=True)  # doctest: +SKIP
+        >>> for epoch in range(3):  # doctest: +SKIP
+        ...     sampler.set_epoch(epoch)
+        ...     for step_batch in loader:
+        ...         ...  # forward, backward, optimizer.step(); then pool.ack(step_batch, step)
+    """
+
+    def __init__(
+        self,
+        dataset: FeaturePool,
+        num_replicas: int | None = None,
+        rank: int | None = None,
+        shuffle: bool = True,
+        seed: int = 0,
+        drop_last: bool = True,
+        *,
+        lease_ttl: float = 300.0,
+    ) -> None:
+        if not isinstance(dataset, FeaturePool):
+            raise TypeError(f"ReshardingSampler samples a FeaturePool, got {type(dataset).__name__} "
+                            "(wrap the store and ledger: FeaturePool(store, ledger))")
+        world, dist_rank = _dist_world_rank()
+        num_replicas = world if num_replicas is None else num_replicas
+        rank = dist_rank if rank is None else rank
+        for name, value in (("num_replicas", num_replicas), ("rank", rank)):
+            if isinstance(value, bool) or not isinstance(value, int):
+                raise ConfigError(f"{name} must be an int, got {value!r}")
+        if num_replicas < 1:
+            raise ConfigError(f"num_replicas must be >= 1, got {num_replicas}")
+        if not 0 <= rank < num_replicas:
+            raise ConfigError(f"Invalid rank {rank}, rank should be in the interval [0, {num_replicas - 1}]")
+        if not lease_ttl > 0:
+            raise ConfigError(f"lease_ttl must be > 0 seconds, got {lease_ttl}")
+        self.dataset = dataset
+        self.num_replicas, self.rank = num_replicas, rank
+        self.shuffle, self.seed, self.drop_last = bool(shuffle), int(seed), bool(drop_last)
+        self.lease_ttl = float(lease_ttl)
+        self.epoch = 0
+        self._remaining: dict[tuple[int, int], int] = {}  # (epoch, attempt) -> R
+        self._passes: dict[tuple[int, int], int] = {}
+        self._warned_freed = False
+
+    # ------------------------------------------------------------ DistributedSampler surface
+    def set_epoch(self, epoch: int) -> None:
+        """Select the epoch the next iteration plans (call on every rank)."""
+        self.epoch = int(epoch)
+
+    def __len__(self) -> int:
+        return self.num_samples
+
+    @property
+    def num_samples(self) -> int:
+        """Indices this rank yields in the current epoch (``DistributedSampler.num_samples``)."""
+        remaining, _ = self._snapshot()
+        if self.drop_last:
+            return remaining // self.num_replicas
+        return -(-remaining // self.num_replicas)
+
+    @property
+    def total_size(self) -> int:
+        """Indices all ranks yield together (``DistributedSampler.total_size``)."""
+        return self.num_samples * self.num_replicas
+
+    def _snapshot(self) -> tuple[int, int]:
+        """``(R, attempt)``: undone samples of the epoch, read once per (epoch, attempt)."""
+        ledger = self.dataset.ledger
+        ledger.begin_epoch(self.epoch, seed=self.seed, shuffle=self.shuffle)
+        attempt = ledger.attempt()
+        key = (self.epoch, attempt)
+        if key not in self._remaining:
+            # Claims turn PENDING into LEASED, so pending + leased does not move
+            # while other ranks start; only acks lower it.
+            c = ledger.counts(epoch=self.epoch)
+            self._remaining[key] = c.pending + c.leased
+            if c.freed and not self._warned_freed:
+                self._warned_freed = True
+                log.warning("%d samples of %s were freed (mark_durable or reconcile with free=True): they are "
+                            "not in later epochs; use FeaturePool.mark_durable / reconcile, which keep the bytes "
+                            "of an offline pool", c.freed, ledger.uri)
+        return self._remaining[key], attempt
+
+    # ------------------------------------------------------------ iteration
+    def __iter__(self) -> Iterator[int]:
+        remaining, attempt = self._snapshot()
+        world, rank, epoch = self.num_replicas, self.rank, self.epoch
+        rows = remaining // world
+        tail = 0 if self.drop_last else remaining % world
+        key = (epoch, attempt)
+        passes = self._passes.get(key, 0)
+        self._passes[key] = passes + 1
+        last: PoolIndex | None = None
+        step = 0
+        while step < rows:
+            plan = Plan(attempt, epoch, world, 1, _MAIN_ROUND + passes)
+            claim = self.dataset.ledger.claim_step(plan, step, rank, self.lease_ttl, wait_for_stream=False)
+            if claim.status == "claimed":
+                # This rank already went through this plan (a new pass over the
+                # epoch, or a new sampler object): every rank moves on alike.
+                if step > 0 or passes >= _MAX_PASSES:
+                    raise LeaseLost(f"step {step} of plan {plan.key} was claimed twice by rank {rank}: "
+                                    "are two processes running as the same rank?")
+                passes += 1
+                self._passes[key] = passes + 1
+                continue
+            if claim.status == "end":
+                # The ledger fixes a plan's end once: every rank stops at this step.
+                log.warning("epoch %d ran out of pending samples at step %d of %d on rank %d (taken by "
+                            "another consumer, or leased by a dead one not yet expired)", epoch, step, rows, rank)
+                return
+            if claim.leases:
+                last = self._index(claim.leases[0])
+                yield last
+            else:
+                log.warning("rank %d: the lease of step %d expired before it was claimed (lease_ttl=%ss too "
+                            "short?); repeating a sample to keep ranks even", rank, step, self.lease_ttl)
+                yield self._pad(last, rank, tail)
+            step += 1
+        if tail:
+            yield self._tail(attempt, epoch, passes, rank, tail, last)
+
+    def _tail(self, attempt: int, epoch: int, passes: int, rank: int, tail: int, last: PoolIndex | None) -> int:
+        """The padded last row: ranks below ``tail`` get the real remainder
+        (one plan step of ``tail`` ranks), the others repeat a sample."""
+        if rank < tail:
+            plan = Plan(attempt, epoch, tail, 1, _TAIL_ROUND + passes)
+            claim = self.dataset.ledger.claim_step(plan, 0, rank, self.lease_ttl, wait_for_stream=False)
+            if claim.status == "ready" and claim.leases:
+                return self._index(claim.leases[0])
+            log.warning("rank %d: no sample left for the last row of epoch %d (%s); repeating one",
+                        rank, epoch, claim.status)
+        return self._pad(last, rank, tail)
+
+    def _index(self, lease: Lease) -> PoolIndex:
+        return self.dataset.leased_index(lease)
+
+    def _pad(self, last: PoolIndex | None, rank: int, tail: int) -> PoolIndex:
+        if last is not None:
+            return last
+        if not len(self.dataset):
+            raise ConfigError("cannot pad from an empty pool: its sample_ids do not match the ledger")
+        return self.dataset.padding_index((rank - tail) % len(self.dataset))
+
+    def __repr__(self) -> str:
+        return (f"ReshardingSampler({self.dataset!r}, num_replicas={self.num_replicas}, rank={self.rank}, "
+                f"shuffle={self.shuffle}, seed={self.seed}, drop_last={self.drop_last}, epoch={self.epoch})")
