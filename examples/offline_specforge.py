@@ -28,8 +28,13 @@ from torch.utils.data import DataLoader
 
 from torch_dataflow import FeatureLoader, FeatureStoreDataset
 from torch_dataflow.acking import StepAcker
-from torch_dataflow.eagle3 import Eagle3Collator, Eagle3Draft, SpecForgeDirectory, import_directory
-from torch_dataflow.eagle3 import write_specforge_directory
+from torch_dataflow.eagle3 import (
+    Eagle3Collator,
+    Eagle3Draft,
+    SpecForgeDirectory,
+    import_directory,
+    write_specforge_directory,
+)
 
 H, V = 64, 512
 
@@ -43,8 +48,13 @@ def new_draft(head: torch.Tensor) -> tuple[Eagle3Draft, torch.optim.Optimizer]:
 def train_in_place(src: Path, head: torch.Tensor, epochs: int, batch_size: int, max_len: int) -> float:
     """Way 1: read the SpecForge directory where it is."""
     draft, opt = new_draft(head)
-    loader = DataLoader(SpecForgeDirectory(src), batch_size=batch_size, shuffle=True, drop_last=True,
-                        collate_fn=Eagle3Collator(max_len=max_len))
+    loader = DataLoader(
+        SpecForgeDirectory(src),
+        batch_size=batch_size,
+        shuffle=True,
+        drop_last=True,
+        collate_fn=Eagle3Collator(max_len=max_len),
+    )
     for _ in range(epochs):
         for batch in loader:
             loss = draft(batch).loss
@@ -54,8 +64,7 @@ def train_in_place(src: Path, head: torch.Tensor, epochs: int, batch_size: int, 
     return loss.item()
 
 
-def train_imported(src: Path, workdir: Path, head: torch.Tensor, epochs: int, batch_size: int,
-                   max_len: int) -> float:
+def train_imported(src: Path, workdir: Path, head: torch.Tensor, epochs: int, batch_size: int, max_len: int) -> float:
     """Way 2: import once into a store + ledger, then train with acks per epoch."""
     store, ledger = f"file://{workdir / 'store'}", f"sqlite://{workdir / 'ledger.db'}"
     n = import_directory(src, store, ledger, progress=False)  # = `torch-dataflow import SRC --store .. --ledger ..`
@@ -95,7 +104,9 @@ def main(argv: list[str] | None = None) -> None:
     write_specforge_directory(src, n=args.samples, seq_lens=[24, 40, 64, 80], hidden=H, vocab=V, seed=0)
     head = torch.randn(V, H, generator=torch.Generator().manual_seed(1))  # the target's lm_head in real use
     print(f"in place: final loss {train_in_place(src, head, args.epochs, args.batch_size, args.max_len):.3f}")
-    print(f"imported: final loss {train_imported(src, args.workdir, head, args.epochs, args.batch_size, args.max_len):.3f}")
+    print(
+        f"imported: final loss {train_imported(src, args.workdir, head, args.epochs, args.batch_size, args.max_len):.3f}"
+    )
 
 
 if __name__ == "__main__":

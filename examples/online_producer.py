@@ -33,17 +33,21 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--seed", type=int, default=0, help="the trainer must use the same seed (same target)")
     p.add_argument("--model", default=None, help="a local Hugging Face model directory (default: tiny Llama)")
     p.add_argument("--max-pending", type=int, default=512, help="backpressure: undelivered samples at most")
-    p.add_argument("--wait-consumed", action="store_true",
-                   help="stay alive until every sample is trained and durable (Mooncake keeps a writer's bytes in "
-                   "the writer's memory unless a store server holds them)")
+    p.add_argument(
+        "--wait-consumed",
+        action="store_true",
+        help="stay alive until every sample is trained and durable (Mooncake keeps a writer's bytes in "
+        "the writer's memory unless a store server holds them)",
+    )
     args = p.parse_args(argv)
 
     torch.set_num_threads(1)
     model = tiny_llama_target(seed=args.seed, path=args.model)
     extractor = Eagle3FeatureExtractor(model, batch_size=8)  # shows a progress bar
     vocab = int(extractor.lm_head_weight().shape[0])
-    prompts = synthetic_prompts(args.samples, vocab=vocab, min_len=args.seq_len // 2, max_len=args.seq_len,
-                                seed=args.seed)
+    prompts = synthetic_prompts(
+        args.samples, vocab=vocab, min_len=args.seq_len // 2, max_len=args.seq_len, seed=args.seed
+    )
     name = f"producer@{socket.gethostname()}"
     with FeatureWriter(args.store, args.ledger, name=name, max_pending=args.max_pending) as writer:
         for i, features in enumerate(extractor.iter_extract(prompts)):

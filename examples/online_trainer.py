@@ -52,8 +52,7 @@ def main(argv: list[str] | None = None) -> None:
     target = Eagle3FeatureExtractor(tiny_llama_target(seed=args.seed, path=args.model), progress=False)
     head, embed = target.lm_head_weight(), target.embed_weight()
     del target
-    draft = Eagle3Draft(hidden_size=head.shape[1], vocab_size=head.shape[0], lm_head_weight=head,
-                        embed_weight=embed)
+    draft = Eagle3Draft(hidden_size=head.shape[1], vocab_size=head.shape[0], lm_head_weight=head, embed_weight=embed)
     opt = torch.optim.AdamW([q for q in draft.parameters() if q.requires_grad], lr=3e-3)
 
     ds = FeatureStoreDataset(args.store, args.ledger, batch_size=args.batch_size, idle_timeout=args.idle_timeout)

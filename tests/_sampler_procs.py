@@ -11,8 +11,19 @@ from pathlib import Path
 import torch
 
 
-def ddp_train(rank: int, world: int, init: str, store: str, ledger: str, out: str, epochs: list[int],
-              step0: int, stop_at: int | None = None, batch_size: int = 2, num_workers: int = 2) -> None:
+def ddp_train(
+    rank: int,
+    world: int,
+    init: str,
+    store: str,
+    ledger: str,
+    out: str,
+    epochs: list[int],
+    step0: int,
+    stop_at: int | None = None,
+    batch_size: int = 2,
+    num_workers: int = 2,
+) -> None:
     """One DDP rank training through a ReshardingSampler over a real DataLoader.
 
     Per batch: an all_reduce (DDP's gradient sync: it hangs if ranks disagree
@@ -32,8 +43,16 @@ def ddp_train(rank: int, world: int, init: str, store: str, ledger: str, out: st
     dist.init_process_group("gloo", init_method=init, rank=rank, world_size=world, timeout=timedelta(seconds=60))
     pool = FeaturePool(store, ledger)
     sampler = ReshardingSampler(pool, shuffle=True, seed=7, lease_ttl=120)  # rank and world from the group
-    loader = DataLoader(pool, batch_size=batch_size, sampler=sampler, num_workers=num_workers,
-                        persistent_workers=num_workers > 0, drop_last=True)
+    # Workers fork, as under torchrun (this rank was spawned, which would make them spawn too).
+    loader = DataLoader(
+        pool,
+        batch_size=batch_size,
+        sampler=sampler,
+        num_workers=num_workers,
+        persistent_workers=num_workers > 0,
+        drop_last=True,
+        multiprocessing_context="fork" if num_workers else None,
+    )
     step = step0
     with open(Path(out) / f"log.{rank}.jsonl", "a") as log:
         for epoch in epochs:
@@ -50,8 +69,12 @@ def ddp_train(rank: int, world: int, init: str, store: str, ledger: str, out: st
                 pool.ack(batch, step, strict=True)
                 ids = batch["__sample_id__"]
                 assert all(f"s{int(v):05d}" == s for v, s in zip(batch["i"], ids, strict=True))
-                log.write(json.dumps({"rank": rank, "epoch": epoch, "step": step, "ids": ids, "planned": planned,
-                                      "world": world}) + "\n")
+                log.write(
+                    json.dumps(
+                        {"rank": rank, "epoch": epoch, "step": step, "ids": ids, "planned": planned, "world": world}
+                    )
+                    + "\n"
+                )
                 log.flush()
                 os.fsync(log.fileno())
                 if stop_at is not None and step == stop_at:

@@ -10,6 +10,7 @@ each job's process group, and answers ``{"rcs": [...]}`` (``-9`` = killed).
 
 from __future__ import annotations
 
+import contextlib
 import glob
 import io
 import json
@@ -189,19 +190,35 @@ def _lightning_parts() -> dict[str, Any]:
                 maybe_die("after_ack")
 
     class KillingIO(TorchCheckpointIO):
-        """A writer that can die half way through a (non-atomic) write, or just after a complete one."""
+        """Lightning's writer, which can die half way through a write or just after a complete one.
+
+        Lightning writes atomically (temporary file, then rename), so a crash
+        never damages a checkpoint that already exists: a half-written file is
+        left beside it. A *new* file is left half-written at its final name,
+        as a non-atomic writer would, to check that resume skips it."""
 
         def save_checkpoint(self, checkpoint: dict[str, Any], path: Any, storage_options: Any = None) -> None:
             if hit("ckpt_write"):
                 buf = io.BytesIO()
                 torch.save(checkpoint, buf)
-                with open(path, "wb") as f:
+                with open(f"{path}.partial" if os.path.exists(path) else path, "wb") as f:
                     f.write(buf.getvalue()[: len(buf.getvalue()) // 2])
                 die()
             super().save_checkpoint(checkpoint, path, storage_options)
             maybe_die("after_write")
 
-    return {"L": L, "Tiny": Tiny, "KillAfterAck": KillAfterAck, "KillingIO": KillingIO}
+    class Spy(L.Callback):
+        """Ledger counts after every batch (runs after the ack callback, before checkpoints)."""
+
+        def __init__(self, ledger: Any) -> None:
+            self.ledger = ledger
+            self.rows: list[tuple[int, int, int, int]] = []
+
+        def on_train_batch_end(self, trainer: Any, pl_module: Any, outputs: Any, batch: Any, batch_idx: int) -> None:
+            c = self.ledger.counts()
+            self.rows.append((batch_idx, trainer.global_step, c.trained + c.durable, c.durable))
+
+    return {"L": L, "Tiny": Tiny, "KillAfterAck": KillAfterAck, "KillingIO": KillingIO, "Spy": Spy}
 
 
 def lightning_job(cfg: dict[str, Any]) -> None:
@@ -218,17 +235,14 @@ def lightning_job(cfg: dict[str, Any]) -> None:
     work = Path(cfg["dir"])
     ckpt_dir = str(work / "ckpts")
     log_path = str(work / f"history.{rank}.log")
-    ckpt_path, ckpt = (None, None) if cfg.get("fresh") else newest_checkpoint(ckpt_dir)
-    if ckpt_path is None and cfg.get("resume_from"):
-        ckpt_path = cfg["resume_from"]
-        ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=False)
-    print("RESUME", ckpt_path, ckpt and ckpt["global_step"], ckpt and ckpt["callbacks"], file=sys.stderr)
-    if rank == 0 and not cfg.get("keep_log"):
+    ckpt_path, ckpt = newest_checkpoint(ckpt_dir)
+    if rank == 0:
         History.cut(log_path, ckpt["log_len"] if ckpt else 0)
     ds, loader = _loader(cfg)
     model = parts["Tiny"](cfg["n"], log_path, manual=cfg.get("manual", False), step_every=cfg.get("step_every", 1))
     ack = FeatureAckCallback(ds, free=cfg.get("free", "checkpoint"))
-    callbacks = [ack, parts["KillAfterAck"]()]
+    spy = parts["Spy"](ds.ledger)
+    callbacks = [ack, parts["KillAfterAck"](), spy]
     if cfg.get("ckpt_every"):
         callbacks.append(ModelCheckpoint(dirpath=ckpt_dir, filename="{step}", every_n_train_steps=cfg["ckpt_every"],
                                          save_top_k=-1, save_on_train_epoch_end=False))
@@ -241,8 +255,9 @@ def lightning_job(cfg: dict[str, Any]) -> None:
         num_sanity_val_steps=0, enable_checkpointing=bool(cfg.get("ckpt_every")),
     )
     trainer.fit(model, loader, ckpt_path=ckpt_path)
-    trainer.save_checkpoint(str(work / "final.ckpt"))
-    result = {
+    if cfg.get("final", True):
+        trainer.save_checkpoint(str(work / "final.ckpt"))
+    result = {"spy": spy.rows, "attempt": ds.ledger.attempt(),
         "rank": rank, "global_step": trainer.global_step, "seen": model.seen.tolist(), "acked": ack.acker.acked,
         "batch_steps": model.batch_steps, "written": ack.written, "lost": ack.acker.lost,
     }
@@ -307,14 +322,12 @@ def plain_job(cfg: dict[str, Any]) -> None:
         if acker.step % every == 0:
             save(acker.step, ckpt_dir / f"step={acker.step}.ckpt")
 
-    k = 0
-    for batch in loader:
+    for k, batch in enumerate(loader, 1):
         acker.add(batch)
         pending.index_add_(0, batch["i"], torch.ones(len(batch["i"])))
         history.write(batch["__sample_id__"], acker.step + 1)
         maybe_die("mid_batch")
         model(batch["x"]).pow(2).mean().backward()
-        k += 1
         if k % accumulate == 0:
             step()
     if acker.pending():
@@ -383,10 +396,8 @@ def zygote() -> None:
         for pid in pids:
             _, status = os.waitpid(pid, 0)
             rcs.append(os.waitstatus_to_exitcode(status))
-            try:
-                os.killpg(pid, signal.SIGKILL)
-            except (ProcessLookupError, PermissionError):
-                pass
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.killpg(pid, signal.SIGKILL)  # stragglers of the job (DataLoader workers)
         sys.stdout.write(json.dumps({"rcs": rcs}) + "\n")
         sys.stdout.flush()
 

@@ -20,10 +20,10 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
+import _train_procs as tp
 import pytest
 import torch
 
-import _train_procs as tp
 from torch_dataflow import open_ledger
 
 SEED = 20261107
@@ -99,7 +99,7 @@ def test_kill_points_are_seeded_and_cover_every_phase() -> None:
 
 @pytest.mark.slow
 def test_lightning_crash_replay_is_exactly_once(zygote: tp.Zygote, tmp_path: Path) -> None:
-    n = 240
+    n = 120
     outcomes = run_chain(zygote, tmp_path, "lightning_job", n, {})
     _report(outcomes)
     check_exactly_once(tmp_path, n)
@@ -107,7 +107,7 @@ def test_lightning_crash_replay_is_exactly_once(zygote: tp.Zygote, tmp_path: Pat
 
 @pytest.mark.slow
 def test_plain_loop_crash_replay_is_exactly_once(zygote: tp.Zygote, tmp_path: Path) -> None:
-    n = 240
+    n = 120
     outcomes = run_chain(zygote, tmp_path, "plain_job", n, {})
     _report(outcomes)
     check_exactly_once(tmp_path, n)

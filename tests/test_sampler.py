@@ -12,13 +12,14 @@ import time
 from collections import Counter
 from itertools import count
 from pathlib import Path
+from typing import Any
 
+import _sampler_procs
 import pytest
 import torch
 from torch.utils.data import DataLoader, DistributedSampler
 
-import _sampler_procs
-from torch_dataflow import ConfigError, FeatureWriter, LeaseLost, open_ledger
+from torch_dataflow import ConfigError, CorruptSample, FeatureWriter, LeaseLost, open_ledger
 from torch_dataflow.pool import FeaturePool, PoolIndex
 from torch_dataflow.sampler import ReshardingSampler
 
@@ -106,8 +107,9 @@ def test_dataloader_workers_pin_memory_persistent_and_acks(tmp_path: Path) -> No
     _fill(store, ledger, 24)
     pool = FeaturePool(store, ledger)
     sampler = ReshardingSampler(pool, lease_ttl=60)
-    loader = DataLoader(pool, batch_size=5, sampler=sampler, num_workers=2, pin_memory=True,
-                        persistent_workers=True, drop_last=False)
+    loader = DataLoader(
+        pool, batch_size=5, sampler=sampler, num_workers=2, pin_memory=True, persistent_workers=True, drop_last=False
+    )
     step = 0
     with pytest.warns(UserWarning, match="pin_memory") if not torch.cuda.is_available() else _nothing():
         for epoch in range(2):
@@ -220,13 +222,32 @@ def test_reshard_2_to_3_mid_epoch_in_process() -> None:
     assert [len(s) for s in samplers] == [10, 10, 10]  # the next epoch is balanced over the new width
 
 
+def test_corrupt_leased_sample_is_quarantined_and_raised() -> None:
+    pool = _memory_pool(4)
+    ref = pool.ledger.get_ref("s00001")
+    assert ref is not None
+    pool.store._write("s00001", ref.generation, [b"not a sample"], 12)  # bit rot under a committed ref
+    indices = list(ReshardingSampler(pool, shuffle=False))
+    with pytest.raises(CorruptSample):
+        pool[indices[1]]
+    assert [r.sample_id for r, _ in pool.ledger.quarantined() if r is not None] == ["s00001"]
+    pool.ledger.reconcile(None)
+    assert "s00001" not in {pool.sample_id(i) for i in ReshardingSampler(pool, shuffle=False)}
+
+
 # ---------------------------------------------------------------- errors
 def test_bad_arguments() -> None:
     pool = _memory_pool(2)
     with pytest.raises(TypeError, match="FeaturePool"):
         ReshardingSampler(list(range(4)))  # type: ignore[arg-type]
-    for kw in ({"num_replicas": 0}, {"num_replicas": 2, "rank": 2}, {"num_replicas": 2, "rank": -1},
-               {"rank": 1.0}, {"num_replicas": True}, {"lease_ttl": 0}):
+    for kw in (
+        {"num_replicas": 0},
+        {"num_replicas": 2, "rank": 2},
+        {"num_replicas": 2, "rank": -1},
+        {"rank": 1.0},
+        {"num_replicas": True},
+        {"lease_ttl": 0},
+    ):
         with pytest.raises(ValueError):
             ReshardingSampler(pool, **kw)  # type: ignore[arg-type]
     with pytest.raises(ConfigError, match="same id twice"):
@@ -264,20 +285,29 @@ def test_specforge_directory_through_import(tmp_path: Path) -> None:
 
 
 # ---------------------------------------------------------------- DDP: 2 ranks killed, resumed with 3
-def _run_ranks(tmp_path: Path, tag: str, world: int, store: str, ledger: str, epochs: list[int], step0: int,
-               stop_at: int | None) -> list[mp.Process]:
+def _run_ranks(
+    tmp_path: Path, tag: str, world: int, store: str, ledger: str, epochs: list[int], step0: int, stop_at: int | None
+) -> list[Any]:
     out = tmp_path / tag
     out.mkdir()
     init = f"file://{tmp_path}/pg-{tag}"
-    procs = [CTX.Process(target=_sampler_procs.ddp_train, name=f"{tag}-rank{r}",
-                         args=(r, world, init, store, ledger, str(out), epochs, step0, stop_at)) for r in range(world)]
+    procs = [
+        CTX.Process(
+            target=_sampler_procs.ddp_train,
+            name=f"{tag}-rank{r}",
+            args=(r, world, init, store, ledger, str(out), epochs, step0, stop_at),
+        )
+        for r in range(world)
+    ]
     for p in procs:
         p.start()
     return procs
 
 
 def _log(tmp_path: Path, tag: str) -> list[dict]:
-    return [json.loads(line) for f in sorted((tmp_path / tag).glob("log.*.jsonl")) for line in f.read_text().splitlines()]
+    return [
+        json.loads(line) for f in sorted((tmp_path / tag).glob("log.*.jsonl")) for line in f.read_text().splitlines()
+    ]
 
 
 def test_ddp_killed_mid_epoch_resumes_with_three_ranks_exactly_once(tmp_path: Path) -> None:
@@ -333,7 +363,12 @@ def test_ddp_killed_mid_epoch_resumes_with_three_ranks_exactly_once(tmp_path: Pa
 @pytest.mark.parametrize("script", ["legacy_train_eagle3.py", "migrated_train_eagle3.py"])
 def test_examples_run(tmp_path: Path, script: str) -> None:
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    res = subprocess.run([sys.executable, str(ROOT / "examples" / script), "--workdir", str(tmp_path)],
-                         capture_output=True, text=True, timeout=120, env=env)
+    res = subprocess.run(
+        [sys.executable, str(ROOT / "examples" / script), "--workdir", str(tmp_path)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env=env,
+    )
     assert res.returncode == 0, res.stderr[-3000:]
     assert "done" in res.stdout

@@ -83,8 +83,9 @@ def _add_demo(sub: Any) -> None:
     )  # fmt: skip
     quick = ", ".join(f"--{k.replace('_', '-')} {v}" for k, v in QUICK.items())
     p.add_argument("--quick", action="store_true", help=f"the CI setting, well under a minute ({quick})")
-    p.add_argument("--workdir", default=None, help=f"folder for the store, ledger, checkpoints, logs "
-                                                   f"(default ./{d.workdir})")
+    p.add_argument(
+        "--workdir", default=None, help=f"folder for the store, ledger, checkpoints, logs (default ./{d.workdir})"
+    )
     p.add_argument("--store", default=None, help="feature store URI (default file://WORKDIR/store)")
     p.add_argument("--ledger", default=None, help="ledger URI (default sqlite://WORKDIR/ledger.db)")
     g = p.add_argument_group("workload")
@@ -92,24 +93,38 @@ def _add_demo(sub: Any) -> None:
     g.add_argument("--seq-len", type=_positive_int, help=f"longest prompt in tokens (default {d.seq_len})")
     g.add_argument("--batch-size", type=_positive_int, help=f"samples per optimizer step (default {d.batch_size})")
     g.add_argument("--heldout", type=_positive_int, help=f"held-out samples for the loss (default {d.heldout})")
-    g.add_argument("--eval-every", type=_positive_int, help=f"steps between held-out evaluations "
-                                                            f"(default {d.eval_every})")
-    g.add_argument("--checkpoint-every", type=_positive_int, help=f"steps between checkpoints; each frees the "
-                                                                  f"bytes it covers (default {d.checkpoint_every})")
+    g.add_argument(
+        "--eval-every", type=_positive_int, help=f"steps between held-out evaluations (default {d.eval_every})"
+    )
+    g.add_argument(
+        "--checkpoint-every",
+        type=_positive_int,
+        help=f"steps between checkpoints; each frees the bytes it covers (default {d.checkpoint_every})",
+    )
     g.add_argument("--lr", type=_positive_float, help=f"draft learning rate (default {d.lr})")
     g.add_argument("--ttt-steps", type=_positive_int, help=f"EAGLE3 test-time steps (default {d.ttt_steps})")
     g.add_argument("--seed", type=int, help=f"seed of target, prompts and draft (default {d.seed})")
     g.add_argument("--model", help="a local Hugging Face model directory to use as the target (no download)")
     g.add_argument("--gguf-file", help="a GGUF file inside --model")
     r = p.add_argument_group("runtime")
-    r.add_argument("--max-pending", type=_positive_int, help=f"producer backpressure: undelivered samples at most "
-                                                             f"(default {d.max_pending})")
-    r.add_argument("--lease-ttl", type=_positive_float, help=f"seconds before a held sample is redelivered "
-                                                             f"(default {d.lease_ttl:g})")
-    r.add_argument("--idle-timeout", type=_positive_float, help=f"seconds the trainer waits for data "
-                                                                f"(default {d.idle_timeout:g})")
-    r.add_argument("--crash-at-step", type=_positive_int, help="kill the trainer (SIGKILL) after this optimizer "
-                                                               "step, once, and resume it from its last checkpoint")
+    r.add_argument(
+        "--max-pending",
+        type=_positive_int,
+        help=f"producer backpressure: undelivered samples at most (default {d.max_pending})",
+    )
+    r.add_argument(
+        "--lease-ttl",
+        type=_positive_float,
+        help=f"seconds before a held sample is redelivered (default {d.lease_ttl:g})",
+    )
+    r.add_argument(
+        "--idle-timeout", type=_positive_float, help=f"seconds the trainer waits for data (default {d.idle_timeout:g})"
+    )
+    r.add_argument(
+        "--crash-at-step",
+        type=_positive_int,
+        help="kill the trainer (SIGKILL) after this optimizer step, once, and resume it from its last checkpoint",
+    )
     r.add_argument("--threads", type=_positive_int, help=f"torch threads per process (default {d.threads})")
     r.add_argument("--no-progress", action="store_true", help="no progress bars")
     r.add_argument("--json", action="store_true", help="print the summary as JSON (bars stay on stderr)")
@@ -119,9 +134,27 @@ def _add_demo(sub: Any) -> None:
 def _demo(args: argparse.Namespace) -> int:
     from .demo import QUICK, DemoConfig, format_summary, run_demo
 
-    fields = ("workdir", "store", "ledger", "samples", "seq_len", "batch_size", "heldout", "eval_every",
-              "checkpoint_every", "lr", "ttt_steps", "seed", "model", "gguf_file", "max_pending", "lease_ttl",
-              "idle_timeout", "crash_at_step", "threads")
+    fields = (
+        "workdir",
+        "store",
+        "ledger",
+        "samples",
+        "seq_len",
+        "batch_size",
+        "heldout",
+        "eval_every",
+        "checkpoint_every",
+        "lr",
+        "ttt_steps",
+        "seed",
+        "model",
+        "gguf_file",
+        "max_pending",
+        "lease_ttl",
+        "idle_timeout",
+        "crash_at_step",
+        "threads",
+    )
     kwargs: dict[str, Any] = dict(QUICK) if args.quick else {}
     kwargs.update({f: getattr(args, f) for f in fields if getattr(args, f) is not None})
     kwargs["progress"] = not args.no_progress
@@ -134,14 +167,23 @@ def _demo(args: argparse.Namespace) -> int:
 
 
 def _add_status(sub: Any) -> None:
-    p = sub.add_parser("status", help="what a ledger holds: pending, leased (by whom), trained, durable, ...",
-                       description="A ledger's state: deliveries by state, leases by owner and when they expire, "
-                       "quarantined samples with reasons, the stream, and a store's resident bytes.",
-                       epilog=_STATUS_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = sub.add_parser(
+        "status",
+        help="what a ledger holds: pending, leased (by whom), trained, durable, ...",
+        description="A ledger's state: deliveries by state, leases by owner and when they expire, "
+        "quarantined samples with reasons, the stream, and a store's resident bytes.",
+        epilog=_STATUS_EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     p.add_argument("ledger", metavar="URI", help="ledger URI: sqlite:///path/ledger.db, redis://host:port/db")
     p.add_argument("--store", metavar="URI", help="also report this store's resident bytes")
-    p.add_argument("--interval", type=float, default=0.0, metavar="SECONDS",
-                   help="watch this long and report commit/ack rates and per-owner lease rates")
+    p.add_argument(
+        "--interval",
+        type=float,
+        default=0.0,
+        metavar="SECONDS",
+        help="watch this long and report commit/ack rates and per-owner lease rates",
+    )
     p.add_argument("--limit", type=_positive_int, default=20, help="quarantined samples to list (default 20)")
     p.add_argument("--json", action="store_true", help="machine-readable output")
     p.set_defaults(func=_status)
@@ -158,9 +200,12 @@ def _status(args: argparse.Namespace) -> int:
 
 
 def _add_import(sub: Any) -> None:
-    p = sub.add_parser("import", help="copy a SpecForge offline feature directory into a store + ledger",
-                       description="Each rows_*/data_*.ckpt[.gz] file becomes one committed sample (read with "
-                       "weights_only=True). Safe to re-run after a crash.")
+    p = sub.add_parser(
+        "import",
+        help="copy a SpecForge offline feature directory into a store + ledger",
+        description="Each rows_*/data_*.ckpt[.gz] file becomes one committed sample (read with "
+        "weights_only=True). Safe to re-run after a crash.",
+    )
     p.add_argument("src", metavar="SRC", help="the SpecForge directory (prepare_hidden_states.py --output-path)")
     p.add_argument("--store", required=True, metavar="URI", help="target store, e.g. file:///data/features")
     p.add_argument("--ledger", required=True, metavar="URI", help="target ledger, e.g. sqlite:///data/ledger.db")
@@ -172,8 +217,9 @@ def _add_import(sub: Any) -> None:
 def _import(args: argparse.Namespace) -> int:
     from .eagle3.specforge import import_directory
 
-    n = import_directory(args.src, args.store, args.ledger, progress=not args.no_progress,
-                         trim_padding=args.trim_padding)
+    n = import_directory(
+        args.src, args.store, args.ledger, progress=not args.no_progress, trim_padding=args.trim_padding
+    )
     print(f"imported {n} samples from {args.src} into {args.store} (ledger {args.ledger})")
     return 0
 
@@ -186,8 +232,9 @@ def _mooncake_master(argv: list[str]) -> int:
 
 def _bench(argv: list[str]) -> int:
     if importlib.util.find_spec("torch_dataflow.bench") is None:
-        print(f"{PROG} bench: the benchmarks are not part of this installation (no torch_dataflow.bench)",
-              file=sys.stderr)
+        print(
+            f"{PROG} bench: the benchmarks are not part of this installation (no torch_dataflow.bench)", file=sys.stderr
+        )
         return 2
     bench = importlib.import_module("torch_dataflow.bench")
     return int(bench.main(argv) or 0)
@@ -199,14 +246,20 @@ _PASSTHROUGH = {"mooncake-master": _mooncake_master, "bench": _bench}
 
 def build_parser() -> argparse.ArgumentParser:
     """The ``torch-dataflow`` argument parser."""
-    p = argparse.ArgumentParser(prog=PROG, description="Move training features from the processes that make "
-                                "them to the processes that train on them, exactly once.")
+    p = argparse.ArgumentParser(
+        prog=PROG,
+        description="Move training features from the processes that make "
+        "them to the processes that train on them, exactly once.",
+    )
     sub = p.add_subparsers(dest="command", metavar="COMMAND", required=True)
     _add_demo(sub)
     _add_status(sub)
     _add_import(sub)
-    sub.add_parser("mooncake-master", add_help=False,
-                   help="run a Mooncake master on 127.0.0.1 (see `torch-dataflow mooncake-master --help`)")
+    sub.add_parser(
+        "mooncake-master",
+        add_help=False,
+        help="run a Mooncake master on 127.0.0.1 (see `torch-dataflow mooncake-master --help`)",
+    )
     sub.add_parser("bench", add_help=False, help="run the benchmarks (see `torch-dataflow bench --help`)")
     return p
 
@@ -231,8 +284,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"{PROG}: error: {e}", file=sys.stderr)
         return 2
     except ImportError as e:
-        hint = (" (an optional dependency: the extras are listed in pyproject.toml, e.g. "
-                "`pip install 'torch-dataflow[lightning,eagle3]'`)") if isinstance(e, ModuleNotFoundError) else ""
+        hint = (
+            (
+                " (an optional dependency: the extras are listed in pyproject.toml, e.g. "
+                "`pip install 'torch-dataflow[lightning,eagle3]'`)"
+            )
+            if isinstance(e, ModuleNotFoundError)
+            else ""
+        )
         print(f"{PROG}: error: {e}{hint}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

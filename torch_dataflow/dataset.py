@@ -52,9 +52,10 @@ def lease_ids_of(batch: Any) -> list[str]:
         if ids is None:
             raise ConfigError(f"batch has no {LEASE_KEY!r} entry: was it produced by a FeatureStoreDataset, and "
                               "does the collate function pass reserved '__' keys through?")
-        return [ids] if isinstance(ids, str) else [str(x) for x in ids]
+        # "" marks a padded repeat (ReshardingSampler): nothing to ack.
+        return [x for x in ([ids] if isinstance(ids, str) else [str(x) for x in ids]) if x]
     if isinstance(batch, str):
-        return [batch]
+        return [batch] if batch else []
     if isinstance(batch, Sequence):
         return [lid for item in batch for lid in lease_ids_of(item)]
     raise ConfigError(f"cannot find lease ids in a {type(batch).__name__}")
@@ -160,6 +161,17 @@ class FeatureStoreDataset(IterableDataset):
             self.batch_size = int(batch_size)
         if shuffle is not None:
             self.shuffle = bool(shuffle)
+
+    def state_dict(self) -> dict[str, Any]:
+        """Loader state for ``torchdata.stateful_dataloader.StatefulDataLoader``:
+        the epoch only. Which samples remain is the ledger's to say, so restoring
+        never re-delivers an acked sample or skips an unacked one (and the
+        loader does not fast-forward by position)."""
+        return {"epoch": self.epoch}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        """Restore :meth:`state_dict` (the epoch); delivery resumes from the ledger."""
+        self.epoch = int(state.get("epoch", self.epoch))
 
     def rank_world(self) -> tuple[int, int]:
         """``(rank, world_size)`` as this process sees them."""

@@ -126,8 +126,9 @@ class FeaturePool(Dataset):
             raise ConfigError("sample_ids holds the same id twice: a pool index must name one sample")
 
     @classmethod
-    def from_specforge(cls, directory: Any, store: str | FeatureStore, ledger: str | Ledger, *,
-                       zero_copy: bool = False) -> FeaturePool:
+    def from_specforge(
+        cls, directory: Any, store: str | FeatureStore, ledger: str | Ledger, *, zero_copy: bool = False
+    ) -> FeaturePool:
         """A pool over a SpecForge directory imported with
         :func:`~torch_dataflow.eagle3.import_directory`, indexed in the
         directory's own (SpecForge's) file order.
@@ -179,8 +180,10 @@ class FeaturePool(Dataset):
         try:
             return self._index[sample_id]
         except KeyError:
-            raise KeyError(f"sample {sample_id!r} is not in this pool of {len(self)} samples "
-                           "(committed after the pool was built? build a new FeaturePool)") from None
+            raise KeyError(
+                f"sample {sample_id!r} is not in this pool of {len(self)} samples "
+                "(committed after the pool was built? build a new FeaturePool)"
+            ) from None
 
     def leased_index(self, lease: Lease) -> PoolIndex:
         """The :class:`PoolIndex` that carries ``lease`` (used by the sampler)."""

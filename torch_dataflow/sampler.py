@@ -144,8 +144,10 @@ class ReshardingSampler(Sampler[int]):
         lease_ttl: float = 300.0,
     ) -> None:
         if not isinstance(dataset, FeaturePool):
-            raise TypeError(f"ReshardingSampler samples a FeaturePool, got {type(dataset).__name__} "
-                            "(wrap the store and ledger: FeaturePool(store, ledger))")
+            raise TypeError(
+                f"ReshardingSampler samples a FeaturePool, got {type(dataset).__name__} "
+                "(wrap the store and ledger: FeaturePool(store, ledger))"
+            )
         world, dist_rank = _dist_world_rank()
         num_replicas = world if num_replicas is None else num_replicas
         rank = dist_rank if rank is None else rank
@@ -166,6 +168,7 @@ class ReshardingSampler(Sampler[int]):
         self._remaining: dict[tuple[int, int], int] = {}  # (epoch, attempt) -> R
         self._passes: dict[tuple[int, int], int] = {}
         self._warned_freed = False
+        self._begun: set[int] = set()
 
     # ------------------------------------------------------------ DistributedSampler surface
     def set_epoch(self, epoch: int) -> None:
@@ -191,7 +194,9 @@ class ReshardingSampler(Sampler[int]):
     def _snapshot(self) -> tuple[int, int]:
         """``(R, attempt)``: undone samples of the epoch, read once per (epoch, attempt)."""
         ledger = self.dataset.ledger
-        ledger.begin_epoch(self.epoch, seed=self.seed, shuffle=self.shuffle)
+        if self.epoch not in self._begun:  # idempotent in the ledger, but a write transaction
+            ledger.begin_epoch(self.epoch, seed=self.seed, shuffle=self.shuffle)
+            self._begun.add(self.epoch)
         attempt = ledger.attempt()
         key = (self.epoch, attempt)
         if key not in self._remaining:
@@ -201,9 +206,13 @@ class ReshardingSampler(Sampler[int]):
             self._remaining[key] = c.pending + c.leased
             if c.freed and not self._warned_freed:
                 self._warned_freed = True
-                log.warning("%d samples of %s were freed (mark_durable or reconcile with free=True): they are "
-                            "not in later epochs; use FeaturePool.mark_durable / reconcile, which keep the bytes "
-                            "of an offline pool", c.freed, ledger.uri)
+                log.warning(
+                    "%d samples of %s were freed (mark_durable or reconcile with free=True): they are "
+                    "not in later epochs; use FeaturePool.mark_durable / reconcile, which keep the bytes "
+                    "of an offline pool",
+                    c.freed,
+                    ledger.uri,
+                )
         return self._remaining[key], attempt
 
     # ------------------------------------------------------------ iteration
@@ -224,22 +233,35 @@ class ReshardingSampler(Sampler[int]):
                 # This rank already went through this plan (a new pass over the
                 # epoch, or a new sampler object): every rank moves on alike.
                 if step > 0 or passes >= _MAX_PASSES:
-                    raise LeaseLost(f"step {step} of plan {plan.key} was claimed twice by rank {rank}: "
-                                    "are two processes running as the same rank?")
+                    raise LeaseLost(
+                        f"step {step} of plan {plan.key} was claimed twice by rank {rank}: "
+                        "are two processes running as the same rank?"
+                    )
                 passes += 1
                 self._passes[key] = passes + 1
                 continue
             if claim.status == "end":
                 # The ledger fixes a plan's end once: every rank stops at this step.
-                log.warning("epoch %d ran out of pending samples at step %d of %d on rank %d (taken by "
-                            "another consumer, or leased by a dead one not yet expired)", epoch, step, rows, rank)
+                log.warning(
+                    "epoch %d ran out of pending samples at step %d of %d on rank %d (taken by "
+                    "another consumer, or leased by a dead one not yet expired)",
+                    epoch,
+                    step,
+                    rows,
+                    rank,
+                )
                 return
             if claim.leases:
                 last = self._index(claim.leases[0])
                 yield last
             else:
-                log.warning("rank %d: the lease of step %d expired before it was claimed (lease_ttl=%ss too "
-                            "short?); repeating a sample to keep ranks even", rank, step, self.lease_ttl)
+                log.warning(
+                    "rank %d: the lease of step %d expired before it was claimed (lease_ttl=%ss too "
+                    "short?); repeating a sample to keep ranks even",
+                    rank,
+                    step,
+                    self.lease_ttl,
+                )
                 yield self._pad(last, rank, tail)
             step += 1
         if tail:
@@ -253,8 +275,9 @@ class ReshardingSampler(Sampler[int]):
             claim = self.dataset.ledger.claim_step(plan, 0, rank, self.lease_ttl, wait_for_stream=False)
             if claim.status == "ready" and claim.leases:
                 return self._index(claim.leases[0])
-            log.warning("rank %d: no sample left for the last row of epoch %d (%s); repeating one",
-                        rank, epoch, claim.status)
+            log.warning(
+                "rank %d: no sample left for the last row of epoch %d (%s); repeating one", rank, epoch, claim.status
+            )
         return self._pad(last, rank, tail)
 
     def _index(self, lease: Lease) -> PoolIndex:
@@ -268,5 +291,7 @@ class ReshardingSampler(Sampler[int]):
         return self.dataset.padding_index((rank - tail) % len(self.dataset))
 
     def __repr__(self) -> str:
-        return (f"ReshardingSampler({self.dataset!r}, num_replicas={self.num_replicas}, rank={self.rank}, "
-                f"shuffle={self.shuffle}, seed={self.seed}, drop_last={self.drop_last}, epoch={self.epoch})")
+        return (
+            f"ReshardingSampler({self.dataset!r}, num_replicas={self.num_replicas}, rank={self.rank}, "
+            f"shuffle={self.shuffle}, seed={self.seed}, drop_last={self.drop_last}, epoch={self.epoch})"
+        )

@@ -31,8 +31,10 @@ from .uri import parse_uri
 
 __all__ = ["collect_status", "format_status"]
 
-_NO_RATES = ("not measured: the ledger keeps states, owners and lease deadlines but no timestamps of commits "
-             "or acks; `--interval SECONDS` measures rates by looking twice")
+_NO_RATES = (
+    "not measured: the ledger keeps states, owners and lease deadlines but no timestamps of commits "
+    "or acks; `--interval SECONDS` measures rates by looking twice"
+)
 
 
 def _open_existing(uri: str) -> Ledger:
@@ -47,8 +49,17 @@ def _open_existing(uri: str) -> Ledger:
 def _owners(leases: list[Any], now: float) -> list[dict[str, Any]]:
     by: dict[str, dict[str, Any]] = {}
     for lease in leases:
-        o = by.setdefault(lease.owner, {"owner": lease.owner, "leases": 0, "epochs": set(), "nbytes": 0,
-                                        "first_deadline": lease.deadline, "last_deadline": lease.deadline})
+        o = by.setdefault(
+            lease.owner,
+            {
+                "owner": lease.owner,
+                "leases": 0,
+                "epochs": set(),
+                "nbytes": 0,
+                "first_deadline": lease.deadline,
+                "last_deadline": lease.deadline,
+            },
+        )
         o["leases"] += 1
         o["epochs"].add(lease.epoch)
         o["nbytes"] += lease.ref.nbytes
@@ -90,8 +101,9 @@ def _measure(ledger: Ledger, interval: float) -> dict[str, Any]:
     }
 
 
-def collect_status(ledger_uri: str, store_uri: str | None = None, *, interval: float = 0.0,
-                   limit: int = 20) -> dict[str, Any]:
+def collect_status(
+    ledger_uri: str, store_uri: str | None = None, *, interval: float = 0.0, limit: int = 20
+) -> dict[str, Any]:
     """A JSON-ready snapshot of a ledger (and a store's resident bytes).
 
     Args:
@@ -117,14 +129,18 @@ def collect_status(ledger_uri: str, store_uri: str | None = None, *, interval: f
             "attempt": ledger.attempt(),
             "stream": "closed" if c.closed else "open",
             "epochs": c.extra.get("epochs"),
-            "samples": {"committed": c.committed, "aborted": c.aborted, "quarantined": c.quarantined,
-                        "freed": c.freed},
+            "samples": {"committed": c.committed, "aborted": c.aborted, "quarantined": c.quarantined, "freed": c.freed},
             "deliveries": {"pending": c.pending, "leased": c.leased, "trained": c.trained, "durable": c.durable},
             "last_acked_step": max(trained.values(), default=None),
             "owners": _owners(leases, now),
-            "quarantined": [{"sample_id": ref.sample_id if ref else None,
-                             "generation": ref.generation if ref else None, "reason": reason}
-                            for ref, reason in quarantined[:limit]],
+            "quarantined": [
+                {
+                    "sample_id": ref.sample_id if ref else None,
+                    "generation": ref.generation if ref else None,
+                    "reason": reason,
+                }
+                for ref, reason in quarantined[:limit]
+            ],
             "rates": _measure(ledger, interval) if interval > 0 else None,
             "rates_note": None if interval > 0 else _NO_RATES,
             "store": None,
@@ -140,8 +156,7 @@ def collect_status(ledger_uri: str, store_uri: str | None = None, *, interval: f
         note = None
         if store_uri.startswith("mooncake:"):
             note = "Mooncake cannot list keys: this counts only what this process wrote (nothing)"
-        snap["store"] = {"uri": store.uri, "resident_bytes": health.resident_bytes, "count": health.count,
-                         "note": note}
+        snap["store"] = {"uri": store.uri, "resident_bytes": health.resident_bytes, "count": health.count, "note": note}
     return snap
 
 
@@ -180,8 +195,10 @@ def format_status(snap: dict[str, Any]) -> str:
         lines.append(f"{'owner':<{width}}  {'leases':>6}  {'bytes':>10}  epochs  first lease expires")
         for o in owners:
             epochs = ",".join(str(e) for e in o["epochs"])
-            lines.append(f"{o['owner']:<{width}}  {o['leases']:>6}  {_bytes(o['nbytes']):>10}  {epochs:<6}  "
-                         f"{_until(o['expires_in_s'])}")
+            lines.append(
+                f"{o['owner']:<{width}}  {o['leases']:>6}  {_bytes(o['nbytes']):>10}  {epochs:<6}  "
+                f"{_until(o['expires_in_s'])}"
+            )
     else:
         lines.append("no leases held")
     if snap["quarantined"]:
@@ -197,8 +214,10 @@ def format_status(snap: dict[str, Any]) -> str:
     if rates is None:
         lines.append(f"rates    {snap['rates_note']}")
     else:
-        lines.append(f"rates over {rates['interval_s']} s: committed {rates['committed_per_s']}/s, acked "
-                     f"{rates['acked_per_s']}/s, durable {rates['durable_per_s']}/s")
+        lines.append(
+            f"rates over {rates['interval_s']} s: committed {rates['committed_per_s']}/s, acked "
+            f"{rates['acked_per_s']}/s, durable {rates['durable_per_s']}/s"
+        )
         for owner, rate in rates["leased_per_s_by_owner"].items():
             lines.append(f"         {owner}: >= {rate} leases/s")
     return "\n".join(lines)

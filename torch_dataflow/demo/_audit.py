@@ -92,14 +92,18 @@ def audit(events: list[dict[str, Any]], ledger: Ledger, produced: int) -> dict[s
         problems.append(f"{len(twice)} samples trained more than once (first: {twice[0]})")
     missing = sorted(set(trained) - set(counted))
     if missing:
-        problems.append(f"{len(missing)} samples acked in the ledger but not in the trainer's log (first: {missing[0]})")
+        problems.append(
+            f"{len(missing)} samples acked in the ledger but not in the trainer's log (first: {missing[0]})"
+        )
     extra = sorted(set(counted) - set(trained))
     if extra:
         problems.append(f"{len(extra)} samples in the trainer's log but not acked in the ledger (first: {extra[0]})")
     moved = sorted(s for s in set(trained) & set(logged_step) if trained[s] != logged_step[s])
     if moved:
         s = moved[0]
-        problems.append(f"{len(moved)} samples acked at another step than trained ({s}: {trained[s]} vs {logged_step[s]})")
+        problems.append(
+            f"{len(moved)} samples acked at another step than trained ({s}: {trained[s]} vs {logged_step[s]})"
+        )
     evals = [e for e in events if e["ev"] == "eval"]
     losses = [e["loss"] for e in batches]
     k = max(1, min(10, len(losses) // 4))
@@ -120,6 +124,8 @@ def audit(events: list[dict[str, Any]], ledger: Ledger, produced: int) -> dict[s
         "loss": {
             "heldout_start": evals[0]["heldout"] if evals else None,
             "heldout_end": evals[-1]["heldout"] if evals else None,
+            "heldout_acc_start": evals[0]["acc0"] if evals else None,
+            "heldout_acc_end": evals[-1]["acc0"] if evals else None,
             "heldout_curve": [(e["step"], round(e["heldout"], 4)) for e in evals],
             "train_first": _mean(losses[:k]),
             "train_last": _mean(losses[-k:]),
@@ -136,6 +142,10 @@ def _fmt(x: float | None, spec: str = ".3f") -> str:
     return "n/a" if x is None else format(x, spec)
 
 
+def _pct(x: float | None) -> str:
+    return "n/a" if x is None else f"{100 * x:.1f}%"
+
+
 def format_summary(s: dict[str, Any]) -> str:
     """The closing summary as text (what ``torch-dataflow demo`` prints)."""
     t, loss, eo = s["throughput"], s["loss"], s["exactly_once"]
@@ -149,14 +159,24 @@ def format_summary(s: dict[str, Any]) -> str:
         f"({_fmt(t['train_samples_s'], '.1f')} samples/s, {_fmt(t['train_mb_s'], '.2f')} MB/s)",
         f"  acked (ledger)     {s['acked']}   durable {s['durable']}   quarantined {s['quarantined']}",
         f"  replayed           {s['replayed']}   (trainer restarts: {s['restarts']})",
-        f"  store resident     {s['store_resident_bytes']} bytes at the end",
+        "  store resident     "
+        + (
+            "n/a (Mooncake cannot list another process's keys)"
+            if s["store_resident_bytes"] is None
+            else f"{s['store_resident_bytes']} bytes"
+        )
+        + " at the end",
         f"  held-out loss      {_fmt(loss['heldout_start'])} -> {_fmt(loss['heldout_end'])}   "
         f"(train loss, first/last batches: {_fmt(loss['train_first'])} -> {_fmt(loss['train_last'])})",
+        f"  held-out top-1     {_pct(loss['heldout_acc_start'])} -> {_pct(loss['heldout_acc_end'])} "
+        "agreement of the draft's first prediction with the target",
         f"  wall time          {s['wall_seconds']:.1f} s",
     ]
     if eo["ok"]:
-        lines.append(f"  exactly once       OK: all {s['committed']} committed samples trained exactly once "
-                     "(ledger and trainer log agree)")
+        lines.append(
+            f"  exactly once       OK: all {s['committed']} committed samples trained exactly once "
+            "(ledger and trainer log agree)"
+        )
     else:
         lines.append("  exactly once       FAILED")
         lines += [f"    - {p}" for p in eo["problems"]]

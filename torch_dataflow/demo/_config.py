@@ -64,8 +64,17 @@ class DemoConfig:
     progress: bool = True
 
     def __post_init__(self) -> None:
-        positive = ("samples", "seq_len", "batch_size", "heldout", "eval_every", "checkpoint_every",
-                    "max_pending", "threads", "ttt_steps")
+        positive = (
+            "samples",
+            "seq_len",
+            "batch_size",
+            "heldout",
+            "eval_every",
+            "checkpoint_every",
+            "max_pending",
+            "threads",
+            "ttt_steps",
+        )
         for name in positive:
             if int(getattr(self, name)) < 1:
                 raise ConfigError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")

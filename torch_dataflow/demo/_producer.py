@@ -52,11 +52,13 @@ def produce(config: dict[str, Any], stop: Any) -> None:
     extractor = Eagle3FeatureExtractor(model, batch_size=8, progress=False)
     vocab = int(extractor.lm_head_weight().shape[0])
     # One Markov chain (drawn from the seed): the first prompts are held out, never trained on.
-    prompts = synthetic_prompts(cfg.heldout + cfg.samples, vocab=vocab, min_len=max(2, cfg.seq_len // 2),
-                                max_len=cfg.seq_len, seed=cfg.seed)
+    prompts = synthetic_prompts(
+        cfg.heldout + cfg.samples, vocab=vocab, min_len=max(2, cfg.seq_len // 2), max_len=cfg.seq_len, seed=cfg.seed
+    )
     heldout = extractor.extract(prompts[: cfg.heldout])
-    _atomic_save({"lm_head": extractor.lm_head_weight(), "embed": extractor.embed_weight(), "heldout": heldout},
-                 cfg.target_file)
+    _atomic_save(
+        {"lm_head": extractor.lm_head_weight(), "embed": extractor.embed_weight(), "heldout": heldout}, cfg.target_file
+    )
     prompts = prompts[cfg.heldout :]
     ready = time.monotonic()
     writer = FeatureWriter(cfg.store_uri, cfg.ledger_uri, name="demo-producer", max_pending=cfg.max_pending)
@@ -64,10 +66,16 @@ def produce(config: dict[str, Any], stop: Any) -> None:
         writer.put(sample_id(i), features, {"prompt": i})
     writer.close()
     done = time.monotonic()
-    stats = {"written": writer.written, "bytes": writer.bytes_written, "seconds": done - ready,
-             "load_seconds": ready - started, "backpressure_seconds": writer.waited_s,
-             "target": cfg.model or "tiny-llama (random init)", "vocab": vocab,
-             "hidden": int(extractor.lm_head_weight().shape[1])}
+    stats = {
+        "written": writer.written,
+        "bytes": writer.bytes_written,
+        "seconds": done - ready,
+        "load_seconds": ready - started,
+        "backpressure_seconds": writer.waited_s,
+        "target": cfg.model or "tiny-llama (random init)",
+        "vocab": vocab,
+        "hidden": int(extractor.lm_head_weight().shape[1]),
+    }
     tmp = f"{cfg.producer_file}.tmp"
     with open(tmp, "w") as f:
         json.dump(stats, f)

@@ -41,30 +41,6 @@ class _Events:
         self._f.close()
 
 
-def _ack_callback(ds: Any, resume: str | None) -> Any:
-    """The library's ack/recovery callback, with the ledger reconciled now.
-
-    ``FeatureAckCallback`` reconciles in ``on_train_start``, but Lightning has
-    already fetched the first batch of an unsized loader by then (its
-    prefetcher runs in ``setup_data``), so reconciling there would hand that
-    batch's samples out a second time. ``StepAcker.resume`` before ``fit``
-    reconciles before any lease; the callback then skips its own.
-    """
-    from ..lightning import FeatureAckCallback
-
-    callback = FeatureAckCallback(ds)
-    if resume is None:
-        callback.acker.resume(None)
-    else:
-        ckpt = torch.load(resume, map_location="cpu", weights_only=True)
-        state = (ckpt.get("callbacks") or {}).get(callback.state_key)
-        if state is not None:
-            callback.acker.resume(from_state=state)
-        else:
-            callback.acker.resume(int(ckpt["global_step"]))
-    return callback
-
-
 def _monitor(cfg: DemoConfig, events: _Events, heldout: dict[str, Any]) -> Any:
     import lightning
 
@@ -122,6 +98,7 @@ def train(config: dict[str, Any], attempt: int) -> None:
     from ..dataset import FeatureStoreDataset
     from ..eagle3 import Eagle3Collator
     from ..eagle3.lightning_module import Eagle3DraftModule
+    from ..lightning import FeatureAckCallback
     from ..loader import FeatureLoader
 
     cfg = DemoConfig(**config)
@@ -137,20 +114,33 @@ def train(config: dict[str, Any], attempt: int) -> None:
         vocab, hidden = target["lm_head"].shape
         collate = Eagle3Collator(max_len=cfg.seq_len)
         torch.manual_seed(cfg.seed)
-        module = Eagle3DraftModule(hidden_size=int(hidden), vocab_size=int(vocab), lm_head_weight=target["lm_head"],
-                                   embed_weight=target["embed"], lr=cfg.lr, ttt_steps=cfg.ttt_steps)
-        ds = FeatureStoreDataset(cfg.store_uri, cfg.ledger_uri, batch_size=cfg.batch_size, lease_ttl=cfg.lease_ttl,
-                                 idle_timeout=cfg.idle_timeout, seed=cfg.seed)
+        module = Eagle3DraftModule(
+            hidden_size=int(hidden),
+            vocab_size=int(vocab),
+            lm_head_weight=target["lm_head"],
+            embed_weight=target["embed"],
+            lr=cfg.lr,
+            ttt_steps=cfg.ttt_steps,
+        )
+        ds = FeatureStoreDataset(
+            cfg.store_uri,
+            cfg.ledger_uri,
+            batch_size=cfg.batch_size,
+            lease_ttl=cfg.lease_ttl,
+            idle_timeout=cfg.idle_timeout,
+            seed=cfg.seed,
+        )
         loader = FeatureLoader(ds, batch_size=cfg.batch_size, collate_fn=collate)
         last = cfg.checkpoint_dir / "last.ckpt"
         resume = str(last) if attempt > 0 and last.exists() else None
         events.write("start", resume=resume)
-        checkpoints = ModelCheckpoint(dirpath=cfg.checkpoint_dir, every_n_train_steps=cfg.checkpoint_every,
-                                      save_last=True, save_top_k=1)
+        checkpoints = ModelCheckpoint(
+            dirpath=cfg.checkpoint_dir, every_n_train_steps=cfg.checkpoint_every, save_last=True, save_top_k=1
+        )
         trainer = lightning.Trainer(
             accelerator="cpu", devices=1, max_epochs=1, logger=False, enable_progress_bar=False,
             enable_model_summary=False, default_root_dir=cfg.root, log_every_n_steps=cfg.eval_every,
-            callbacks=[_ack_callback(ds, resume), checkpoints, _monitor(cfg, events, collate(target["heldout"]))],
+            callbacks=[FeatureAckCallback(ds), checkpoints, _monitor(cfg, events, collate(target["heldout"]))],
         )  # fmt: skip
         trainer.fit(module, loader, ckpt_path=resume)
         # A closing checkpoint covers the last steps, so every trained sample ends durable.
