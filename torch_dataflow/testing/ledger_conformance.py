@@ -386,3 +386,24 @@ class LedgerConformance:
         assert led.claim_step(plan, 0, 0, ttl=30, wait_for_stream=False).status == "claimed"
         assert led.claim_step(plan, 1, 1, ttl=30, wait_for_stream=False).status == "end"
         assert led.claim_step(plan, 2, 0, ttl=30, wait_for_stream=False).status == "end"
+
+    # ------------------------------------------------------------ invariant 8
+    def test_inv8_writer_waits_on_pending_budget(self) -> None:
+        import secrets
+
+        import torch
+
+        from ..errors import StoreFull
+        from ..producer import FeatureWriter
+
+        led = self.make_ledger()
+        w = FeatureWriter(f"memory://ledger-conformance-{secrets.token_hex(4)}", led, max_pending=3, put_timeout=0.3)
+        for i in range(3):
+            w.put(f"p{i}", {"x": torch.ones(2)})
+        with pytest.raises(StoreFull, match="undelivered"):
+            w.put("p3", {"x": torch.ones(2)})
+        assert led.counts().committed == 3  # the refused sample was neither committed nor lost silently
+        [lease] = led.lease("trainer", 1, ttl=30)
+        led.ack([lease.lease_id], 1)  # trained: one slot free
+        w.put("p3", {"x": torch.ones(2)})
+        assert led.counts().pending == 3
