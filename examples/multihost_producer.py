@@ -22,7 +22,7 @@ from torch_dataflow import FeatureWriter
 def sample(i: int, dim: int) -> dict[str, torch.Tensor]:
     g = torch.Generator().manual_seed(i)
     x = torch.randn(dim, generator=g)
-    return {"x": x, "y": x.sum(keepdim=True) * 0.1, "i": torch.tensor(i)}
+    return {"x": x, "y": x.sum(0, keepdim=True) * 0.1, "i": torch.tensor(i)}
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -107,12 +107,14 @@ PRODUCER=$!
 PIDS+=("$PRODUCER")
 
 status=0
-wait "$PRODUCER" || { echo "producer failed:"; cat "$WORK/producer.log"; status=1; }
+if ! wait "$PRODUCER"; then  # the trainers would wait for a stream that never closes: stop here
+  echo "producer failed:"; cat "$WORK/producer.log"; exit 1
+fi
+cat "$WORK/producer.log"
 for rank in 0 1; do
   wait "${TRAINERS[$rank]}" || { echo "trainer rank $rank failed:"; status=1; }
   cat "$WORK/rank$rank.log"
 done
-cat "$WORK/producer.log"
 [ "$status" = 0 ] || exit 1
 elapsed=$("$PY" -c "import time; print(f'{time.time() - $t0:.1f}')")
 

@@ -259,10 +259,13 @@ def test_no_leak_after_1000_samples(master: Any) -> None:
 
 
 # ------------------------------------------------------------ processes
-def _producer(uri: str, ledger_uri: str, n: int, segment_size: int, die: bool, done: Any) -> None:
+def _producer(uri: str, ledger_uri: str, n: int, segment_size: int, die: bool, done: Any,
+              ready: Any = None) -> None:
     from torch_dataflow.ledger import open_ledger
 
     store, ledger = open_store(uri, segment_size=segment_size), open_ledger(ledger_uri)
+    if ready is not None:
+        ready.wait(120)
     for i in range(n):
         sid = f"p{i}"
         [gen] = ledger.reserve([sid])
@@ -273,10 +276,12 @@ def _producer(uri: str, ledger_uri: str, n: int, segment_size: int, die: bool, d
     done.wait(120)  # objects live in this process's segment: stay until consumers finish
 
 
-def _consumer(uri: str, ledger_uri: str, owner: str, out: Any) -> None:
+def _consumer(uri: str, ledger_uri: str, owner: str, out: Any, ready: Any = None) -> None:
     from torch_dataflow.ledger import open_ledger
 
     store, ledger = open_store(uri, segment_size=0), open_ledger(ledger_uri)
+    if ready is not None:
+        ready.wait(120)
     seen, step = [], 0
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline:
@@ -306,8 +311,9 @@ def test_cross_process_producer_two_consumers_exactly_once(master: Any, tmp_path
     ledger.register_producer("producer")
     ctx = mp.get_context("spawn")
     done, out = ctx.Event(), ctx.Queue()
-    prod = ctx.Process(target=_producer, args=(uri, ledger_uri, n, 64 << 20, False, done))
-    cons = [ctx.Process(target=_consumer, args=(uri, ledger_uri, f"c{k}", out)) for k in range(2)]
+    ready = ctx.Barrier(3)  # every process is up before the first put: the split does not hang on start-up times
+    prod = ctx.Process(target=_producer, args=(uri, ledger_uri, n, 64 << 20, False, done, ready))
+    cons = [ctx.Process(target=_consumer, args=(uri, ledger_uri, f"c{k}", out, ready)) for k in range(2)]
     prod.start()
     for c in cons:
         c.start()

@@ -108,7 +108,6 @@ def _diff_run(seed: int, sqlite: Ledger, red: Ledger) -> None:
         for name, led in (("a", sqlite), ("b", red)):
             mine, r2 = held[name], random.Random(i)  # the same draws for both ledgers
 
-
             def pos(lost: list[str], mine: list[Any] = mine) -> list[Any]:
                 return [x if x == "bogus" else [m.lease_id for m in mine].index(x) for x in lost]
             try:

@@ -54,7 +54,8 @@ def plot(results: dict[str, Any], path: str | Path) -> Path:
             goal = r.get("target")
             colors.append("#999999" if goal is None else "#2b8a3e" if r["value"] >= goal else "#c92a2a")
         ys = range(len(ratios))
-        ax.barh(list(ys), values, color=colors)
+        # Bars grow from parity (1) towards the ratio, so left of the line is worse than the baseline.
+        ax.barh(list(ys), [v - 1 for v in values], left=1, color=colors)
         for y, r in zip(ys, ratios, strict=True):
             if r.get("target") is not None:
                 ax.plot([r["target"]] * 2, [y - 0.4, y + 0.4], color="black", lw=1.5)
@@ -63,6 +64,8 @@ def plot(results: dict[str, Any], path: str | Path) -> Path:
             )
         ax.axvline(1.0, color="black", lw=0.6, ls=":")
         ax.set_xscale("log")
+        span = [v for v in values if v == v] + [r["target"] for r in ratios if r.get("target")] + [1.0]
+        ax.set_xlim(min(span) / 1.6, max(span) * 1.6)
         ax.set_yticks(list(ys), labels, fontsize=7)
         ax.invert_yaxis()
         ax.set_title(_HEADINGS.get(name, name), fontsize=9, loc="left")
@@ -73,7 +76,7 @@ def plot(results: dict[str, Any], path: str | Path) -> Path:
         "green met, red missed, grey no target)",
         fontsize=9,
     )
-    fig.tight_layout()
+    fig.tight_layout(rect=(0, 0, 1, 0.985))
     out = Path(path)
     out.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(out, dpi=110)

@@ -13,7 +13,10 @@ key                        type        content
 ``P live`` / ``P qs``      set         ids with status LIVE / QUARANTINED
 ``P de:<sid>``             set         epochs holding a delivery of ``sid``
 ``P d:<e>:<sid>``          hash        delivery: g s(state) o(ord) ow(owner)
-                                       n(nonce) dl(deadline) sp(step) sl(slot)
+                                       n(nonce) dl(deadline) sp(step) sl(slot,
+                                       '' outside a plan); ow n dl sl are
+                                       meaningful only while LEASED, sp only
+                                       in TRAINED/DURABLE (kept, not deleted)
 ``P n:<e>``                hash        deliveries of epoch ``e`` by state
 ``P E``                    set         epochs ever holding a delivery
 ``P p:<e>``                zset        PENDING ids of epoch ``e`` by ord
