@@ -8,9 +8,9 @@ from pathlib import Path
 
 import pytest
 import torch
+from _procs import sample
 from torch.utils.data import DataLoader
 
-from _procs import sample
 from torch_dataflow import (
     ConfigError,
     FeatureLoader,
@@ -47,7 +47,7 @@ def test_dataloader_delivers_each_sample_once(uris: tuple[str, str], num_workers
     seen: list[str] = []
     for step, batch in enumerate(DataLoader(ds, batch_size=4, num_workers=num_workers), 1):
         assert batch["x"].shape[1] == 16 and batch["x"].dtype == torch.float32
-        for sid, i, x in zip(batch["__sample_id__"], batch["i"], batch["x"]):
+        for sid, i, x in zip(batch["__sample_id__"], batch["i"], batch["x"], strict=True):
             assert sid == f"s{int(i):05d}" and torch.all(x == float(i))
         assert ds.ack(batch, step) == []
         seen += batch["__sample_id__"]

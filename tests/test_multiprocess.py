@@ -9,9 +9,9 @@ import signal
 import time
 from pathlib import Path
 
+import _procs
 import pytest
 
-import _procs
 from torch_dataflow import open_ledger
 
 pytestmark = pytest.mark.slow

@@ -35,7 +35,7 @@ from .stores import FeatureStore, open_store
 
 __version__ = "0.1.0"
 
-__all__ = sorted([
+__all__ = [
     "AuthError",
     "BackendUnavailable",
     "ConfigError",
@@ -61,4 +61,4 @@ __all__ = sorted([
     "lease_ids_of",
     "open_ledger",
     "open_store",
-])
+]

@@ -36,7 +36,7 @@ from .ledger import Ledger, Plan, open_ledger
 from .refs import Lease
 from .stores import FeatureStore, open_store
 
-__all__ = ["LEASE_KEY", "SAMPLE_ID_KEY", "FeatureStoreDataset", "lease_ids_of"]
+__all__ = ["LEASE_KEY", "SAMPLE_ID_KEY", "FeatureStoreDataset", "ack_batch", "lease_ids_of"]
 
 log = logging.getLogger(__name__)
 
@@ -59,6 +59,19 @@ def lease_ids_of(batch: Any) -> list[str]:
     if isinstance(batch, Sequence):
         return [lid for item in batch for lid in lease_ids_of(item)]
     raise ConfigError(f"cannot find lease ids in a {type(batch).__name__}")
+
+
+def ack_batch(ledger: Ledger, batch: Any, step: int, *, strict: bool = False) -> list[str]:
+    """Ack the leases carried by ``batch`` at ``step``; warn (or, ``strict``,
+    raise :class:`LeaseLost`) about the ones that were lost."""
+    ids = lease_ids_of(batch)
+    lost = ledger.ack(ids, step) if ids else []
+    if lost:
+        msg = f"{len(lost)} leases were lost before their ack at step {step} (first: {lost[0]})"
+        if strict:
+            raise LeaseLost(msg)
+        log.warning(msg)
+    return lost
 
 
 def _dist_rank_world() -> tuple[int, int] | None:
@@ -298,13 +311,7 @@ class FeatureStoreDataset(IterableDataset):
         Returns the lease ids that were lost (expired and taken by another
         consumer, superseded or aborted); with ``strict`` raises ``LeaseLost``.
         """
-        lost = self.ledger.ack(lease_ids_of(batch), step)
-        if lost:
-            msg = f"{len(lost)} leases were lost before their ack at step {step} (first: {lost[0]})"
-            if strict:
-                raise LeaseLost(msg)
-            log.warning(msg)
-        return lost
+        return ack_batch(self.ledger, batch, step, strict=strict)
 
     def fail(self, batch: Any, *, retryable: bool = True, reason: str = "") -> list[str]:
         """Give the samples of ``batch`` back (retryable) or quarantine them."""

@@ -34,7 +34,7 @@ from typing import Any
 import torch
 from torch.utils.data import Dataset
 
-from .dataset import LEASE_KEY, SAMPLE_ID_KEY, lease_ids_of
+from .dataset import LEASE_KEY, SAMPLE_ID_KEY, ack_batch
 from .errors import ConfigError, CorruptSample, LeaseLost, SampleUnavailable
 from .ledger import Ledger, ReconcileReport, open_ledger
 from .ledger.base import parse_lease_id
@@ -259,14 +259,7 @@ class FeaturePool(Dataset):
         Raises:
             LeaseLost: with ``strict``, if any was lost.
         """
-        ids = [lid for lid in lease_ids_of(batch) if lid]
-        lost = self.ledger.ack(ids, step) if ids else []
-        if lost:
-            msg = f"{len(lost)} leases were lost before their ack at step {step} (first: {lost[0]})"
-            if strict:
-                raise LeaseLost(msg)
-            log.warning(msg)
-        return lost
+        return ack_batch(self.ledger, batch, step, strict=strict)
 
     def mark_durable(self, step: int) -> None:
         """A checkpoint covering ``step`` is written: trained deliveries become

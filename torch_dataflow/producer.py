@@ -162,7 +162,7 @@ class FeatureWriter:
         self._register()
         self.wait_for_room(incoming)
         gens = self.ledger.reserve([sid for sid, _, _ in batch])
-        refs = self.store.put_many([(sid, g, ts, meta) for (sid, ts, meta), g in zip(batch, gens)])
+        refs = self.store.put_many([(sid, g, ts, meta) for (sid, ts, meta), g in zip(batch, gens, strict=True)])
         try:
             superseded = self.ledger.commit(refs)
         except BaseException:

@@ -314,6 +314,17 @@ class Ledger(ABC):
         """Release connections; the ledger reconnects lazily if used again."""
 
     # ------------------------------------------------------------ helpers
+    @staticmethod
+    def _commit_ids(refs: Sequence[SampleRef]) -> list[str]:
+        """The sample ids of a commit batch, after the checks every backend makes."""
+        for r in refs:
+            if not isinstance(r, SampleRef):
+                raise TypeError(f"commit() takes SampleRef records, got {type(r).__name__}")
+        ids = [r.sample_id for r in refs]
+        if len(set(ids)) != len(ids):
+            raise ConfigError("commit() got the same sample id twice in one call")
+        return ids
+
     def _check_auth(self) -> None:
         if self._guard is None or self._pid != os.getpid():
             self._attach()

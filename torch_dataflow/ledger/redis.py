@@ -218,12 +218,7 @@ class RedisLedger(Ledger):
         return [int(g) for g in self._run("reserve", ids, cache=True)]
 
     def commit(self, refs: Sequence[SampleRef]) -> list[SampleRef]:
-        for r in refs:
-            if not isinstance(r, SampleRef):
-                raise TypeError(f"commit() takes SampleRef records, got {type(r).__name__}")
-        ids = [r.sample_id for r in refs]
-        if len(set(ids)) != len(ids):
-            raise ConfigError("commit() got the same sample id twice in one call")
+        self._commit_ids(refs)
         # One argument of lines: ids hold no control characters and ref JSON no raw newline or tab.
         lines = "\n".join(f"{r.sample_id}\t{r.generation}\t{r.to_json()}" for r in refs)
         if not refs:

@@ -214,12 +214,7 @@ class SQLiteLedger(Ledger):
         return [out[s] for s in ids]
 
     def commit(self, refs: Sequence[SampleRef]) -> list[SampleRef]:
-        for r in refs:
-            if not isinstance(r, SampleRef):
-                raise TypeError(f"commit() takes SampleRef records, got {type(r).__name__}")
-        ids = [r.sample_id for r in refs]
-        if len(set(ids)) != len(ids):
-            raise ConfigError("commit() got the same sample id twice in one call")
+        ids = self._commit_ids(refs)
         superseded: list[SampleRef] = []
         with self._tx() as con:
             rows: dict[str, tuple[int, int, int, int, str | None]] = {}

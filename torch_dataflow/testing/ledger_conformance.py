@@ -33,7 +33,7 @@ def fake_ref(sample_id: str, generation: int, store: str = "memory://conformance
 
 def commit_ids(ledger: Ledger, ids: list[str]) -> list[SampleRef]:
     gens = ledger.reserve(ids)
-    refs = [fake_ref(s, g) for s, g in zip(ids, gens)]
+    refs = [fake_ref(s, g) for s, g in zip(ids, gens, strict=True)]
     ledger.commit(refs)
     return refs
 

@@ -453,7 +453,7 @@ class StoreConformance:
             seen.append(s["__sample_id__"])
         assert sorted(seen) == [f"w{i:03d}" for i in range(12)]
         assert ds.mark_durable(12) == 12
-        assert store.health().count == 0 and not [k for k in store.keys() if k[0].startswith("w")]
+        assert store.health().count == 0 and not [k for k in store if k[0].startswith("w")]
 
     def test_inv8_writer_waits_for_room_then_raises(self) -> None:
         from ..errors import StoreFull
