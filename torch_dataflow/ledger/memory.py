@@ -23,6 +23,7 @@ from typing import Any
 from ..auth import SecretGuard
 from ..errors import ConfigError
 from ..uri import parse_uri
+from ._sqlite_schema import _td_ord
 from .sqlite import SQLiteLedger
 
 __all__ = ["MemoryLedger"]
@@ -65,7 +66,7 @@ class MemoryLedger(SQLiteLedger):
                     raise ConfigError(f"ledger {self.uri} was created in process {self._created_pid}; a memory "
                                       "ledger cannot cross processes (use sqlite:///path/ledger.db)")
                 con = sqlite3.connect(":memory:", isolation_level=None, check_same_thread=False)
-                con.create_function("td_ord", 3, _ord(), deterministic=True)
+                con.create_function("td_ord", 3, _td_ord, deterministic=True)
                 con.execute("BEGIN IMMEDIATE")
                 verifier = self._ensure_schema(con)
                 con.execute("COMMIT")
@@ -86,9 +87,3 @@ class MemoryLedger(SQLiteLedger):
             entry = _REGISTRY.pop(name, None)
         if entry is not None:
             entry[1].close()
-
-
-def _ord() -> Any:
-    from .sqlite import _td_ord
-
-    return _td_ord

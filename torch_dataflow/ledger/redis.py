@@ -42,7 +42,7 @@ from ..refs import Lease, SampleRef, validate_sample_id
 from ..uri import parse_uri
 from .base import Ledger, LedgerCounts, Plan, ReconcileReport, StepClaim, format_lease_id, parse_lease_id
 from .redis_scripts import SCRIPTS
-from .sqlite import SCHEMA_VERSION, _td_ord
+from ._sqlite_schema import SCHEMA_VERSION, _td_ord
 
 __all__ = ["INSTALL_HINT", "RedisLedger"]
 

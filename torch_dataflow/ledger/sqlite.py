@@ -25,16 +25,12 @@ from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from typing import Any
 
-import xxhash
-
 from ..auth import SecretGuard, make_verifier
 from ..errors import BackendUnavailable, ConfigError, SampleAborted
 from ..refs import Lease, SampleRef, validate_sample_id
 from ..uri import parse_uri
 from .base import (
-    DeliveryState,
     Ledger,
-    LedgerCounts,
     Plan,
     ReconcileReport,
     SampleStatus,
@@ -46,43 +42,11 @@ from .base import (
 
 __all__ = ["SQLiteLedger"]
 
-SCHEMA_VERSION = "torch_dataflow.ledger/1"
-P, L, T, D = (int(s) for s in DeliveryState)
-_CHUNK = 500  # stay under SQLite's host-parameter limit
-
-_SCHEMA = """
-CREATE TABLE IF NOT EXISTS meta(key TEXT PRIMARY KEY, value TEXT NOT NULL);
-CREATE TABLE IF NOT EXISTS samples(
-  sample_id TEXT PRIMARY KEY, gen INTEGER NOT NULL, committed INTEGER NOT NULL DEFAULT 0,
-  tomb INTEGER NOT NULL DEFAULT 0, status INTEGER NOT NULL, ref TEXT, seq INTEGER, reason TEXT);
-CREATE TABLE IF NOT EXISTS deliveries(
-  epoch INTEGER NOT NULL, sample_id TEXT NOT NULL, gen INTEGER NOT NULL, state INTEGER NOT NULL,
-  ord INTEGER NOT NULL, owner TEXT, nonce TEXT, deadline REAL, step INTEGER, slot TEXT,
-  PRIMARY KEY(epoch, sample_id));
-CREATE INDEX IF NOT EXISTS d_pending ON deliveries(epoch, state, ord);
-CREATE INDEX IF NOT EXISTS d_leased ON deliveries(state, deadline);
-CREATE INDEX IF NOT EXISTS d_slot ON deliveries(slot) WHERE slot IS NOT NULL;
-CREATE INDEX IF NOT EXISTS d_sample ON deliveries(sample_id);
-CREATE TABLE IF NOT EXISTS plans(key TEXT PRIMARY KEY, next_step INTEGER NOT NULL, end_step INTEGER);
-CREATE TABLE IF NOT EXISTS claims(key TEXT NOT NULL, step INTEGER NOT NULL, rank INTEGER NOT NULL,
-  PRIMARY KEY(key, step, rank));
-CREATE TABLE IF NOT EXISTS producers(name TEXT PRIMARY KEY, done INTEGER NOT NULL);
-"""
-
-_CLEAR_LEASE = "owner=NULL, nonce=NULL, deadline=NULL, slot=NULL"
+from ._sqlite_queries import SQLiteQueries
+from ._sqlite_schema import _CLEAR_LEASE, _SCHEMA, SCHEMA_VERSION, D, L, P, T, _chunks, _td_ord
 
 
-def _td_ord(seed: int, epoch: int, sample_id: str) -> int:
-    # Signed 64-bit, as SQLite stores integers.
-    return xxhash.xxh3_64_intdigest(f"{seed}:{epoch}:{sample_id}".encode()) - (1 << 63)
-
-
-def _chunks(seq: Sequence[Any]) -> Iterator[Sequence[Any]]:
-    for i in range(0, len(seq), _CHUNK):
-        yield seq[i : i + _CHUNK]
-
-
-class SQLiteLedger(Ledger):
+class SQLiteLedger(SQLiteQueries, Ledger):
     """The ledger in one SQLite file (see module docs). Thread-safe within a process."""
 
     _QUERY = {"synchronous": str, "timeout": float, "secret": str}
@@ -189,11 +153,6 @@ class SQLiteLedger(Ledger):
             self._con, self._guard = None, None
 
     @staticmethod
-    def _meta(con: sqlite3.Connection, key: str, default: str | None = None) -> str | None:
-        row = con.execute("SELECT value FROM meta WHERE key=?", (key,)).fetchone()
-        return row[0] if row else default
-
-    @staticmethod
     def _set_meta(con: sqlite3.Connection, key: str, value: Any) -> None:
         con.execute("INSERT INTO meta VALUES (?, ?) ON CONFLICT(key) DO UPDATE SET value=excluded.value",
                     (key, str(value)))
@@ -273,11 +232,6 @@ class SQLiteLedger(Ledger):
         with self._tx() as con:
             return self._closed(con)
 
-    @staticmethod
-    def _closed(con: sqlite3.Connection) -> bool:
-        n, done = con.execute("SELECT count(*), coalesce(sum(done), 0) FROM producers").fetchone()
-        return n > 0 and n == done
-
     # ------------------------------------------------------------ consumer
     def begin_epoch(self, epoch: int, seed: int = 0, shuffle: bool = True) -> None:
         with self._tx() as con:
@@ -296,11 +250,6 @@ class SQLiteLedger(Ledger):
     @staticmethod
     def _reclaim(con: sqlite3.Connection, now: float) -> None:
         con.execute(f"UPDATE deliveries SET state={P}, {_CLEAR_LEASE} WHERE state={L} AND deadline<?", (now,))
-
-    @staticmethod
-    def _leases(con: sqlite3.Connection, rows: Sequence[tuple[int, str, int, str, str, float, str]]) -> list[Lease]:
-        del con
-        return [Lease(format_lease_id(e, g, n, s), e, o, dl, SampleRef.from_json(ref)) for e, s, g, n, o, dl, ref in rows]
 
     def lease(self, owner: str, n: int, ttl: float, *, epoch: int = 0) -> list[Lease]:
         if n < 1:
@@ -467,48 +416,3 @@ class SQLiteLedger(Ledger):
             attempt = int(self._meta(con, "attempt", "0") or 0) + 1
             self._set_meta(con, "attempt", attempt)
         return ReconcileReport(attempt, replayed, durable, released, tuple(freed))
-
-    # ------------------------------------------------------------ queries
-    def attempt(self) -> int:
-        with self._tx() as con:
-            return int(self._meta(con, "attempt", "0") or 0)
-
-    def counts(self, epoch: int | None = None) -> LedgerCounts:
-        with self._tx() as con:
-            where, args = ("WHERE epoch=?", (epoch,)) if epoch is not None else ("", ())
-            by_state = dict(con.execute(f"SELECT state, count(*) FROM deliveries {where} GROUP BY state", args))
-            by_status = dict(con.execute("SELECT status, count(*) FROM samples GROUP BY status"))
-            committed = con.execute("SELECT count(*) FROM samples WHERE committed>0").fetchone()[0]
-            closed = self._closed(con)
-            epochs = [r[0] for r in con.execute("SELECT DISTINCT epoch FROM deliveries ORDER BY epoch")]
-        return LedgerCounts(
-            pending=by_state.get(P, 0), leased=by_state.get(L, 0), trained=by_state.get(T, 0),
-            durable=by_state.get(D, 0), aborted=by_status.get(int(SampleStatus.ABORTED), 0),
-            quarantined=by_status.get(int(SampleStatus.QUARANTINED), 0),
-            freed=by_status.get(int(SampleStatus.FREED), 0), committed=committed, closed=closed,
-            extra={"epochs": epochs})
-
-    def get_ref(self, sample_id: str) -> SampleRef | None:
-        with self._tx() as con:
-            row = con.execute("SELECT ref FROM samples WHERE sample_id=?", (sample_id,)).fetchone()
-        return SampleRef.from_json(row[0]) if row and row[0] else None
-
-    def leases(self, owner_prefix: str = "") -> list[Lease]:
-        with self._tx() as con:
-            rows = con.execute(
-                "SELECT d.epoch, d.sample_id, d.gen, d.nonce, d.owner, d.deadline, s.ref FROM deliveries d "
-                f"JOIN samples s ON s.sample_id=d.sample_id WHERE d.state={L} AND d.owner LIKE ? ESCAPE '\\' "
-                "ORDER BY d.deadline",
-                (owner_prefix.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_") + "%",)).fetchall()
-            return self._leases(con, rows)
-
-    def quarantined(self) -> list[tuple[SampleRef | None, str]]:
-        with self._tx() as con:
-            rows = con.execute("SELECT ref, reason FROM samples WHERE status=?",
-                               (int(SampleStatus.QUARANTINED),)).fetchall()
-        return [(SampleRef.from_json(r) if r else None, reason or "") for r, reason in rows]
-
-    def trained_steps(self, epoch: int | None = None) -> dict[str, int]:
-        where, args = ("AND epoch=?", (epoch,)) if epoch is not None else ("", ())
-        with self._tx() as con:
-            return dict(con.execute(f"SELECT sample_id, step FROM deliveries WHERE state IN ({T},{D}) {where}", args))

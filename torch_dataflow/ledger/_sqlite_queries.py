@@ -1,0 +1,78 @@
+"""Read-only queries of the SQLite ledger (status displays, audits, tests)."""
+
+from __future__ import annotations
+
+import sqlite3
+from typing import Any
+
+from ..refs import Lease, SampleRef
+from ._sqlite_schema import D, L, P, T
+from .base import LedgerCounts, SampleStatus, format_lease_id
+
+__all__ = ["SQLiteQueries"]
+
+
+class SQLiteQueries:
+    """Mixed into :class:`~torch_dataflow.ledger.sqlite.SQLiteLedger`."""
+
+    _tx: Any  # () -> context manager yielding the connection, in one transaction
+
+    @staticmethod
+    def _meta(con: sqlite3.Connection, key: str, default: str | None = None) -> str | None:
+        row = con.execute("SELECT value FROM meta WHERE key=?", (key,)).fetchone()
+        return row[0] if row else default
+
+    @staticmethod
+    def _closed(con: sqlite3.Connection) -> bool:
+        n, done = con.execute("SELECT count(*), coalesce(sum(done), 0) FROM producers").fetchone()
+        return n > 0 and n == done
+
+    @staticmethod
+    def _leases(con: sqlite3.Connection, rows: Any) -> list[Lease]:
+        del con
+        return [Lease(format_lease_id(e, g, n, s), e, o, dl, SampleRef.from_json(ref)) for e, s, g, n, o, dl, ref in rows]
+
+    def attempt(self) -> int:
+        with self._tx() as con:
+            return int(self._meta(con, "attempt", "0") or 0)
+
+    def counts(self, epoch: int | None = None) -> LedgerCounts:
+        with self._tx() as con:
+            where, args = ("WHERE epoch=?", (epoch,)) if epoch is not None else ("", ())
+            by_state = dict(con.execute(f"SELECT state, count(*) FROM deliveries {where} GROUP BY state", args))
+            by_status = dict(con.execute("SELECT status, count(*) FROM samples GROUP BY status"))
+            committed = con.execute("SELECT count(*) FROM samples WHERE committed>0").fetchone()[0]
+            closed = self._closed(con)
+            epochs = [r[0] for r in con.execute("SELECT DISTINCT epoch FROM deliveries ORDER BY epoch")]
+        return LedgerCounts(
+            pending=by_state.get(P, 0), leased=by_state.get(L, 0), trained=by_state.get(T, 0),
+            durable=by_state.get(D, 0), aborted=by_status.get(int(SampleStatus.ABORTED), 0),
+            quarantined=by_status.get(int(SampleStatus.QUARANTINED), 0),
+            freed=by_status.get(int(SampleStatus.FREED), 0), committed=committed, closed=closed,
+            extra={"epochs": epochs})
+
+    def get_ref(self, sample_id: str) -> SampleRef | None:
+        with self._tx() as con:
+            row = con.execute("SELECT ref FROM samples WHERE sample_id=?", (sample_id,)).fetchone()
+        return SampleRef.from_json(row[0]) if row and row[0] else None
+
+    def leases(self, owner_prefix: str = "") -> list[Lease]:
+        with self._tx() as con:
+            rows = con.execute(
+                "SELECT d.epoch, d.sample_id, d.gen, d.nonce, d.owner, d.deadline, s.ref FROM deliveries d "
+                f"JOIN samples s ON s.sample_id=d.sample_id WHERE d.state={L} AND d.owner LIKE ? ESCAPE '\\' "
+                "ORDER BY d.deadline",
+                (owner_prefix.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_") + "%",)).fetchall()
+            return self._leases(con, rows)
+
+    def quarantined(self) -> list[tuple[SampleRef | None, str]]:
+        with self._tx() as con:
+            rows = con.execute("SELECT ref, reason FROM samples WHERE status=?",
+                               (int(SampleStatus.QUARANTINED),)).fetchall()
+        return [(SampleRef.from_json(r) if r else None, reason or "") for r, reason in rows]
+
+    def trained_steps(self, epoch: int | None = None) -> dict[str, int]:
+        where, args = ("AND epoch=?", (epoch,)) if epoch is not None else ("", ())
+        with self._tx() as con:
+            return dict(con.execute(f"SELECT sample_id, step FROM deliveries WHERE state IN ({T},{D}) {where}", args))
+
