@@ -40,9 +40,9 @@ from ..auth import SecretGuard, make_verifier
 from ..errors import AuthError, BackendUnavailable, ConfigError, SampleAborted
 from ..refs import Lease, SampleRef, validate_sample_id
 from ..uri import parse_uri
+from ._sqlite_schema import SCHEMA_VERSION, _td_ord
 from .base import Ledger, LedgerCounts, Plan, ReconcileReport, StepClaim, format_lease_id, parse_lease_id
 from .redis_scripts import SCRIPTS
-from ._sqlite_schema import SCHEMA_VERSION, _td_ord
 
 __all__ = ["INSTALL_HINT", "RedisLedger"]
 
