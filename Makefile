@@ -28,6 +28,7 @@ demo: setup
 	$(BIN)/torch-dataflow demo
 
 test: setup sysdeps
+	$(BIN)/ruff check torch_dataflow tests benchmarks examples
 	$(BIN)/python -m pytest -q
 
 bench: setup
