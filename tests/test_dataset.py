@@ -213,3 +213,16 @@ def test_plan_mode_reiteration_advances_round(uris: tuple[str, str]) -> None:
     again0, again1 = iter(ds0), iter(ds1)
     second = [next(again0)["__sample_id__"] for _ in range(2)] + [next(again1)["__sample_id__"] for _ in range(2)]
     assert not set(first) & set(second) and len(set(first + second)) == 8
+
+
+def test_memory_store_refuses_a_spawned_worker() -> None:
+    name = f"spawn-check-{next(_n)}"
+    w = FeatureWriter(f"memory://{name}", f"sqlite:///{Path(__import__('tempfile').mkdtemp())}/l.db")
+    w.put("s0", sample(0))
+    w.close()
+    ds = FeatureStoreDataset(w.store, w.ledger)
+    it = iter(DataLoader(ds, num_workers=1, multiprocessing_context="spawn"))
+    with pytest.raises(ConfigError, match="cannot be used from process"):
+        next(it)
+    it._shutdown_workers()  # type: ignore[attr-defined]
+    assert w.ledger.counts().quarantined == 0  # nothing was mistaken for lost

@@ -5,13 +5,14 @@ clients of a server share it (``memory://`` with no name is one more store).
 
 The store is **process-local**. A DataLoader worker started by ``fork`` sees a
 snapshot of the parent's store taken at fork time (later puts are invisible,
-its own puts are invisible to the parent); a worker started by ``spawn`` or
-``forkserver`` sees an empty store. Use ``file://`` or ``mooncake://`` when
+its own puts are invisible to the parent); in a process started by ``spawn`` or
+``forkserver`` the store raises :class:`ConfigError` instead of looking empty. Use ``file://`` or ``mooncake://`` when
 producers and trainers are different processes.
 """
 
 from __future__ import annotations
 
+import os
 import threading
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
@@ -61,7 +62,8 @@ class MemoryStore(FeatureStore):
         >>> MemoryStore.destroy("doc-mem")
     """
 
-    def __init__(self, name: str = "", *, secret: str | None = None, max_bytes: int | str | None = None) -> None:
+    def __init__(self, name: str = "", *, secret: str | None = None, max_bytes: int | str | None = None,
+                 _home_pid: int | None = None) -> None:
         if not isinstance(name, str) or "?" in name or "#" in name:
             raise ConfigError(f"memory store name must be a str without '?' or '#', got {name!r}")
         self.name = name
@@ -69,6 +71,7 @@ class MemoryStore(FeatureStore):
         self.max_bytes = None if max_bytes is None else parse_size(max_bytes)
         self.uri = f"memory://{name}"
         self._shared: _Shared | None = None
+        self._home_pid = os.getpid() if _home_pid is None else _home_pid
 
     @classmethod
     def from_uri(cls, uri: str, **overrides: Any) -> MemoryStore:
@@ -91,6 +94,11 @@ class MemoryStore(FeatureStore):
     def _attach(self) -> None:
         with _REGISTRY_LOCK:
             shared = _REGISTRY.get(self.name)
+            if shared is None and self._home_pid != os.getpid():
+                # Unpickled in another process (e.g. a spawned DataLoader worker): an
+                # empty store here would make every committed sample look lost.
+                raise ConfigError(f"store {self.uri} lives in process {self._home_pid} and cannot be used from "
+                                  f"process {os.getpid()}; use file:///dir or mooncake:// across processes")
             if shared is None:
                 shared = _REGISTRY[self.name] = _Shared(
                     verifier=None if self.secret is None else make_verifier(self.secret)
@@ -157,4 +165,4 @@ class MemoryStore(FeatureStore):
         self._guard = None
 
     def _config_state(self) -> dict[str, Any]:
-        return {"name": self.name, "secret": self.secret, "max_bytes": self.max_bytes}
+        return {"name": self.name, "secret": self.secret, "max_bytes": self.max_bytes, "_home_pid": self._home_pid}

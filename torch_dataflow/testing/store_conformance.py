@@ -94,7 +94,16 @@ def _child_main() -> None:
     """Runs in a fresh interpreter: unpickle the store, read the parent's sample, write one back."""
     store, ref_json, shares = pickle.loads(sys.stdin.buffer.read())
     ref = SampleRef.from_json(ref_json)
-    seen = store.get(ref)["input_ids"].tolist() if shares else None
+    if not shares:
+        # A process-local store must refuse loudly, never look empty (which would
+        # make every committed sample seem lost to a spawned DataLoader worker).
+        try:
+            store.get(ref)
+        except ConfigError as e:
+            sys.stdout.write(json.dumps({"refused": str(e)}))
+            return
+        raise SystemExit("a process-local store served a request from another process")
+    seen = store.get(ref)["input_ids"].tolist()
     child_ref = store.put("from-child", 1, {"v": torch.arange(4) * 3})
     own = store.get(child_ref)["v"].tolist()
     sys.stdout.write(json.dumps({"seen": seen, "own": own, "ref": child_ref.to_json()}))
@@ -424,12 +433,12 @@ class StoreConformance:
         )
         assert proc.returncode == 0, proc.stderr.decode(errors="replace")[-3000:]
         out = json.loads(proc.stdout)
+        if not self.shares_across_processes:
+            assert "cannot be used from process" in out["refused"]
+            return
         assert out["own"] == [0, 3, 6, 9]
-        if self.shares_across_processes:
-            assert out["seen"] == t["input_ids"].tolist()
-            assert s.get(SampleRef.from_json(out["ref"]))["v"].tolist() == [0, 3, 6, 9]
-        else:
-            assert not s.exists(SampleRef.from_json(out["ref"]))
+        assert out["seen"] == t["input_ids"].tolist()
+        assert s.get(SampleRef.from_json(out["ref"]))["v"].tolist() == [0, 3, 6, 9]
 
     # ------------------------------------------- with a writer and a dataset
     def _ledger_uri(self) -> str:
@@ -453,7 +462,7 @@ class StoreConformance:
             seen.append(s["__sample_id__"])
         assert sorted(seen) == [f"w{i:03d}" for i in range(12)]
         assert ds.mark_durable(12) == 12
-        assert store.health().count == 0 and not [k for k in store if k[0].startswith("w")]
+        assert store.health().count == 0 and not [k for k in store.keys() if k[0].startswith("w")]  # noqa: SIM118
 
     def test_inv8_writer_waits_for_room_then_raises(self) -> None:
         from ..errors import StoreFull
