@@ -46,7 +46,7 @@ class Settings:
         return quick if self.quick else full
 
 
-def mp_context() -> mp.context.BaseContext:
+def mp_context() -> Any:
     """Start helper processes from a fork server that has torch and the scenarios imported.
 
     Each new process is then a fork of a clean, single-threaded server (about

@@ -124,7 +124,7 @@ def run(cfg: Settings) -> dict[str, Any]:
     reps = cfg.reps(3, 1)
     torch.set_num_threads(1)
     tmp = Path(tempfile.mkdtemp(prefix="td-bench-e2e-"))
-    rows = []
+    rows: list[dict[str, Any]] = []
     try:
         for s, n in plan.items():
             nbytes = sample_nbytes(eagle3_sample(s, h))

@@ -119,7 +119,7 @@ def consumers(cfg: Settings, ledgers: dict[str, str], tmp: Path) -> list[dict[st
     for uri in list(ledgers.values())[1:]:  # the same bytes, committed to each other ledger
         _commit_pool(open_ledger(uri), list(refs), refs)
     nbytes = sum(t.numel() * t.element_size() for t in sample.values())
-    rows = []
+    rows: list[dict[str, Any]] = []
     for name, uri in ledgers.items():
         base = None
         for k in ks:
@@ -146,7 +146,7 @@ def consumers(cfg: Settings, ledgers: dict[str, str], tmp: Path) -> list[dict[st
 
 def control_plane(cfg: Settings, ledgers: dict[str, str]) -> list[dict[str, Any]]:
     n, ks, batch, reps = (1_280, (1, 2), 64, cfg.reps(3, 1)) if cfg.quick else (10_240, (1, 2, 4), 64, cfg.reps(3, 1))
-    rows = []
+    rows: list[dict[str, Any]] = []
     for name, base_uri in ledgers.items():
         base = None
         for k in ks:
@@ -180,7 +180,7 @@ def _fresh_uri(uri: str, tag: str) -> str:
 
 def pool_sizes(cfg: Settings, ledgers: dict[str, str]) -> list[dict[str, Any]]:
     pools, cycles = ((200, 2_000), 10) if cfg.quick else ((1_000, 10_000, 100_000), 60)
-    rows = []
+    rows: list[dict[str, Any]] = []
     for name, base_uri in ledgers.items():
         for pool in pools:
             led = open_ledger(_fresh_uri(base_uri, f"pool{pool}"))
@@ -202,7 +202,7 @@ def pool_sizes(cfg: Settings, ledgers: dict[str, str]) -> list[dict[str, Any]]:
             def durable(i: int, led: Ledger = led, state: dict[str, Any] = state) -> None:
                 led.mark_durable(state["step"])
 
-            ops = {"commit": [], "lease": [], "ack": [], "mark_durable": [], "counts": []}
+            ops: dict[str, list[float]] = {op: [] for op in (*OPS, "counts")}
             fns = {
                 "commit": commit,
                 "lease": lease,
@@ -216,7 +216,7 @@ def pool_sizes(cfg: Settings, ledgers: dict[str, str]) -> list[dict[str, Any]]:
                     fn(c)
                     ops[op].append(time.perf_counter() - t0)
             led.close()
-            row = {"ledger": name, "pool": pool, "cycles": cycles}
+            row: dict[str, Any] = {"ledger": name, "pool": pool, "cycles": cycles}
             row.update({f"{op} us": statistics.median(v[WARM:]) * 1e6 for op, v in ops.items()})
             row["hot path us"] = sum(row[f"{op} us"] for op in OPS)
             rows.append(row)
