@@ -226,3 +226,23 @@ def test_memory_store_refuses_a_spawned_worker() -> None:
         next(it)
     it._shutdown_workers()  # type: ignore[attr-defined]
     assert w.ledger.counts().quarantined == 0  # nothing was mistaken for lost
+
+
+def test_backpressure_checks_are_not_per_put(uris: tuple[str, str], monkeypatch: pytest.MonkeyPatch) -> None:
+    w = FeatureWriter(*uris, max_resident_bytes=10**9, max_pending=10**6)
+    calls = {"health": 0, "counts": 0}
+    health, counts = w.store.health, w.ledger.counts
+
+    def count_health():
+        calls["health"] += 1
+        return health()
+
+    def count_counts(*a, **k):
+        calls["counts"] += 1
+        return counts(*a, **k)
+
+    monkeypatch.setattr(w.store, "health", count_health)
+    monkeypatch.setattr(w.ledger, "counts", count_counts)
+    for i in range(50):
+        w.put(f"s{i}", sample(i))
+    assert calls == {"health": 1, "counts": 1}  # room measured once, then spent put by put

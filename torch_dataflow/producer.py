@@ -88,6 +88,7 @@ class FeatureWriter:
         self.waited_s = 0.0
         self._registered = False
         self._closed = False
+        self._credit: tuple[int | None, int | None] = (None, None)
 
     def _register(self) -> None:
         if not self._registered:
@@ -95,19 +96,42 @@ class FeatureWriter:
             self._registered = True
 
     def _over_budget(self, incoming: int) -> str | None:
+        """Ask the store and ledger; on room, keep the margin as credit for later puts."""
+        room_bytes = room_samples = None
         if self.max_resident_bytes is not None:
             resident = self.store.health().resident_bytes
             if resident > 0 and resident + incoming > self.max_resident_bytes:
                 return f"store holds {resident} bytes, budget {self.max_resident_bytes}"
+            room_bytes = self.max_resident_bytes - resident
         if self.max_pending is not None:
             c = self.ledger.counts(epoch=None)
             if c.pending + c.leased >= self.max_pending:
                 return f"ledger has {c.pending + c.leased} undelivered samples, budget {self.max_pending}"
+            room_samples = self.max_pending - c.pending - c.leased
+        self._credit = (room_bytes, room_samples)
         return None
+
+    def _has_credit(self, incoming: int) -> bool:
+        """Whether room measured earlier still covers this put: health() scans a
+        directory and counts() a table, too slow to run on every put. Consumers
+        only ever make more room; other producers can overshoot a budget by at
+        most the room each of them last measured."""
+        room_bytes, room_samples = self._credit
+        if self.max_resident_bytes is not None and (room_bytes is None or room_bytes < incoming):
+            return False
+        return self.max_pending is None or (room_samples is not None and room_samples >= 1)
+
+    def _charge(self, nbytes: int, samples: int) -> None:
+        """Spend credit on what was really written (encoded size, header included)."""
+        room_bytes, room_samples = self._credit
+        self._credit = (None if room_bytes is None else room_bytes - nbytes,
+                        None if room_samples is None else room_samples - samples)
 
     def wait_for_room(self, incoming: int = 0) -> None:
         """Block until the store and ledger are under budget, or raise ``StoreFull``."""
         if self.max_resident_bytes is None and self.max_pending is None:
+            return
+        if self._has_credit(incoming):
             return
         start = time.monotonic()
         while (why := self._over_budget(incoming)) is not None:
@@ -147,6 +171,7 @@ class FeatureWriter:
             raise
         for old in superseded:
             self.store.delete(old)
+        self._charge(ref.nbytes, 1)
         self.written += 1
         self.bytes_written += ref.nbytes
         return ref
@@ -171,6 +196,7 @@ class FeatureWriter:
             raise
         for old in superseded:
             self.store.delete(old)
+        self._charge(sum(r.nbytes for r in refs), len(refs))
         self.written += len(refs)
         self.bytes_written += sum(r.nbytes for r in refs)
         return refs

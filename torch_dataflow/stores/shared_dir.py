@@ -76,7 +76,7 @@ def _mkdir_private(path: str) -> None:
 # MAP_POPULATE 18 ms, MADV_HUGEPAGE 12 ms, a reused buffer 6.5 ms.
 _POPULATE = getattr(mmap, "MAP_POPULATE", 0)
 _HUGEPAGE = getattr(mmap, "MADV_HUGEPAGE", None)
-_MMAP_MIN = 1 << 20
+_MMAP_MIN = 32 << 20  # below this glibc reuses freed blocks: fewer page faults than a fresh mapping
 _HUGE_MIN = 8 << 20
 
 
