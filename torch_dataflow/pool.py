@@ -87,8 +87,8 @@ class FeaturePool(Dataset):
     unshuffled order is commit order). Without it, the pool lists the store
     and keeps every id whose latest stored generation is the ledger's
     committed one, sorted by id (one ledger query per id: pass ``sample_ids``
-    for pools of millions). Use :meth:`from_specforge` for an imported
-    SpecForge directory (its file order).
+    for pools of millions). Use :meth:`from_specforge` for a SpecForge
+    directory, in place or imported (its file order).
 
     **Reading.** ``pool[k]`` accepts a :class:`PoolIndex` (from the sampler:
     the sample plus its ``"__lease__"``), a plain ``int`` (no lease: reading
@@ -127,25 +127,62 @@ class FeaturePool(Dataset):
 
     @classmethod
     def from_specforge(
-        cls, directory: Any, store: str | FeatureStore, ledger: str | Ledger, *, zero_copy: bool = False
+        cls,
+        directory: Any,
+        store: str | FeatureStore | None = None,
+        ledger: str | Ledger | None = None,
+        *,
+        copy: bool | None = None,
+        zero_copy: bool = False,
+        progress: bool = False,
     ) -> FeaturePool:
-        """A pool over a SpecForge directory imported with
-        :func:`~torch_dataflow.eagle3.import_directory`, indexed in the
-        directory's own (SpecForge's) file order.
+        """A pool over a SpecForge offline directory, indexed in the directory's
+        own (SpecForge's) file order.
+
+        In place (``copy=False``; the default when ``store`` is ``None`` or a
+        ``specforge://`` store): the files are registered in ``ledger`` with
+        :func:`~torch_dataflow.stores.specforge_dir.register_directory`
+        (idempotent, safe on every rank) and read where they are. Copied
+        (``copy=True``; the default for any other ``store``): the directory was
+        imported into ``store`` with :func:`~torch_dataflow.eagle3.import_directory`.
 
         Args:
             directory: the directory or an open ``SpecForgeDirectory``.
-            store, ledger: where it was imported to.
+            store: ``None`` / ``specforge:///dir`` (in place), or where it was imported.
+            ledger: the ledger URI or instance (required).
+            copy: force one of the two modes (see above).
+            zero_copy: see :class:`FeaturePool`.
+            progress: a progress bar while registering in place.
+
+        Raises:
+            ConfigError: no ledger, ``copy=True`` without a store, or an in-place
+                store that is not this directory.
 
         Example:
+            >>> pool = FeaturePool.from_specforge("/data/hs", ledger="sqlite:///data/l.db")  # doctest: +SKIP
             >>> from torch_dataflow.eagle3 import import_directory
-            >>> import_directory("/data/hs", "file:///data/feat", "sqlite:///data/l.db")  # doctest: +SKIP
-            >>> pool = FeaturePool.from_specforge("/data/hs", "file:///data/feat", "sqlite:///data/l.db")  # doctest: +SKIP
+            >>> import_directory("/data/hs", "file:///data/feat", "sqlite:///data/l2.db")  # doctest: +SKIP
+            >>> pool = FeaturePool.from_specforge("/data/hs", "file:///data/feat", "sqlite:///data/l2.db")  # doctest: +SKIP
         """
         from .eagle3.specforge import SpecForgeDirectory
+        from .stores.specforge_dir import SpecForgeDirStore, register_directory
 
+        if ledger is None:
+            raise ConfigError("from_specforge needs a ledger (e.g. ledger='sqlite:///data/ledger.db')")
         ds = directory if isinstance(directory, SpecForgeDirectory) else SpecForgeDirectory(directory)
-        return cls(store, ledger, sample_ids=[ds.sample_id(i) for i in range(len(ds))], zero_copy=zero_copy)
+        opened = None if store is None else open_store(store)
+        if copy is None:
+            copy = opened is not None and not isinstance(opened, SpecForgeDirStore)
+        if not copy:
+            in_place = SpecForgeDirStore(os.path.abspath(ds.root))
+            if opened is not None and opened.uri != in_place.uri:
+                raise ConfigError(f"copy=False reads {ds.root} in place: store must be None or {in_place.uri}")
+            ledger = open_ledger(ledger)
+            register_directory(ds, ledger, progress=progress)
+            opened = in_place
+        elif opened is None:
+            raise ConfigError("copy=True needs the store the directory was imported into")
+        return cls(opened, ledger, sample_ids=[ds.sample_id(i) for i in range(len(ds))], zero_copy=zero_copy)
 
     def _discover(self) -> list[str]:
         latest: dict[str, int] = {}

@@ -58,6 +58,7 @@ Example:
 
 from __future__ import annotations
 
+import contextlib
 import os
 import socket
 from collections.abc import Iterator, Sequence
@@ -84,7 +85,6 @@ _SEP = "~"  # SpecForgeDirectory.sample_id's separator
 _EDGE = 4096  # bytes hashed at each end of a file
 _QUERY = {"secret": str}
 _RETRIES = 20
-_FORMAT = "specforge-offline"
 _STAT = ("st_ino", "st_dev", "st_size", "st_mtime_ns")
 
 
@@ -123,8 +123,7 @@ class SpecForgeDirStore(FeatureStore):
         if not isinstance(root, str) or not os.path.isabs(root):
             raise ConfigError(f"specforge store path must be absolute, got {root!r}")
         if secret is not None:
-            raise ConfigError("specforge:// stores take no secret: a read-only local directory has nowhere to "
-                              "keep a verifier, and whoever reads the files reads the samples; use file permissions")
+            raise ConfigError("specforge:// stores are read-only and take no secret: use file permissions")
         self.root = os.path.normpath(root)
         self.uri = "specforge://" + quote(self.root)
         self._real_root: str | None = None
@@ -136,8 +135,7 @@ class SpecForgeDirStore(FeatureStore):
         if parsed.scheme != "specforge":
             raise ConfigError(f"not a specforge:// URI: {uri!r}")
         if parsed.host not in (None, "", "localhost") or parsed.password is not None or not parsed.path:
-            raise ConfigError(f"specforge:// URIs name a local path, with no host or secret: specforge:///abs/path, "
-                              f"got {uri!r}")
+            raise ConfigError(f"specforge:// takes a local path, no host or secret (specforge:///abs/path): {uri!r}")
         return cls(parsed.path, **{**parsed.query, **overrides})
 
     # --------------------------------------------------------------- attach
@@ -164,8 +162,7 @@ class SpecForgeDirStore(FeatureStore):
         parts = sample_id.split(_SEP)
         if any(p in ("", ".", "..") for p in parts) or not sample_id.endswith(SUFFIXES):
             raise ConfigError(f"{sample_id!r} is not a SpecForge sample id (rows_X-Y~data_N.ckpt[.gz])")
-        root = self._real()
-        real = os.path.realpath(os.path.join(root, *parts))
+        real = os.path.realpath(os.path.join(root := self._real(), *parts))
         if os.path.commonpath([root, real]) != root or real == root:
             raise ConfigError(f"sample {sample_id!r} resolves to {real}, outside {self.root}: refused")
         return real
@@ -237,8 +234,8 @@ class SpecForgeDirStore(FeatureStore):
         finally:
             os.close(fd)
         if found != ref.checksum:
-            raise CorruptSample(f"{what}: {path} changed since it was registered (identity {found}, registered "
-                                f"{ref.checksum}); if that was intended, re-run register_directory")
+            msg = f"{path} changed since it was registered ({found}, was {ref.checksum})"
+            raise CorruptSample(f"{what}: {msg}; if that was intended, re-run register_directory")
         try:
             data = _load(Path(path))
             after = os.stat(path, follow_symlinks=False)
@@ -266,11 +263,8 @@ class SpecForgeDirStore(FeatureStore):
         self._check_auth()
         count = size = 0
         for p in _list_feature_files(Path(self._real())):
-            try:
-                size += p.stat().st_size
-            except OSError:
-                continue
-            count += 1
+            with contextlib.suppress(OSError):
+                size, count = size + p.stat().st_size, count + 1
         return StoreHealth(resident_bytes=size, count=count)
 
     def _config_state(self) -> dict[str, Any]:
@@ -278,8 +272,10 @@ class SpecForgeDirStore(FeatureStore):
 
 
 def _specs_of(data: dict[str, torch.Tensor]) -> tuple[FeatureSpec, ...]:
-    return tuple(FeatureSpec(k, str(v.dtype).removeprefix("torch."), tuple(v.shape), v.numel() * v.element_size())
-                 for k, v in data.items())
+    return tuple(
+        FeatureSpec(k, str(v.dtype).removeprefix("torch."), tuple(v.shape), v.numel() * v.element_size())
+        for k, v in data.items()
+    )
 
 
 def _check_specs(data: dict[str, torch.Tensor], ref: SampleRef, what: str) -> None:
@@ -289,8 +285,8 @@ def _check_specs(data: dict[str, torch.Tensor], ref: SampleRef, what: str) -> No
         raise CorruptSample(f"{what}: the file holds {got}, registered as {want}")
 
 
-def _scan(store: SpecForgeDirStore, sid: str, rel: str, header: bool) -> tuple[str, int, tuple[FeatureSpec, ...]]:
-    """``(identity, size, specs)`` of one file; specs only with ``header`` (mmap load)."""
+def _scan(store: SpecForgeDirStore, sid: str, rel: str, header: bool) -> tuple[tuple[FeatureSpec, ...], int, str]:
+    """``(specs, size, identity)`` of one file (a ref's fields); specs only with ``header`` (mmap load)."""
     path = store.path_of(sid)
     ident = store.identity(sid)
     specs: tuple[FeatureSpec, ...] = ()
@@ -301,7 +297,7 @@ def _scan(store: SpecForgeDirStore, sid: str, rel: str, header: bool) -> tuple[s
             raise CorruptSample(f"{e} (move the file out of the directory to register the rest)") from e
         if store.identity(sid) != ident:
             raise CorruptSample(f"{rel} changed while being registered; re-run register_directory")
-    return ident, int(ident.split(":")[1]), specs
+    return specs, int(ident.split(":")[1]), ident
 
 
 def register_directory(
@@ -359,23 +355,21 @@ def register_directory(
     for i in range(len(ds)):
         rel, sid = ds.relative_path(i), ds.sample_id(i)
         if _SEP in rel or store.path_of(sid) != os.path.realpath(ds.paths[i]):
-            raise ConfigError(f"{ds.paths[i]} cannot be served in place: its relative path has a '~', which "
-                              "sample ids use for '/'; rename it, or import a copy with import_directory")
+            raise ConfigError(f"{ds.paths[i]}: a '~' in its relative path would make its id ambiguous; rename it")
         items.append((sid, rel))
     producer = name or f"specforge-register:{socket.gethostname()}:{os.getpid()}"
     led.register_producer(producer)
-    committed = 0
+    committed, batch = 0, max(1, batch)
     with tqdm(total=len(items), desc="register SpecForge files", unit="file", disable=not progress) as bar:
-        for start in range(0, len(items), max(1, batch)):
-            chunk = items[start : start + max(1, batch)]
-            committed += _register_chunk(store, led, chunk)
-            bar.update(len(chunk))
+        for start in range(0, len(items), batch):
+            committed += _register_chunk(store, led, items[start : start + batch])
+            bar.update(len(items[start : start + batch]))
     led.producer_done(producer)
     return committed
 
 
 def _register_chunk(store: SpecForgeDirStore, led: Any, chunk: list[tuple[str, str]]) -> int:
-    scanned: dict[str, tuple[str, int, tuple[FeatureSpec, ...]]] = {}
+    scanned: dict[str, tuple[tuple[FeatureSpec, ...], int, str]] = {}  # sid -> (specs, nbytes, checksum)
     last: Exception | None = None
     for _ in range(_RETRIES):
         todo = []
@@ -383,26 +377,23 @@ def _register_chunk(store: SpecForgeDirStore, led: Any, chunk: list[tuple[str, s
             ident = store.identity(sid)
             old = led.get_ref(sid)
             if old is not None and old.store != store.uri:
-                raise ConfigError(f"ledger {led.uri} already holds {sid!r} from {old.store}: use a separate "
-                                  f"ledger for the in-place pool {store.uri}")
+                raise ConfigError(f"{led.uri} holds {sid!r} from {old.store}: use a separate ledger in place")
             if old is not None and old.checksum == ident:
                 continue
-            if sid not in scanned or scanned[sid][0] != ident:
+            if sid not in scanned or scanned[sid][2] != ident:
                 scanned[sid] = _scan(store, sid, rel, header=not sid.endswith(".gz"))
             todo.append((sid, rel))
         if not todo:
             return 0
         gens = led.reserve([sid for sid, _ in todo])
+        meta = {"format": "specforge-offline"}
         refs = [
-            SampleRef(sample_id=sid, generation=gen, store=store.uri, specs=scanned[sid][2],
-                      nbytes=scanned[sid][1], checksum=scanned[sid][0],
-                      metadata={"source": rel, "format": _FORMAT})
+            SampleRef(sid, gen, store.uri, *scanned[sid], {**meta, "source": rel})
             for (sid, rel), gen in zip(todo, gens, strict=True)
         ]
         try:
             led.commit(refs)
+            return len(refs)
         except ConfigError as e:  # stale: a concurrent registration reserved a newer generation
             last = e
-            continue
-        return len(refs)
     raise ConfigError(f"could not register {chunk[0][0]!r}..: concurrent registrations kept superseding it ({last})")
