@@ -222,3 +222,12 @@ def test_passthrough_commands(monkeypatch: pytest.MonkeyPatch, capsys: pytest.Ca
     )
     assert main(["bench", "--help"]) == 2
     assert "benchmarks are not part of this installation" in capsys.readouterr().err
+
+
+def test_status_takes_the_ledgers_own_query_keys(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    ledger = f"sqlite://{tmp_path / 'secret.db'}"
+    open_ledger(ledger, secret="s3").reserve(["a"])
+    assert main(["status", f"{ledger}?secret=s3&timeout=5"]) == 0
+    assert "committed" in capsys.readouterr().out
+    assert main(["status", ledger]) == 2  # no secret: one clean error line
+    assert "secret" in capsys.readouterr().err

@@ -246,3 +246,43 @@ def test_backpressure_checks_are_not_per_put(uris: tuple[str, str], monkeypatch:
     for i in range(50):
         w.put(f"s{i}", sample(i))
     assert calls == {"health": 1, "counts": 1}  # room measured once, then spent put by put
+
+
+def test_planned_steps_stay_equal_when_a_sample_is_corrupt(uris: tuple[str, str], tmp_path: Path) -> None:
+    _fill(uris, 16)
+    victim = next((tmp_path / "store").rglob("s00013@1.tdf"))
+    data = bytearray(victim.read_bytes())
+    data[-2] ^= 0xFF
+    victim.write_bytes(bytes(data))
+    counts, seen = [], []
+    for rank in range(2):
+        ds = FeatureStoreDataset(*uris, mode="offline", shuffle=False, rank=rank, world_size=2, batch_size=4)
+        batches = list(FeatureLoader(ds, batch_size=4, drop_last=True))
+        counts.append(len(batches))
+        for b in batches:
+            ds.ack(b, 1)
+            seen += [s for s, lid in zip(b["__sample_id__"], b["__lease__"], strict=True) if lid]
+    assert counts[0] == counts[1] == 2, "a quarantined sample must not make one rank's batch count differ"
+    assert sorted(seen) == sorted(f"s{i:05d}" for i in range(16) if i != 13), "padding is never acked twice"
+    c = open_ledger(uris[1]).counts()
+    assert (c.trained, c.leased, c.quarantined) == (15, 0, 1)
+
+
+def test_drop_last_gives_the_partial_tail_back(uris: tuple[str, str]) -> None:
+    _fill(uris, 10)
+    ds = FeatureStoreDataset(*uris, mode="offline")
+    batches = list(FeatureLoader(ds, batch_size=4, drop_last=True, num_workers=2))
+    assert [len(b["__sample_id__"]) for b in batches] == [4, 4]
+    for b in batches:
+        ds.ack(b, 1)
+    c = ds.ledger.counts()
+    assert (c.trained, c.leased, c.pending) == (8, 0, 2), "dropped samples are pending, not held"
+
+
+def test_store_max_bytes_is_the_default_budget(tmp_path: Path) -> None:
+    w = FeatureWriter(f"file://{tmp_path}/s?max_bytes=1KiB", f"sqlite://{tmp_path}/l.db", put_timeout=0.2)
+    assert w.max_resident_bytes == 1024
+    with pytest.raises(StoreFull):
+        for i in range(20):
+            w.put(f"s{i}", sample(i, 64))
+    assert 1 <= w.written < 20

@@ -372,3 +372,23 @@ def test_examples_run(tmp_path: Path, script: str) -> None:
     )
     assert res.returncode == 0, res.stderr[-3000:]
     assert "done" in res.stdout
+
+
+def test_step_acker_accepts_a_pool_and_skips_padding(tmp_path: Path) -> None:
+    from torch.utils.data import DataLoader
+
+    from torch_dataflow import FeaturePool, FeatureWriter, ReshardingSampler, StepAcker
+    from torch_dataflow.acking import find_lease_ids
+
+    store, ledger = f"file://{tmp_path}/s", f"sqlite://{tmp_path}/l.db"
+    with FeatureWriter(store, ledger) as w:
+        for i in range(4):
+            w.put(f"a{i}", {"x": torch.ones(2)})
+    pool = FeaturePool(store, ledger)
+    acker = StepAcker(pool)
+    loader = DataLoader(pool, batch_size=2, sampler=ReshardingSampler(pool, num_replicas=1, rank=0, shuffle=False))
+    for step, batch in enumerate(loader, 1):
+        acker.add(batch)
+        acker.after_step(step)
+    assert pool.ledger.counts().trained == 4
+    assert find_lease_ids({"__lease__": ["", "x"]}) == ["x"]  # a padded slot is never acked

@@ -54,6 +54,7 @@ from typing import Any
 from .dataset import LEASE_KEY, FeatureStoreDataset
 from .errors import ConfigError, LeaseLost
 from .ledger import ReconcileReport
+from .pool import FeaturePool
 
 __all__ = ["FREE_MODES", "StepAcker", "find_lease_ids"]
 
@@ -71,7 +72,8 @@ def find_lease_ids(batch: Any) -> list[str]:
     if isinstance(batch, Mapping):
         ids = batch.get(LEASE_KEY)
         if ids is not None:
-            out += [ids] if isinstance(ids, str) else [str(x) for x in ids]
+            # "" marks a padded repeat (ReshardingSampler, planned steps): nothing to ack.
+            out += [x for x in ([ids] if isinstance(ids, str) else [str(x) for x in ids]) if x]
         for key, value in batch.items():
             if key != LEASE_KEY and isinstance(value, (Mapping, list, tuple)):
                 out += find_lease_ids(value)
@@ -83,6 +85,9 @@ def find_lease_ids(batch: Any) -> list[str]:
 
 
 Datasets = FeatureStoreDataset | Sequence[FeatureStoreDataset] | Mapping[str, FeatureStoreDataset]
+
+
+_SOURCES = (FeatureStoreDataset, FeaturePool)
 
 
 class StepAcker:
@@ -120,16 +125,17 @@ class StepAcker:
                  barrier: Callable[[], None] | None = None) -> None:
         if free not in FREE_MODES:
             raise ConfigError(f"free must be one of {FREE_MODES}, got {free!r}")
-        if isinstance(datasets, FeatureStoreDataset):
+        if isinstance(datasets, _SOURCES):
             self._routes: dict[Any, FeatureStoreDataset] = {None: datasets}
         elif isinstance(datasets, Mapping):
             self._routes = dict(datasets)
         elif isinstance(datasets, Sequence) and not isinstance(datasets, str):
             self._routes = dict(enumerate(datasets))
         else:
-            raise ConfigError(f"expected a FeatureStoreDataset, a list or a dict of them, got {type(datasets).__name__}")
-        if not self._routes or not all(isinstance(d, FeatureStoreDataset) for d in self._routes.values()):
-            raise ConfigError("every dataset given to an acker must be a FeatureStoreDataset")
+            raise ConfigError("expected a FeatureStoreDataset or FeaturePool, a list or a dict of them, "
+                              f"got {type(datasets).__name__}")
+        if not self._routes or not all(isinstance(d, _SOURCES) for d in self._routes.values()):
+            raise ConfigError("every dataset given to an acker must be a FeatureStoreDataset or a FeaturePool")
         # One representative per ledger: durable/reconcile act on a whole ledger.
         self._by_ledger: dict[str, FeatureStoreDataset] = {}
         for ds in self._routes.values():
@@ -266,7 +272,7 @@ class StepAcker:
         return self._mark_durable(self.step if step is None else int(step))
 
     def _mark_durable(self, step: int) -> int:
-        freed = sum(ds.mark_durable(step) for ds in self._by_ledger.values())
+        freed = sum(ds.mark_durable(step) or 0 for ds in self._by_ledger.values())
         self.durable_step = step if self.durable_step is None else max(self.durable_step, step)
         return freed
 

@@ -25,11 +25,12 @@ import argparse
 import importlib
 import importlib.util
 import json
+import os
 import sys
 from collections.abc import Sequence
 from typing import Any
 
-from .errors import DataflowError
+from .errors import ConfigError, DataflowError
 
 __all__ = ["main"]
 
@@ -202,12 +203,15 @@ def _status(args: argparse.Namespace) -> int:
 def _add_import(sub: Any) -> None:
     p = sub.add_parser(
         "import",
-        help="copy a SpecForge offline feature directory into a store + ledger",
+        help="copy a SpecForge offline feature directory into a store + ledger (or register it in place)",
         description="Each rows_*/data_*.ckpt[.gz] file becomes one committed sample (read with "
-        "weights_only=True). Safe to re-run after a crash.",
+        "weights_only=True). Safe to re-run after a crash. With --in-place nothing is copied: the ledger "
+        "points at the files through the read-only specforge:///SRC store.",
     )
     p.add_argument("src", metavar="SRC", help="the SpecForge directory (prepare_hidden_states.py --output-path)")
-    p.add_argument("--store", required=True, metavar="URI", help="target store, e.g. file:///data/features")
+    p.add_argument("--store", metavar="URI", help="target store, e.g. file:///data/features (not with --in-place)")
+    p.add_argument("--in-place", action="store_true",
+                   help="register the files where they are (store specforge:///SRC) instead of copying them")
     p.add_argument("--ledger", required=True, metavar="URI", help="target ledger, e.g. sqlite:///data/ledger.db")
     p.add_argument("--trim-padding", action="store_true", help="drop trailing batch padding of each file")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -215,6 +219,17 @@ def _add_import(sub: Any) -> None:
 
 
 def _import(args: argparse.Namespace) -> int:
+    if args.in_place:
+        if args.store or args.trim_padding:
+            raise ConfigError("--in-place serves the files as they are: drop --store and --trim-padding")
+        from .stores.specforge_dir import register_directory
+
+        n = register_directory(args.src, args.ledger, progress=not args.no_progress)
+        src = os.path.abspath(args.src)
+        print(f"registered {n} new samples of {src} in place: store specforge://{src} (ledger {args.ledger})")
+        return 0
+    if not args.store:
+        raise ConfigError("give --store URI to copy into, or --in-place to serve the files where they are")
     from .eagle3.specforge import import_directory
 
     n = import_directory(

@@ -157,6 +157,7 @@ class FeatureStoreDataset(IterableDataset):
         self.lease_ttl, self.poll, self.idle_timeout = lease_ttl, poll, idle_timeout
         self.zero_copy = zero_copy
         self.epoch = 0
+        self.drop_last = False  # FeatureLoader(drop_last=True) sets it: give partial tails back
         # One id for this dataset and all its DataLoader workers (pickled to them).
         self.consumer_id = f"{socket.gethostname()}:{os.getpid()}:{secrets.token_hex(3)}"
         self._dist: tuple[int, int] | None = None  # captured in the main process at pickling
@@ -168,8 +169,13 @@ class FeatureStoreDataset(IterableDataset):
         ``DistributedSampler.set_epoch``). Online streams ignore it."""
         self.epoch = int(epoch)
 
-    def configure(self, *, batch_size: int | None = None, shuffle: bool | None = None) -> None:
-        """Adopt a DataLoader's ``batch_size`` / ``shuffle`` (used by ``FeatureLoader``)."""
+    def configure(self, *, batch_size: int | None = None, shuffle: bool | None = None,
+                  drop_last: bool | None = None) -> None:
+        """Adopt a DataLoader's ``batch_size`` / ``shuffle`` / ``drop_last`` (used by
+        ``FeatureLoader``; with ``drop_last`` a partial last batch is given back
+        to the ledger instead of being leased and dropped)."""
+        if drop_last is not None:
+            self.drop_last = bool(drop_last)
         if batch_size is not None:
             self.batch_size = int(batch_size)
         if shuffle is not None:
@@ -223,22 +229,39 @@ class FeatureStoreDataset(IterableDataset):
         time.sleep(self.poll)
 
     def _iter_free(self, owner: str, epoch: int) -> Iterator[dict[str, Any]]:
+        # Hand out whole batches: a DataLoader batches inside each worker, so a
+        # short batch mid-stream would shift every later batch boundary.
         since, warned = time.monotonic(), [0.0]
+        renewed = since
+        batch: list[dict[str, Any]] = []
         while True:
-            leases = self.ledger.lease(owner, self.batch_size, self.lease_ttl, epoch=epoch)
+            leases = self.ledger.lease(owner, self.batch_size - len(batch), self.lease_ttl, epoch=epoch)
             if leases:
                 since, warned = time.monotonic(), [0.0]
-                for lease in leases:
-                    sample = self._load(lease)
-                    if sample is not None:
-                        yield sample
+                if not batch:
+                    renewed = since
+                batch += [s for s in map(self._load, leases) if s is not None]
+                if len(batch) == self.batch_size:
+                    yield from batch
+                    batch = []
                 continue
             if self.mode == "offline" or self.ledger.is_closed():
                 # Everything is handed out. Leases other consumers hold are theirs
                 # until acked or expired; an expired one goes to the next run.
-                if not self.ledger.counts(epoch=epoch).pending:  # re-check: reclaimed just now?
-                    return
-                continue
+                if self.ledger.counts(epoch=epoch).pending:  # reclaimed just now: take it
+                    continue
+                if batch and self.drop_last:
+                    # The DataLoader would drop this partial batch: give it back
+                    # rather than hold leases nobody trains.
+                    self.ledger.fail([s[LEASE_KEY] for s in batch], retryable=True)
+                    log.info("drop_last: %d samples stay pending for the next pass", len(batch))
+                else:
+                    yield from batch
+                return
+            if batch and time.monotonic() - renewed > self.lease_ttl / 3:
+                # Held while the batch fills: keep the leases alive.
+                self.ledger.renew([s[LEASE_KEY] for s in batch], self.lease_ttl)
+                renewed = time.monotonic()
             self._idle(since, warned, f"ledger {self.ledger.uri}")
 
     def _iter_plan(self, rank: int, world: int, worker: int, workers: int, epoch: int) -> Iterator[dict[str, Any]]:
@@ -267,21 +290,33 @@ class FeatureStoreDataset(IterableDataset):
                                 claim.tail, world, self.batch_size)
                 return
             since, warned = time.monotonic(), [0.0]
-            if len(claim.leases) < self.batch_size:
-                log.warning("rank %d step %d: %d of %d leases expired before the claim (lease_ttl=%ss too short?)",
-                            rank, step, self.batch_size - len(claim.leases), self.batch_size, self.lease_ttl)
-            for lease in claim.leases:
-                sample = self._load(lease)
-                # Keep every rank's count equal: replace a quarantined sample if anything is pending.
-                while sample is None:
-                    spare = self.ledger.lease(owner, 1, self.lease_ttl, epoch=epoch)
-                    if not spare:
-                        log.error("rank %d has no replacement for a quarantined sample: its batch is short", rank)
-                        break
-                    sample = self._load(spare[0])
-                if sample is not None:
-                    yield sample
+            yield from self._fill_step(claim.leases, owner, epoch, rank, step)
             step += workers
+
+    def _fill_step(self, leases: Sequence[Lease], owner: str, epoch: int, rank: int,
+                   step: int) -> Iterator[dict[str, Any]]:
+        """This rank's batch of a planned step, always ``batch_size`` samples so
+        every rank yields the same count (DDP never hangs): a sample that is
+        corrupt, missing, or whose lease expired before the claim is replaced by
+        a pending one if there is any, else by a repeat of a good sample of this
+        batch with an empty lease (trained twice in this step, acked once — the
+        padding rule of ``DistributedSampler``)."""
+        batch = [s for s in map(self._load, leases) if s is not None]
+        while len(batch) < self.batch_size:
+            spare = self.ledger.lease(owner, self.batch_size - len(batch), self.lease_ttl, epoch=epoch)
+            if not spare:
+                break
+            batch += [s for s in map(self._load, spare) if s is not None]
+        if len(batch) < self.batch_size:
+            if not batch:
+                log.error("rank %d step %d: no readable sample to fill the batch: this rank's batch count "
+                          "will differ from the others'", rank, step)
+                return
+            log.warning("rank %d step %d: padded %d missing samples with repeats (acked once)",
+                        rank, step, self.batch_size - len(batch))
+            pads = [{**batch[i % len(batch)], LEASE_KEY: ""} for i in range(self.batch_size - len(batch))]
+            batch += pads
+        yield from batch
 
     def _load(self, lease: Lease) -> dict[str, Any] | None:
         """Read a leased sample; quarantine it if corrupt, give it back if unreadable."""

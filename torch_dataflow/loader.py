@@ -31,7 +31,7 @@ class FeatureLoader(DataLoader):
                  **kwargs: Any) -> None:
         if not isinstance(dataset, FeatureStoreDataset):
             raise TypeError(f"FeatureLoader takes a FeatureStoreDataset, got {type(dataset).__name__}")
-        dataset.configure(batch_size=batch_size or 1, shuffle=shuffle)
+        dataset.configure(batch_size=batch_size or 1, shuffle=shuffle, drop_last=bool(kwargs.get("drop_last", False)))
         super().__init__(dataset, batch_size=batch_size, shuffle=None, **kwargs)
 
     def set_epoch(self, epoch: int) -> None:

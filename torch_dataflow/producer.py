@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import logging
 import os
+import secrets
 import socket
 import time
 from collections.abc import Iterable, Mapping
@@ -20,7 +21,7 @@ from typing import Any
 
 import torch
 
-from .errors import SampleAborted, StoreFull
+from .errors import ConfigError, SampleAborted, StoreFull
 from .ledger import Ledger, open_ledger
 from .refs import SampleRef, validate_sample_id
 from .stores import FeatureStore, open_store
@@ -59,8 +60,14 @@ class FeatureWriter:
         store: a store URI or instance.
         ledger: a ledger URI or instance.
         name: this producer's name; the stream closes when every registered
-            producer has called :meth:`close`.
-        max_resident_bytes: store budget in bytes (``None``: unbounded).
+            producer has called :meth:`close`. Give a stable name per producer
+            role (``"producer-0"``): a producer restarted after a crash then
+            re-registers under the same name and its ``close()`` closes the
+            stream. With the default (unique per writer), a crashed producer
+            stays registered and online consumers wait for it (their
+            ``idle_timeout`` says so) until ``ledger.producer_done(name)``.
+        max_resident_bytes: store budget in bytes (``None``: the store's own
+            ``max_bytes`` setting, e.g. ``file:///dir?max_bytes=64GiB``, else unbounded).
         max_pending: ledger budget of pending + leased samples (``None``: unbounded).
         put_timeout: seconds ``put`` may wait for room before ``StoreFull``.
     """
@@ -78,8 +85,9 @@ class FeatureWriter:
     ) -> None:
         self.store = open_store(store)
         self.ledger = open_ledger(ledger)
-        self.name = name or f"{socket.gethostname()}:{os.getpid()}:{id(self):x}"
-        self.max_resident_bytes = max_resident_bytes
+        self.name = name or f"{socket.gethostname()}:{os.getpid()}:{secrets.token_hex(4)}"
+        self.max_resident_bytes = (max_resident_bytes if max_resident_bytes is not None
+                                   else getattr(self.store, "max_bytes", None))
         self.max_pending = max_pending
         self.put_timeout = put_timeout
         self.poll = poll
@@ -111,7 +119,7 @@ class FeatureWriter:
         self._credit = (room_bytes, room_samples)
         return None
 
-    def _has_credit(self, incoming: int) -> bool:
+    def _has_credit(self, incoming: int, samples: int = 1) -> bool:
         """Whether room measured earlier still covers this put: health() scans a
         directory and counts() a table, too slow to run on every put. Consumers
         only ever make more room; other producers can overshoot a budget by at
@@ -119,7 +127,7 @@ class FeatureWriter:
         room_bytes, room_samples = self._credit
         if self.max_resident_bytes is not None and (room_bytes is None or room_bytes < incoming):
             return False
-        return self.max_pending is None or (room_samples is not None and room_samples >= 1)
+        return self.max_pending is None or (room_samples is not None and room_samples >= samples)
 
     def _charge(self, nbytes: int, samples: int) -> None:
         """Spend credit on what was really written (encoded size, header included)."""
@@ -127,11 +135,11 @@ class FeatureWriter:
         self._credit = (None if room_bytes is None else room_bytes - nbytes,
                         None if room_samples is None else room_samples - samples)
 
-    def wait_for_room(self, incoming: int = 0) -> None:
+    def wait_for_room(self, incoming: int = 0, samples: int = 1) -> None:
         """Block until the store and ledger are under budget, or raise ``StoreFull``."""
         if self.max_resident_bytes is None and self.max_pending is None:
             return
-        if self._has_credit(incoming):
+        if self._has_credit(incoming, samples):
             return
         start = time.monotonic()
         while (why := self._over_budget(incoming)) is not None:
@@ -162,13 +170,13 @@ class FeatureWriter:
         ref = self.store.put(sample_id, gen, tensors, metadata)
         try:
             superseded = self.ledger.commit([ref])
-        except SampleAborted:
+        except (SampleAborted, ConfigError, TypeError):
+            # Certainly not committed: nobody will ever read these bytes.
             self.store.delete(ref)
             raise
-        except BaseException:
-            # Not committed: nobody will ever read these bytes.
-            self.store.delete(ref)
-            raise
+        # Any other failure (a connection lost after the server ran the commit,
+        # an interrupt) leaves the outcome unknown: keep the bytes, never a
+        # committed ref without them.
         for old in superseded:
             self.store.delete(old)
         self._charge(ref.nbytes, 1)
@@ -185,13 +193,13 @@ class FeatureWriter:
             return []
         incoming = sum(_nbytes(ts) for sid, ts, _ in batch if validate_sample_id(sid))
         self._register()
-        self.wait_for_room(incoming)
+        self.wait_for_room(incoming, len(batch))
         gens = self.ledger.reserve([sid for sid, _, _ in batch])
         refs = self.store.put_many([(sid, g, ts, meta) for (sid, ts, meta), g in zip(batch, gens, strict=True)])
         try:
             superseded = self.ledger.commit(refs)
-        except BaseException:
-            for r in refs:
+        except (SampleAborted, ConfigError, TypeError):
+            for r in refs:  # certainly not committed (see put)
                 self.store.delete(r)
             raise
         for old in superseded:

@@ -27,7 +27,6 @@ from typing import Any
 from .errors import ConfigError
 from .ledger import Ledger, open_ledger
 from .stores import open_store
-from .uri import parse_uri
 
 __all__ = ["collect_status", "format_status"]
 
@@ -39,11 +38,11 @@ _NO_RATES = (
 
 def _open_existing(uri: str) -> Ledger:
     """Open a ledger, refusing to create a new SQLite file for a mistyped path."""
-    if uri.startswith("sqlite:"):
-        path = parse_uri(uri).path
-        if path and not os.path.exists(path):
-            raise ConfigError(f"no ledger at {path} (a typo? `status` never creates one)")
-    return open_ledger(uri)
+    ledger = open_ledger(uri)  # parses the backend's own query keys (secret=..., timeout=...)
+    path = getattr(ledger, "path", None)
+    if uri.startswith("sqlite:") and path and not os.path.exists(path):
+        raise ConfigError(f"no ledger at {path} (a typo? `status` never creates one)")
+    return ledger
 
 
 def _owners(leases: list[Any], now: float) -> list[dict[str, Any]]:
