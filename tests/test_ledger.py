@@ -98,3 +98,29 @@ def _sqlite_factory() -> Ledger:
 
 
 TestSQLiteLedgerModel = make_state_machine(_sqlite_factory).TestCase
+
+
+def test_no_sqlite_connection_is_carried_across_fork(tmp_path: Path) -> None:
+    """SQLite must not be carried across fork(): a forked DataLoader worker that
+    reopened a file its parent had open shared the parent's lock bookkeeping, and
+    two workers leased the same rows. Connections close before a fork (under the
+    ledger's lock) and reopen lazily, in the parent and in the child."""
+    import multiprocessing as mp
+
+    led = SQLiteLedger(str(tmp_path / "l.db"))
+    commit_ids(led, [f"s{i}" for i in range(8)])
+    assert led._con is not None
+    ctx = mp.get_context("fork")
+    q = ctx.Queue()
+
+    def child() -> None:
+        q.put(led._con is None)
+        q.put(sorted(x.sample_id for x in led.lease("child", 4, ttl=60)))
+
+    p = ctx.Process(target=child)
+    p.start()
+    assert q.get(timeout=30) is True, "the child inherited an open connection"
+    theirs = q.get(timeout=30)
+    p.join(30)
+    mine = sorted(x.sample_id for x in led.lease("parent", 8, ttl=60))  # the parent reopened lazily
+    assert len(theirs) == 4 and not set(theirs) & set(mine) and len(mine) == 4

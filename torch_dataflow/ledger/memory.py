@@ -36,6 +36,8 @@ _REGISTRY_LOCK = threading.Lock()
 class MemoryLedger(SQLiteLedger):
     """A process-local ledger (tests, single-process tools)."""
 
+    _closes_at_fork = False  # the connection *is* the state; a child refuses to use it anyway
+
     def __init__(self, name: str = "", *, secret: str | None = None) -> None:
         super().__init__(":memory:", secret=secret)
         self.name = name

@@ -17,10 +17,12 @@ Example:
 
 from __future__ import annotations
 
+import logging
 import os
 import sqlite3
 import threading
 import time
+import weakref
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from typing import Any
@@ -29,6 +31,8 @@ from ..auth import SecretGuard, make_verifier
 from ..errors import BackendUnavailable, ConfigError, SampleAborted
 from ..refs import Lease, SampleRef, validate_sample_id
 from ..uri import parse_uri
+from ._sqlite_queries import SQLiteQueries
+from ._sqlite_schema import _CLEAR_LEASE, _SCHEMA, SCHEMA_VERSION, D, L, P, T, _chunks, _td_ord
 from .base import (
     Ledger,
     Plan,
@@ -42,12 +46,40 @@ from .base import (
 
 __all__ = ["SQLiteLedger"]
 
-from ._sqlite_queries import SQLiteQueries
-from ._sqlite_schema import _CLEAR_LEASE, _SCHEMA, SCHEMA_VERSION, D, L, P, T, _chunks, _td_ord
+log = logging.getLogger(__name__)
+
+# SQLite must not be carried across fork() (howtocorrupt.html §2.6): a child
+# that opens the file a parent connection had open reuses the parent's
+# in-process lock and WAL-index bookkeeping, and two forked DataLoader workers
+# then both "hold" the write lock and lease the same rows (measured: both
+# workers leased the same two samples, each in its own committed transaction).
+# So every file-backed connection is closed just before a fork, under its
+# ledger's lock so no transaction is cut, and reopens lazily on next use.
+_LIVE: weakref.WeakSet[SQLiteLedger] = weakref.WeakSet()
+_HELD: list[SQLiteLedger] = []
+
+
+def _before_fork() -> None:
+    for ledger in list(_LIVE):
+        if ledger._closes_at_fork and ledger._lock.acquire(timeout=30):
+            _HELD.append(ledger)
+            if ledger._con is not None and ledger._pid == os.getpid():
+                ledger._con.close()
+            ledger._con, ledger._guard = None, None
+
+
+def _after_fork() -> None:
+    while _HELD:
+        _HELD.pop()._lock.release()
+
+
+os.register_at_fork(before=_before_fork, after_in_parent=_after_fork, after_in_child=_after_fork)
 
 
 class SQLiteLedger(SQLiteQueries, Ledger):
     """The ledger in one SQLite file (see module docs). Thread-safe within a process."""
+
+    _closes_at_fork = True  # file-backed: never carried into a child (see _before_fork)
 
     _QUERY = {"synchronous": str, "timeout": float, "secret": str}
 
@@ -62,6 +94,7 @@ class SQLiteLedger(SQLiteQueries, Ledger):
         self.uri = f"sqlite://{path}"
         self._con: sqlite3.Connection | None = None
         self._lock = threading.RLock()
+        _LIVE.add(self)
 
     @classmethod
     def from_uri(cls, uri: str, **overrides: Any) -> SQLiteLedger:
@@ -262,8 +295,13 @@ class SQLiteLedger(SQLiteQueries, Ledger):
                 f"WHERE d.epoch=? AND d.state={P} ORDER BY d.ord LIMIT ?", (epoch, n)).fetchall()
             deadline = now + ttl
             upd = [(owner, new_nonce(), deadline, epoch, sid) for sid, _, _ in rows]
-            con.executemany(f"UPDATE deliveries SET state={L}, owner=?, nonce=?, deadline=?, slot=NULL "
-                            "WHERE epoch=? AND sample_id=?", upd)
+            sql = (f"UPDATE deliveries SET state={L}, owner=?, nonce=?, deadline=?, slot=NULL "
+                   f"WHERE epoch=? AND sample_id=? AND state={P}")
+            if con.executemany(sql, upd).rowcount != len(upd):
+                # Never overwrite another consumer's lease, whatever the file locks did.
+                log.error("ledger %s: rows leased under our feet (file locking is not holding)", self.uri)
+                raise BackendUnavailable(f"ledger {self.uri}: concurrent lease detected; file locks are not "
+                                         "effective (network filesystem, or a connection carried across fork?)")
         return [Lease(format_lease_id(epoch, g, u[1], sid), epoch, owner, deadline, SampleRef.from_json(ref))
                 for (sid, g, ref), u in zip(rows, upd, strict=True)]
 
@@ -287,10 +325,14 @@ class SQLiteLedger(SQLiteQueries, Ledger):
                 if len(rows) < need:
                     status = "wait" if wait_for_stream and not self._closed(con) else "end"
                     break
-                con.executemany(
-                    f"UPDATE deliveries SET state={L}, owner=?, nonce=?, deadline=?, slot=? WHERE epoch=? AND sample_id=?",
+                cur = con.executemany(
+                    f"UPDATE deliveries SET state={L}, owner=?, nonce=?, deadline=?, slot=? "
+                    f"WHERE epoch=? AND sample_id=? AND state={P}",
                     [(f"{key}/r{i // plan.batch}", new_nonce(), now + ttl, f"{key}/s{k}/r{i // plan.batch}",
                       plan.epoch, r[0]) for i, r in enumerate(rows)])
+                if cur.rowcount != len(rows):
+                    raise BackendUnavailable(f"ledger {self.uri}: concurrent lease detected; file locks are not "
+                                             "effective (network filesystem, or a connection carried across fork?)")
                 k += 1
             if row is None or k != next_step or status == "end":
                 # An ended plan stays ended: ranks must agree on its length forever.
