@@ -286,3 +286,17 @@ def test_store_max_bytes_is_the_default_budget(tmp_path: Path) -> None:
         for i in range(20):
             w.put(f"s{i}", sample(i, 64))
     assert 1 <= w.written < 20
+
+
+def test_writer_close_releases_what_it_opened(uris: tuple[str, str]) -> None:
+    w = FeatureWriter(*uris)
+    w.put("a", sample(0))
+    assert w.ledger._con is not None  # type: ignore[attr-defined]
+    w.close()
+    assert w.ledger._con is None  # type: ignore[attr-defined]
+    assert w.ledger.counts().committed == 1  # reopens lazily when used again
+    shared = open_ledger(uris[1])
+    w2 = FeatureWriter(uris[0], shared)
+    w2.put("b", sample(1))
+    w2.close()
+    assert shared._con is not None  # type: ignore[attr-defined]  # the caller's instance stays open

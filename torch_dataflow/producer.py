@@ -85,6 +85,8 @@ class FeatureWriter:
     ) -> None:
         self.store = open_store(store)
         self.ledger = open_ledger(ledger)
+        # Connections this writer opened from URIs are its to release; instances belong to the caller.
+        self._owned = [x for x, given in ((self.store, store), (self.ledger, ledger)) if isinstance(given, str)]
         self.name = name or f"{socket.gethostname()}:{os.getpid()}:{secrets.token_hex(4)}"
         self.max_resident_bytes = (max_resident_bytes if max_resident_bytes is not None
                                    else getattr(self.store, "max_bytes", None))
@@ -217,11 +219,14 @@ class FeatureWriter:
         return len(refs)
 
     def close(self) -> None:
-        """Mark this producer finished (consumers stop when all producers are)."""
+        """Mark this producer finished (consumers stop when all producers are) and
+        release the connections it opened from URIs (they reopen if used again)."""
         if not self._closed:
             self._register()
             self.ledger.producer_done(self.name)
             self._closed = True
+        for backend in self._owned:
+            backend.close()
 
     def __enter__(self) -> FeatureWriter:
         return self
