@@ -231,3 +231,15 @@ def test_status_takes_the_ledgers_own_query_keys(tmp_path: Path, capsys: pytest.
     assert "committed" in capsys.readouterr().out
     assert main(["status", ledger]) == 2  # no secret: one clean error line
     assert "secret" in capsys.readouterr().err
+
+
+def test_status_never_creates_a_store(small_ledger: tuple[str, str], tmp_path: Path,
+                                      capsys: pytest.CaptureFixture[str]) -> None:
+    _, ledger = small_ledger
+    typo = tmp_path / "no-such-store"
+    assert main(["status", ledger, "--store", f"file://{typo}"]) == 2
+    assert "does not exist" in capsys.readouterr().err and not typo.exists()
+    empty = tmp_path / "empty-dir"
+    empty.mkdir()
+    assert main(["status", ledger, "--store", f"file://{empty}"]) == 2
+    assert list(empty.iterdir()) == []

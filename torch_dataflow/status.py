@@ -147,7 +147,8 @@ def collect_status(
     finally:
         ledger.close()
     if store_uri is not None:
-        store = open_store(store_uri)
+        # A status query never creates a store (a mistyped path is an error, not an empty store).
+        store = open_store(store_uri, create=False) if store_uri.startswith("file:") else open_store(store_uri)
         try:
             health = store.health()
         finally:

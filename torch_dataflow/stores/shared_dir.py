@@ -189,6 +189,8 @@ class SharedDirStore(FeatureStore):
             marker = self._read_marker()
             if foreign and marker is None:
                 raise ConfigError(f"{self.root} is not empty and has no {MARKER}: not a torch_dataflow store")
+        if marker is None and not self.create:
+            raise ConfigError(f"{self.root} has no {MARKER}: not a torch_dataflow store (create=False)")
         if marker is None:
             doc = {"kind": _KIND, "version": _VERSION, "verifier": make_verifier(self.secret) if self.secret else None}
             tmp = os.path.join(self.root, f"{MARKER}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
