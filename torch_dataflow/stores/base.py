@@ -119,20 +119,23 @@ class FeatureStore(ABC):
             StoreFull: the backend has no room (stores that cannot wait).
         """
         self._check_auth()
+        enc = self._encode(sample_id, generation, tensors)
+        self._write(sample_id, generation, enc.parts(), enc.nbytes)
+        return self._ref(sample_id, generation, enc, metadata)
+
+    @staticmethod
+    def _encode(sample_id: str, generation: int, tensors: Mapping[str, torch.Tensor]) -> codec.Encoded:
+        """Validate the key, then encode: what every ``put`` does before writing."""
         validate_sample_id(sample_id)
         if isinstance(generation, bool) or not isinstance(generation, int) or generation < 1:
             raise ConfigError(f"generation must be an int >= 1, got {generation!r}")
-        enc = codec.encode(tensors)
-        self._write(sample_id, generation, enc.parts(), enc.nbytes)
-        return SampleRef(
-            sample_id=sample_id,
-            generation=generation,
-            store=self.uri,
-            specs=enc.specs,
-            nbytes=enc.nbytes,
-            checksum=enc.checksum,
-            metadata=dict(metadata or {}),
-        )
+        return codec.encode(tensors)
+
+    def _ref(self, sample_id: str, generation: int, enc: codec.Encoded,
+             metadata: Mapping[str, Any] | None) -> SampleRef:
+        """The ref of bytes just written under ``(sample_id, generation)``."""
+        return SampleRef(sample_id=sample_id, generation=generation, store=self.uri, specs=enc.specs,
+                         nbytes=enc.nbytes, checksum=enc.checksum, metadata=dict(metadata or {}))
 
     def get(self, ref: SampleRef, *, zero_copy: bool = False) -> dict[str, torch.Tensor]:
         """Read and verify one sample generation.

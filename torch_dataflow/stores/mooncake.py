@@ -33,7 +33,7 @@ import torch
 from .. import codec
 from ..auth import SecretGuard, make_verifier
 from ..errors import BackendUnavailable, ConfigError, CorruptSample, SampleUnavailable
-from ..refs import SampleRef, validate_sample_id
+from ..refs import SampleRef
 from ..uri import parse_size, parse_uri
 from . import _mooncake_client as mc
 from .base import Buffer, FeatureStore, StoreHealth
@@ -300,26 +300,12 @@ class MooncakeStore(FeatureStore):
         self._check_auth()
         encoded = []
         for sid, gen, tensors, meta in items:
-            validate_sample_id(sid)
-            if isinstance(gen, bool) or not isinstance(gen, int) or gen < 1:
-                raise ConfigError(f"generation must be an int >= 1, got {gen!r}")
-            encoded.append((sid, gen, codec.encode(tensors), meta))
+            encoded.append((sid, gen, self._encode(sid, gen, tensors), meta))
         if not encoded:
             return []
         self._maybe_gc()
         self._publish([(self._key(s, g), e.parts(), e.nbytes) for s, g, e, _ in encoded])
-        return [
-            SampleRef(
-                sample_id=s,
-                generation=g,
-                store=self.uri,
-                specs=e.specs,
-                nbytes=e.nbytes,
-                checksum=e.checksum,
-                metadata=dict(m or {}),
-            )
-            for s, g, e, m in encoded
-        ]
+        return [self._ref(s, g, e, m) for s, g, e, m in encoded]
 
     # ------------------------------------------------------------- reads
     def _fetch(self, refs: Sequence[SampleRef], decode: bool) -> list[Any]:
