@@ -49,8 +49,11 @@ def main(argv: list[str] | None = None) -> None:
         args.samples, vocab=vocab, min_len=args.seq_len // 2, max_len=args.seq_len, seed=args.seed
     )
     name = f"producer@{socket.gethostname()}"
-    with FeatureWriter(args.store, args.ledger, name=name, max_pending=args.max_pending) as writer:
-        for i, features in enumerate(extractor.iter_extract(prompts)):
+    # A stable name and resume=True: restarted after a crash, this producer generates only the
+    # ids no earlier run committed, so nothing already trained is generated or trained again.
+    with FeatureWriter(args.store, args.ledger, name=name, max_pending=args.max_pending, resume=True) as writer:
+        todo = [int(s[1:]) for s in writer.missing(f"p{i:06d}" for i in range(len(prompts)))]
+        for i, features in zip(todo, extractor.iter_extract([prompts[i] for i in todo]), strict=True):
             writer.put(f"p{i:06d}", features)
     # Leaving the `with` block closed the stream: the trainer ends once it has everything.
     print(f"{name}: committed {writer.written} samples, {writer.bytes_written / 1e6:.1f} MB", flush=True)

@@ -38,7 +38,9 @@ class Regressor(L.LightningModule):
 
 def produce(store: str, ledger: str, n: int) -> None:
     """Write n samples once (a re-run finds them committed and skips this)."""
-    with FeatureWriter(store, ledger) as w:
+    # A stable name and resume=True: a producer restarted after a crash re-registers under the
+    # same name and skips ids already committed, so no sample is ever trained twice.
+    with FeatureWriter(store, ledger, name="producer-0", resume=True) as w:
         if w.ledger.counts().committed >= n:
             return
         g = torch.Generator().manual_seed(0)

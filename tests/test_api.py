@@ -31,6 +31,7 @@ def test_all_is_sorted_and_importable() -> None:
     "torch_dataflow.producer", "torch_dataflow.dataset", "torch_dataflow.loader",
     "torch_dataflow.ledger", "torch_dataflow.ledger.base", "torch_dataflow.ledger.sqlite",
     "torch_dataflow.ledger.memory", "torch_dataflow.stores", "torch_dataflow.stores.base",
+    "torch_dataflow.binding",
 ])
 def test_docstring_examples(module: str) -> None:
     mod = importlib.import_module(module)

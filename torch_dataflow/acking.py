@@ -53,7 +53,9 @@ from typing import Any
 
 from .dataset import LEASE_KEY, FeatureStoreDataset
 from .errors import ConfigError, LeaseLost
+from .lease_owner import lost_message
 from .ledger import ReconcileReport
+from .ledger.base import check_step
 from .pool import FeaturePool
 
 __all__ = ["FREE_MODES", "StepAcker", "find_lease_ids"]
@@ -82,6 +84,17 @@ def find_lease_ids(batch: Any) -> list[str]:
             if isinstance(item, (Mapping, list, tuple)):
                 out += find_lease_ids(item)
     return out
+
+
+def has_lease_key(batch: Any) -> bool:
+    """True when ``batch`` carries a ``"__lease__"`` entry anywhere, even one holding
+    only padding (``""``): a padded-only batch is a real batch with nothing to ack."""
+    if isinstance(batch, Mapping):
+        return LEASE_KEY in batch or any(has_lease_key(v) for k, v in batch.items()
+                                         if isinstance(v, (Mapping, list, tuple)))
+    if isinstance(batch, (list, tuple)):
+        return any(has_lease_key(v) for v in batch if isinstance(v, (Mapping, list, tuple)))
+    return False
 
 
 Datasets = FeatureStoreDataset | Sequence[FeatureStoreDataset] | Mapping[str, FeatureStoreDataset]
@@ -182,7 +195,7 @@ class StepAcker:
             ids = find_lease_ids(part)
             self._pending.setdefault(key, []).extend(ids)
             n += len(ids)
-        if n == 0:
+        if n == 0 and not has_lease_key(batch):  # only padding (ReshardingSampler, drop_last=False): fine
             raise ConfigError(f"batch carries no {LEASE_KEY!r} entries: does its collate function drop '__' keys?")
         if self._pending_since is None:
             self._pending_since = time.monotonic()
@@ -208,26 +221,34 @@ class StepAcker:
         """Ack everything collected with optimizer step ``step`` (default: the
         last step + 1). Call it after ``optimizer.step()`` returned and before a
         checkpoint of that step is written. Returns how many were acked."""
-        step = self.step + 1 if step is None else int(step)
+        step = self.step + 1 if step is None else check_step(step)
         if step < self.step:
             raise ConfigError(f"step {step} is before the last acked step {self.step}: steps must not go back")
         n = 0
+        errors: list[Exception] = []
         for key, ids in self._pending.items():
+            ids = list(dict.fromkeys(ids))  # a padded repeat of a lease in the same step is acked once
             if not ids:
                 continue
-            lost = self._routes[key].ack(ids, step)
+            ds = self._routes[key]
+            lost = ds.ack(ids, step)
             n += len(ids) - len(lost)
             if lost:
+                msg, foreign = lost_message(ds.ledger, lost, len(ids), step)
+                if foreign:  # a misconfiguration, not an expiry: always an error
+                    errors.append(ConfigError(msg))
+                    continue
                 self.lost += len(lost)
-                msg = (f"{len(lost)} of {len(ids)} leases were lost before their ack at step {step} (first: "
-                       f"{lost[0]}): the samples may be trained twice; raise the dataset's lease_ttl")
                 if self.strict:
-                    raise LeaseLost(msg)
+                    errors.append(LeaseLost(msg))
+                    continue
                 log.error(msg)
         self._pending.clear()
         self._pending_since = None
         self.step = step
         self.acked += n
+        if errors:
+            raise errors[0]
         if self.free == "step":
             self._mark_durable(step)
         return n
@@ -237,7 +258,7 @@ class StepAcker:
         """Context manager around ``optimizer.step()``: acks when the block
         exits normally (not if it raised: the step did not happen). Yields the
         step number that will be acked."""
-        step = self.step + 1 if step is None else int(step)
+        step = self.step + 1 if step is None else check_step(step)
         yield step
         self.after_step(step)
 

@@ -6,6 +6,7 @@ Subcommands:
   Lightning trainer trains a draft on them, exactly once (:mod:`torch_dataflow.demo`);
 * ``status URI`` — a ledger's state as a table or JSON (:mod:`torch_dataflow.status`);
 * ``mooncake-master`` — run a Mooncake master on loopback;
+* ``requeue LEDGER [--ids ...]`` — deliver quarantined samples again;
 * ``import SRC`` — copy a SpecForge offline feature directory into a store;
 * ``bench`` — the benchmarks (``torch_dataflow.bench``).
 
@@ -259,6 +260,61 @@ def _bench(argv: list[str]) -> int:
 _PASSTHROUGH = {"mooncake-master": _mooncake_master, "bench": _bench}
 
 
+def _add_close_stream(sub: Any) -> None:
+    p = sub.add_parser(
+        "close-stream",
+        help="mark a dead producer done so online consumers finish (see `status`)",
+        description="Mark producer NAME (default: every open producer) done, as its FeatureWriter.close() "
+        "would have: consumers stop waiting once every producer is done.",
+    )
+    p.add_argument("ledger", metavar="LEDGER", help="ledger URI: sqlite:///path/ledger.db, redis://host:port/db")
+    p.add_argument("--producer", metavar="NAME", action="append", help="producer to close (repeatable)")
+    p.set_defaults(func=_close_stream)
+
+
+def _close_stream(args: argparse.Namespace) -> int:
+    from .status import _open_existing
+
+    ledger = _open_existing(args.ledger)
+    try:
+        known = {p["name"]: p for p in ledger.producers()}
+        names = args.producer or [n for n, p in known.items() if not p["done"]]
+        unknown = [n for n in names if n not in known]
+        if unknown:
+            raise DataflowError(f"no producer {', '.join(unknown)} in {ledger.uri} (known: {', '.join(known) or '-'})")
+        for name in names:
+            ledger.producer_done(name)
+            print(f"closed producer {name}")
+        print(f"stream {'closed' if ledger.is_closed() else 'still open'}")
+    finally:
+        ledger.close()
+    return 0
+
+
+def _add_requeue(sub: Any) -> None:
+    p = sub.add_parser(
+        "requeue",
+        help="undo quarantines: deliver quarantined samples again",
+        description="Put QUARANTINED samples (default: all of them) back in delivery: LIVE again, pending "
+        "in the current epoch and in every begun epoch that lacks them. `status` lists the quarantined.",
+    )
+    p.add_argument("ledger", metavar="LEDGER", help="ledger URI: sqlite:///path/ledger.db, redis://host:port/db")
+    p.add_argument("--ids", metavar="SAMPLE_ID", nargs="+", help="only these sample ids")
+    p.set_defaults(func=_requeue)
+
+
+def _requeue(args: argparse.Namespace) -> int:
+    from .status import _open_existing
+
+    ledger = _open_existing(args.ledger)
+    try:
+        n = ledger.requeue_quarantined(args.ids)
+        print(f"requeued {n} quarantined samples in {ledger.uri}")
+    finally:
+        ledger.close()
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The ``torch-dataflow`` argument parser."""
     p = argparse.ArgumentParser(
@@ -269,6 +325,8 @@ def build_parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", metavar="COMMAND", required=True)
     _add_demo(sub)
     _add_status(sub)
+    _add_close_stream(sub)
+    _add_requeue(sub)
     _add_import(sub)
     sub.add_parser(
         "mooncake-master",

@@ -31,10 +31,13 @@ from typing import Any
 import torch
 from torch.utils.data import IterableDataset, get_worker_info
 
-from .errors import ConfigError, CorruptSample, LeaseLost, SampleUnavailable
+from .binding import check_store, consumer_store
+from .errors import ConfigError, CorruptSample, LeaseLost, ProducerSilent, SampleUnavailable
 from .ledger import Ledger, Plan, open_ledger
+from .ledger.base import check_step
+from .ledger.heartbeats import provably_dead, silent_message
 from .refs import Lease
-from .stores import FeatureStore, open_store
+from .stores import FeatureStore
 
 __all__ = ["LEASE_KEY", "SAMPLE_ID_KEY", "FeatureStoreDataset", "ack_batch", "lease_ids_of"]
 
@@ -64,12 +67,15 @@ def lease_ids_of(batch: Any) -> list[str]:
 def ack_batch(ledger: Ledger, batch: Any, step: int, *, strict: bool = False) -> list[str]:
     """Ack the leases carried by ``batch`` at ``step``; warn (or, ``strict``,
     raise :class:`LeaseLost`) about the ones that were lost."""
+    from .lease_owner import lost_message
+
+    step = check_step(step)
     ids = lease_ids_of(batch)
     lost = ledger.ack(ids, step) if ids else []
     if lost:
-        msg = f"{len(lost)} leases were lost before their ack at step {step} (first: {lost[0]})"
+        msg, foreign = lost_message(ledger, lost, len(ids), step)
         if strict:
-            raise LeaseLost(msg)
+            raise ConfigError(msg) if foreign else LeaseLost(msg)
         log.warning(msg)
     return lost
 
@@ -115,9 +121,14 @@ class FeatureStoreDataset(IterableDataset):
             must exceed the time from fetch to optimizer step (:meth:`renew`
             extends it).
         poll: seconds between ledger polls while the stream is open.
-        idle_timeout: raise ``TimeoutError`` after this long with nothing to
-            deliver while the stream stays open (``None``: wait forever, with
-            a warning every minute).
+        idle_timeout: raise :class:`~torch_dataflow.errors.ProducerSilent` (a
+            ``TimeoutError``) after this many seconds (default 600) with nothing
+            to deliver while the stream stays open, naming the open producers,
+            their last heartbeat and the ``torch-dataflow close-stream`` command
+            (``None``: wait forever, with a warning every minute).
+        producer_ttl: a producer silent longer than this (seconds) whose process
+            is provably gone (same host, no such pid) ends the wait early when
+            every open producer is in that state.
         zero_copy: return views into store memory instead of owned tensors.
     """
 
@@ -134,8 +145,9 @@ class FeatureStoreDataset(IterableDataset):
         seed: int = 0,
         lease_ttl: float = 300.0,
         poll: float = 0.05,
-        idle_timeout: float | None = None,
+        idle_timeout: float | None = 600.0,
         zero_copy: bool = False,
+        producer_ttl: float = 60.0,
     ) -> None:
         super().__init__()
         if mode not in ("online", "offline"):
@@ -148,14 +160,17 @@ class FeatureStoreDataset(IterableDataset):
             raise ConfigError(f"rank {rank} is outside world size {world_size}")
         if lease_ttl <= 0:
             raise ConfigError(f"lease_ttl must be > 0, got {lease_ttl}")
-        self.store = open_store(store)
+        self.store = consumer_store(store)  # a file:// directory is never created by a consumer
         self.ledger = open_ledger(ledger)
+        self._store_checked = 0  # pid that checked the store against the ledger (check_store)
+        self._misses: dict[tuple[str, int], int] = {}  # unavailable deliveries per sample generation
         self.mode = mode
         self.batch_size = batch_size
         self.rank, self.world_size = rank, world_size
         self.shuffle, self.seed = shuffle, seed
         self.lease_ttl, self.poll, self.idle_timeout = lease_ttl, poll, idle_timeout
         self.zero_copy = zero_copy
+        self.producer_ttl = producer_ttl
         self.epoch = 0
         self.drop_last = False  # FeatureLoader(drop_last=True) sets it: give partial tails back
         # One id for this dataset and all its DataLoader workers (pickled to them).
@@ -166,8 +181,33 @@ class FeatureStoreDataset(IterableDataset):
     # ------------------------------------------------------------ config
     def set_epoch(self, epoch: int) -> None:
         """Select the offline epoch to iterate (call on every rank, as with
-        ``DistributedSampler.set_epoch``). Online streams ignore it."""
+        ``DistributedSampler.set_epoch``). Online streams ignore it.
+
+        Offline, the epoch is also recorded in the ledger under this dataset's
+        ``consumer_id``: ``persistent_workers=True`` keeps the workers' copies of
+        the dataset from the first epoch, and they read it there at every ``iter``."""
         self.epoch = int(epoch)
+        self._publish_epoch()
+
+    def _epoch_key(self) -> str:
+        return f"dataset-epoch/{self.consumer_id}"
+
+    def _publish_epoch(self) -> None:
+        if self.mode == "offline" and get_worker_info() is None:
+            try:
+                self.ledger.set_meta(self._epoch_key(), str(self.epoch))
+            except NotImplementedError:  # a third-party ledger: workers keep their pickled epoch
+                log.debug("%r cannot record the epoch for persistent workers", self.ledger)
+
+    def _current_epoch(self) -> int:
+        """The epoch to iterate: in a DataLoader worker, the one the main process set last."""
+        if self.mode != "offline":
+            return 0
+        if get_worker_info() is not None:
+            recorded = self.ledger.get_meta(self._epoch_key())
+            if recorded is not None:
+                self.epoch = int(recorded)
+        return self.epoch
 
     def configure(self, *, batch_size: int | None = None, shuffle: bool | None = None,
                   drop_last: bool | None = None) -> None:
@@ -191,6 +231,7 @@ class FeatureStoreDataset(IterableDataset):
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         """Restore :meth:`state_dict` (the epoch); delivery resumes from the ledger."""
         self.epoch = int(state.get("epoch", self.epoch))
+        self._publish_epoch()
 
     def rank_world(self) -> tuple[int, int]:
         """``(rank, world_size)`` as this process sees them."""
@@ -210,7 +251,8 @@ class FeatureStoreDataset(IterableDataset):
         rank, world = self.rank_world()
         info = get_worker_info()
         worker, workers = (info.id, info.num_workers) if info is not None else (0, 1)
-        epoch = self.epoch if self.mode == "offline" else 0
+        epoch = self._current_epoch()
+        self._verify_store()  # in every DataLoader worker too: before anything is leased
         if self.mode == "offline":
             self.ledger.begin_epoch(epoch, seed=self.seed, shuffle=self.shuffle)
         if world == 1:
@@ -218,11 +260,27 @@ class FeatureStoreDataset(IterableDataset):
         else:
             yield from self._iter_plan(rank, world, worker, workers, epoch)
 
+    def _verify_store(self) -> None:
+        """Check once per process that the store is the one the ledger's samples were
+        committed to (:func:`~torch_dataflow.binding.check_store`); until the ledger
+        records one (nothing committed yet) ask again before every lease."""
+        if self._store_checked != os.getpid() and check_store(self.store, self.ledger):
+            self._store_checked = os.getpid()
+
     def _idle(self, since: float, warned: list[float], what: str) -> None:
         waited = time.monotonic() - since
         if self.idle_timeout is not None and waited > self.idle_timeout:
-            raise TimeoutError(f"nothing to deliver for {waited:.0f}s while the stream is open ({what}); "
-                               "is the producer alive? (FeatureWriter.close() ends the stream)")
+            raise ProducerSilent(silent_message(self.ledger, self.ledger.producers(), waited, what))
+        # Every open producer provably dead (same host, pid gone, silent past the TTL): say so now.
+        check_every = max(self.poll, min(5.0, self.producer_ttl / 2))
+        if len(warned) < 2:
+            warned.append(0.0)
+        if waited - warned[1] >= check_every:
+            warned[1] = waited
+            prods = self.ledger.producers()
+            open_ = [p for p in prods if not p["done"]]
+            if open_ and all(provably_dead(p, self.producer_ttl) for p in open_):
+                raise ProducerSilent(silent_message(self.ledger, prods, waited, what, dead=True))
         if waited - warned[0] > 60:
             warned[0] = waited
             log.warning("waiting %.0fs for samples (%s)", waited, what)
@@ -235,6 +293,7 @@ class FeatureStoreDataset(IterableDataset):
         renewed = since
         batch: list[dict[str, Any]] = []
         while True:
+            self._verify_store()
             leases = self.ledger.lease(owner, self.batch_size - len(batch), self.lease_ttl, epoch=epoch)
             if leases:
                 since, warned = time.monotonic(), [0.0]
@@ -273,6 +332,7 @@ class FeatureStoreDataset(IterableDataset):
         since, warned = time.monotonic(), [0.0]
         first = True
         while True:
+            self._verify_store()
             claim = self.ledger.claim_step(plan, step, rank, self.lease_ttl, wait_for_stream=online)
             if claim.status == "claimed":
                 if not first or plan.round >= _MAX_ROUNDS:
@@ -318,26 +378,65 @@ class FeatureStoreDataset(IterableDataset):
             batch += pads
         yield from batch
 
+    # A store that answers but lacks a key may be catching up (a shared mount's
+    # cache): READ_TRIES reads with backoff (0.25 s, 0.5 s) before the sample is
+    # given back; after MAX_UNAVAILABLE such deliveries in this process it is
+    # quarantined (requeue_quarantined undoes it), so a lost sample never spins.
+    READ_TRIES = 3
+    READ_BACKOFF = 0.25
+    MAX_UNAVAILABLE = 3
+
+    def _get(self, lease: Lease) -> dict[str, torch.Tensor]:
+        for attempt in range(self.READ_TRIES):
+            try:
+                return self.store.get(lease.ref, zero_copy=self.zero_copy)
+            except SampleUnavailable:
+                if attempt + 1 >= self.READ_TRIES:
+                    raise
+                time.sleep(self.READ_BACKOFF * 2**attempt)
+        raise AssertionError("unreachable")
+
     def _load(self, lease: Lease) -> dict[str, Any] | None:
         """Read a leased sample; quarantine it if corrupt, give it back if unreadable."""
         try:
-            tensors = self.store.get(lease.ref, zero_copy=self.zero_copy)
+            tensors = self._get(lease)
         except CorruptSample as e:
             log.error("quarantined %s: %s", lease.sample_id, e)
             self.ledger.fail([lease.lease_id], retryable=False, reason=f"corrupt: {e}")
             self.quarantined.append(lease.sample_id)
             return None
         except SampleUnavailable as e:
-            # Bytes gone (writer died, or freed by a racing abort): never train on
-            # a stale generation; let the ledger decide whether it comes back.
-            log.error("sample %s unavailable: %s", lease.sample_id, e)
-            self.ledger.fail([lease.lease_id], retryable=False, reason=f"unavailable: {e}")
-            self.quarantined.append(lease.sample_id)
+            self._unavailable(lease, e)
             return None
+        self._misses.pop((lease.sample_id, lease.ref.generation), None)
         sample: dict[str, Any] = dict(tensors)
         sample[LEASE_KEY] = lease.lease_id
         sample[SAMPLE_ID_KEY] = lease.sample_id
         return sample
+
+    def _unavailable(self, lease: Lease, e: SampleUnavailable) -> None:
+        """Bytes missing after retries: never train on a stale generation. If the
+        ledger moved on (re-put or abort) the lease is stale: give it back, the ledger
+        delivers what is current. Else give it back for another try, and quarantine
+        it after ``MAX_UNAVAILABLE`` deliveries."""
+        current = self.ledger.get_ref(lease.sample_id)
+        if current is None or current.generation != lease.ref.generation:
+            log.info("sample %s generation %d is no longer the committed one: %s",
+                     lease.sample_id, lease.ref.generation, e)
+            self.ledger.fail([lease.lease_id], retryable=True, reason=f"superseded: {e}")
+            return
+        key = (lease.sample_id, lease.ref.generation)
+        n = self._misses[key] = self._misses.get(key, 0) + 1
+        if n >= self.MAX_UNAVAILABLE:
+            log.error("quarantined %s: unavailable in %d deliveries: %s", lease.sample_id, n, e)
+            self.ledger.fail([lease.lease_id], retryable=False,
+                             reason=f"unavailable in {n} deliveries of {self.READ_TRIES} reads each: {e}")
+            self.quarantined.append(lease.sample_id)
+            self._misses.pop(key, None)
+        else:
+            log.warning("sample %s unavailable (delivery %d of %d), given back: %s",
+                        lease.sample_id, n, self.MAX_UNAVAILABLE, e)
+            self.ledger.fail([lease.lease_id], retryable=True, reason=f"unavailable: {e}")
 
     # ------------------------------------------------------------ acks
     def ack(self, batch: Any, step: int, *, strict: bool = False) -> list[str]:

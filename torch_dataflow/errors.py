@@ -12,12 +12,16 @@ from __future__ import annotations
 __all__ = [
     "AuthError",
     "BackendUnavailable",
+    "CollateError",
     "ConfigError",
     "CorruptSample",
     "DataflowError",
+    "Fenced",
     "LeaseLost",
+    "ProducerSilent",
     "SampleAborted",
     "SampleUnavailable",
+    "SessionConflict",
     "StoreFull",
 ]
 
@@ -61,3 +65,25 @@ class SampleAborted(DataflowError, RuntimeError):
 
 class ConfigError(DataflowError, ValueError):
     """Bad configuration or input: a URI, a sample id, a tensor, a file."""
+
+
+class ProducerSilent(DataflowError, TimeoutError):
+    """An online stream stayed open with nothing to deliver: its open producers
+    are silent (no heartbeat) or provably dead. The message names them, their
+    last heartbeat and the ``torch-dataflow close-stream`` command that ends the stream."""
+
+
+class CollateError(ConfigError):
+    """A batch could not be collated (e.g. samples of different shapes). The message
+    names the sample ids; their leases were given back (retryable) at once."""
+
+
+class Fenced(LeaseLost):
+    """This trainer's fence (the ledger's restart counter ``attempt``) is older than the
+    ledger's: another trainer took the ledger over (or reconciled it). Its leases, acks
+    and plans are no longer valid; stop this trainer."""
+
+
+class SessionConflict(DataflowError, RuntimeError):
+    """Another trainer holds a live session on this ledger. The message names its host,
+    pid, ranks and heartbeat age, and how to take over (``takeover=True``)."""

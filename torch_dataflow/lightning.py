@@ -57,6 +57,7 @@ from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.plugins.io import CheckpointIO
 
 from .acking import Datasets, StepAcker
+from .errors import ConfigError
 
 __all__ = ["FeatureAckCallback"]
 
@@ -99,6 +100,11 @@ class _DurableCheckpointIO(CheckpointIO):
             return
         if self.callback.fsync:
             _fsync(path)
+        if not self.callback._resumable(path):
+            # With ``save_last`` the documented resume is ``last.ckpt``, written
+            # after the step file: marking durable now would free samples that a
+            # kill before ``last.ckpt`` leaves missing from the checkpoint resumed.
+            return
         self.callback._written(int(state["step"]))
 
     def load_checkpoint(self, *args: Any, **kwargs: Any) -> dict[str, Any]:
@@ -109,6 +115,43 @@ class _DurableCheckpointIO(CheckpointIO):
 
     def teardown(self) -> None:
         self.inner.teardown()
+
+
+_SAMPLER_FIX = ("Lightning's use_distributed_sampler=True (its default) wraps the ReshardingSampler in a "
+                "DistributedSampler: every rank would lease its whole share of the epoch but train only "
+                "1/world of it. Build the Trainer with Trainer(use_distributed_sampler=False); the "
+                "ReshardingSampler already shards by rank.")
+
+
+def _refuse_distributed_sampler(trainer: pl.Trainer, acker: StepAcker) -> None:
+    """ConfigError when Lightning would wrap a ReshardingSampler (a FeaturePool is acked) in a
+    DistributedSampler: checked at ``setup``, before the train loader exists or leases anything."""
+    from .pool import FeaturePool
+
+    conn = getattr(trainer, "_accelerator_connector", None)
+    if conn is None or not getattr(conn, "use_distributed_sampler", False) or not conn.is_distributed:
+        return
+    if any(isinstance(ds, FeaturePool) for ds in acker.datasets):
+        raise ConfigError(_SAMPLER_FIX)
+
+
+def _refuse_wrapped_sampler(trainer: pl.Trainer) -> None:
+    """Second line (a pool acked through another callback): the train loader's sampler is a
+    DistributedSampler over a ReshardingSampler."""
+    from torch.utils.data import DistributedSampler
+
+    from .sampler import ReshardingSampler
+
+    loaders = trainer.train_dataloader
+    flat = loaders.flattened if hasattr(loaders, "flattened") else (
+        list(loaders.values()) if isinstance(loaders, Mapping) else
+        list(loaders) if isinstance(loaders, (list, tuple)) else [loaders])
+    for loader in flat:
+        sampler = getattr(loader, "sampler", None)
+        if isinstance(sampler, DistributedSampler):
+            inner = getattr(sampler.dataset, "_sampler", None)  # Lightning's _DatasetSamplerWrapper
+            if isinstance(inner, ReshardingSampler):
+                raise ConfigError(_SAMPLER_FIX)
 
 
 class FeatureAckCallback(Callback):
@@ -154,6 +197,7 @@ class FeatureAckCallback(Callback):
             return
         self._trainer = trainer
         self._main = threading.get_ident()
+        _refuse_distributed_sampler(trainer, self.acker)  # before any lease (the loader is not built yet)
         self.acker.rank = trainer.global_rank
         self.acker.barrier = lambda: trainer.strategy.barrier("torch_dataflow.reconcile")
         self._wrap_checkpoint_io(trainer)
@@ -196,6 +240,7 @@ class FeatureAckCallback(Callback):
         return {"step": int(ckpt["global_step"])}
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        _refuse_wrapped_sampler(trainer)
         if self.acker.step != trainer.global_step:
             log.warning("ledger step %d differs from trainer.global_step %d", self.acker.step, trainer.global_step)
             self.acker.step = trainer.global_step
@@ -242,6 +287,20 @@ class FeatureAckCallback(Callback):
                            checkpoint: dict[str, Any]) -> None:
         # Every rank's acks of the steps in this checkpoint precede rank 0's write.
         trainer.strategy.barrier("torch_dataflow.acks")
+
+    def _resumable(self, path: Any) -> bool:
+        """Whether a resume would pick ``path``: with a ``ModelCheckpoint(save_last=...)``
+        only its ``last`` file counts; otherwise every complete checkpoint does."""
+        from lightning.pytorch.callbacks import ModelCheckpoint
+
+        trainer = self._trainer
+        lasts = [cb for cb in (trainer.callbacks if trainer is not None else [])
+                 if isinstance(cb, ModelCheckpoint) and cb.save_last]
+        if not lasts:
+            return True
+        name = os.path.basename(str(path))
+        return any(name == f"{cb.CHECKPOINT_NAME_LAST}{cb.FILE_EXTENSION}" or
+                   name.startswith(f"{cb.CHECKPOINT_NAME_LAST}-") for cb in lasts)
 
     def _written(self, step: int) -> None:
         if threading.get_ident() == self._main:

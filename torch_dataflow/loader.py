@@ -17,8 +17,9 @@ from __future__ import annotations
 
 from typing import Any
 
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, default_collate, default_convert
 
+from .collate_guard import GuardedCollate
 from .dataset import FeatureStoreDataset
 
 __all__ = ["FeatureLoader"]
@@ -32,7 +33,13 @@ class FeatureLoader(DataLoader):
         if not isinstance(dataset, FeatureStoreDataset):
             raise TypeError(f"FeatureLoader takes a FeatureStoreDataset, got {type(dataset).__name__}")
         dataset.configure(batch_size=batch_size or 1, shuffle=shuffle, drop_last=bool(kwargs.get("drop_last", False)))
-        super().__init__(dataset, batch_size=batch_size, shuffle=None, **kwargs)
+        # A batch that fails to collate names its sample ids and gives its leases back at once.
+        collate = kwargs.pop("collate_fn", None)
+        if collate is None:
+            collate = default_convert if batch_size is None else default_collate
+        if not isinstance(collate, GuardedCollate):
+            collate = GuardedCollate(collate, dataset.ledger)
+        super().__init__(dataset, batch_size=batch_size, shuffle=None, collate_fn=collate, **kwargs)
 
     def set_epoch(self, epoch: int) -> None:
         """Forward to the dataset (Lightning and training loops call this per epoch)."""

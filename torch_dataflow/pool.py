@@ -34,6 +34,7 @@ from typing import Any
 import torch
 from torch.utils.data import Dataset
 
+from .binding import check_store, consumer_store
 from .dataset import LEASE_KEY, SAMPLE_ID_KEY, ack_batch
 from .errors import ConfigError, CorruptSample, LeaseLost, SampleUnavailable
 from .ledger import Ledger, ReconcileReport, open_ledger
@@ -114,9 +115,11 @@ class FeaturePool(Dataset):
         sample_ids: Sequence[str] | None = None,
         zero_copy: bool = False,
     ) -> None:
-        self.store = open_store(store)
+        self.store = consumer_store(store)  # a file:// directory is never created by a consumer
         self.ledger = open_ledger(ledger)
         self.zero_copy = bool(zero_copy)
+        self._store_checked = 0
+        self._verify_store()  # before the sampler leases anything
         ids = list(sample_ids) if sample_ids is not None else self._discover()
         for sid in ids:
             validate_sample_id(sid)
@@ -259,6 +262,7 @@ class FeaturePool(Dataset):
             ref, lease_id = self._ref(self._ids[index]), None
         else:
             raise TypeError(f"a pool index is an int, a PoolIndex or a lease id, got {type(key).__name__}")
+        self._verify_store()  # once per DataLoader worker
         try:
             tensors = self._read(ref)
         except (CorruptSample, SampleUnavailable) as e:
@@ -272,6 +276,11 @@ class FeaturePool(Dataset):
             sample[LEASE_KEY] = lease_id
         sample[SAMPLE_ID_KEY] = ref.sample_id
         return sample
+
+    def _verify_store(self) -> None:
+        """The store is the one the ledger's samples were committed to (once per process)."""
+        if self._store_checked != os.getpid() and check_store(self.store, self.ledger):
+            self._store_checked = os.getpid()
 
     def _ref(self, sample_id: str) -> SampleRef:
         ref = self.ledger.get_ref(sample_id)

@@ -21,6 +21,7 @@ from typing import Any
 
 import torch
 
+from .binding import bind_store
 from .errors import ConfigError, SampleAborted, StoreFull
 from .ledger import Ledger, open_ledger
 from .refs import SampleRef, validate_sample_id
@@ -64,12 +65,22 @@ class FeatureWriter:
             role (``"producer-0"``): a producer restarted after a crash then
             re-registers under the same name and its ``close()`` closes the
             stream. With the default (unique per writer), a crashed producer
-            stays registered and online consumers wait for it (their
-            ``idle_timeout`` says so) until ``ledger.producer_done(name)``.
+            stays registered and online consumers wait for it until their
+            ``idle_timeout`` (or at once if its process is provably gone) and
+            raise :class:`~torch_dataflow.errors.ProducerSilent`;
+            ``torch-dataflow close-stream LEDGER --producer NAME`` ends it.
         max_resident_bytes: store budget in bytes (``None``: the store's own
             ``max_bytes`` setting, e.g. ``file:///dir?max_bytes=64GiB``, else unbounded).
         max_pending: ledger budget of pending + leased samples (``None``: unbounded).
         put_timeout: seconds ``put`` may wait for room before ``StoreFull``.
+        resume: skip ids already committed (LIVE, FREED or QUARANTINED; not
+            aborted): :meth:`put` returns the existing ref and writes nothing, so
+            a producer restarted under the same ``name`` never puts (and its
+            consumers never train) a sample twice. :meth:`missing` tells which
+            ids still need generating. Costs one ledger lookup per put.
+        heartbeat_every: seconds between heartbeats sent on puts (and while
+            waiting for room); consumers name a producer silent for longer
+            than their ``producer_ttl``.
     """
 
     def __init__(
@@ -82,6 +93,8 @@ class FeatureWriter:
         max_pending: int | None = None,
         put_timeout: float = 600.0,
         poll: float = 0.05,
+        resume: bool = False,
+        heartbeat_every: float = 5.0,
     ) -> None:
         self.store = open_store(store)
         self.ledger = open_ledger(ledger)
@@ -99,11 +112,43 @@ class FeatureWriter:
         self._registered = False
         self._closed = False
         self._credit: tuple[int | None, int | None] = (None, None)
+        self.resume = resume
+        self.heartbeat_every = heartbeat_every
+        self.skipped = 0  # puts answered with an already committed ref (resume)
+        self._beat_at = 0.0
+        self._bound = False
+
+    def _bind(self) -> None:
+        """Before the first byte: record this store in the ledger (or refuse another one)."""
+        if not self._bound:
+            bind_store(self.store, self.ledger)
+            self._bound = True
+
+    def _refuse_oversize(self, largest: int) -> None:
+        """A sample larger than the whole byte budget can never fit: refuse it now."""
+        if self.max_resident_bytes is not None and largest > self.max_resident_bytes:
+            raise StoreFull(f"producer {self.name}: a sample of {largest} bytes is larger than the whole byte "
+                            f"budget of {self.max_resident_bytes} bytes of store {self.store.uri}; it can never fit "
+                            "(raise max_resident_bytes / max_bytes, or split the sample)")
 
     def _register(self) -> None:
         if not self._registered:
             self.ledger.register_producer(self.name)
             self._registered = True
+            self._beat_at = time.monotonic()
+
+    def _heartbeat(self) -> None:
+        """Tell the ledger this producer is alive, at most every ``heartbeat_every`` seconds."""
+        if time.monotonic() - self._beat_at >= self.heartbeat_every:
+            self.ledger.producer_heartbeat(self.name)
+            self._beat_at = time.monotonic()
+
+    def missing(self, sample_ids: Iterable[str]) -> list[str]:
+        """The ids not yet committed (in input order): what a resumed producer
+        still has to generate. One ledger lookup for the batch."""
+        ids = list(sample_ids)
+        done = self.ledger.committed_refs(ids)
+        return [s for s in ids if s not in done]
 
     def _over_budget(self, incoming: int) -> str | None:
         """Ask the store and ledger; on room, keep the margin as credit for later puts."""
@@ -148,26 +193,42 @@ class FeatureWriter:
             waited = time.monotonic() - start
             if waited > self.put_timeout:
                 self.waited_s += waited
-                raise StoreFull(f"producer {self.name} waited {waited:.1f}s for room: {why}")
+                raise StoreFull(f"producer {self.name} waited {waited:.1f}s for room for {incoming} bytes "
+                                f"({samples} samples): {why}")
+            self._heartbeat()  # waiting for room is not silence
             time.sleep(self.poll)
         self.waited_s += time.monotonic() - start
 
     def put(
-        self, sample_id: str, tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, Any] | None = None
+        self, sample_id: str, tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, Any] | None = None,
+        *, if_absent: bool | None = None,
     ) -> SampleRef:
         """Write one sample and commit it; returns the committed ref.
 
+        With ``if_absent`` (default: the writer's ``resume``) an id already
+        committed is not written again: the existing ref is returned.
+
         Raises:
-            TypeError / ConfigError: bad tensors or sample id (nothing written).
-            StoreFull: no room within ``put_timeout``.
+            TypeError / ConfigError: bad tensors, metadata or sample id (nothing
+                written), or a store other than the one the ledger records.
+            StoreFull: no room within ``put_timeout``, or (at once) a sample
+                larger than the whole byte budget; the message gives both sizes.
             SampleAborted: the id was aborted while its bytes were in flight.
         """
         if self._closed:
             raise RuntimeError(f"FeatureWriter {self.name} is closed")
         validate_sample_id(sample_id)
         incoming = _nbytes(tensors)
+        self._refuse_oversize(incoming)
         self._register()
+        if self.resume if if_absent is None else if_absent:
+            existing = self.ledger.committed_refs([sample_id]).get(sample_id)
+            if existing is not None:
+                self.skipped += 1
+                self._heartbeat()
+                return existing
         self.wait_for_room(incoming)
+        self._bind()
         [gen] = self.ledger.reserve([sample_id])
         ref = self.store.put(sample_id, gen, tensors, metadata)
         try:
@@ -184,18 +245,37 @@ class FeatureWriter:
         self._charge(ref.nbytes, 1)
         self.written += 1
         self.bytes_written += ref.nbytes
+        self._heartbeat()
         return ref
 
     def put_many(
         self, items: Iterable[tuple[str, Mapping[str, torch.Tensor]] | tuple[str, Mapping[str, torch.Tensor], Any]]
     ) -> list[SampleRef]:
-        """``put`` several samples with one reserve and one commit."""
+        """``put`` several samples with one reserve and one commit (with ``resume``,
+        ids already committed keep their existing refs; refs come back in input order)."""
         batch = [(it[0], it[1], it[2] if len(it) > 2 else None) for it in items]
         if not batch:
             return []
-        incoming = sum(_nbytes(ts) for sid, ts, _ in batch if validate_sample_id(sid))
+        sizes = [_nbytes(ts) for sid, ts, _ in batch if validate_sample_id(sid)]
+        self._refuse_oversize(max(sizes))
+        incoming = sum(sizes)
         self._register()
+        if self.resume:
+            existing = self.ledger.committed_refs([sid for sid, _, _ in batch])
+            if existing:
+                todo = [b for b in batch if b[0] not in existing]
+                self.skipped += len(batch) - len(todo)
+                new = {r.sample_id: r for r in (self._put_batch(todo) if todo else [])}
+                self._heartbeat()
+                return [existing.get(sid) or new[sid] for sid, _, _ in batch]
+        return self._put_batch(batch, incoming)
+
+    def _put_batch(self, batch: list[tuple[str, Mapping[str, torch.Tensor], Any]],
+                   incoming: int | None = None) -> list[SampleRef]:
+        if incoming is None:
+            incoming = sum(_nbytes(ts) for _, ts, _ in batch)
         self.wait_for_room(incoming, len(batch))
+        self._bind()
         gens = self.ledger.reserve([sid for sid, _, _ in batch])
         refs = self.store.put_many([(sid, g, ts, meta) for (sid, ts, meta), g in zip(batch, gens, strict=True)])
         try:
@@ -209,6 +289,7 @@ class FeatureWriter:
         self._charge(sum(r.nbytes for r in refs), len(refs))
         self.written += len(refs)
         self.bytes_written += sum(r.nbytes for r in refs)
+        self._heartbeat()
         return refs
 
     def abort(self, sample_ids: Iterable[str]) -> int:

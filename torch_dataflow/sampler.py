@@ -66,6 +66,13 @@ def _dist_world_rank() -> tuple[int, int]:
     return 1, 0
 
 
+def _check_rank(num_replicas: int, rank: int) -> None:
+    if num_replicas < 1:
+        raise ConfigError(f"num_replicas must be >= 1, got {num_replicas}")
+    if not 0 <= rank < num_replicas:
+        raise ConfigError(f"Invalid rank {rank}, rank should be in the interval [0, {num_replicas - 1}]")
+
+
 class ReshardingSampler(Sampler[int]):
     """Lease-backed, resharding replacement for ``DistributedSampler``.
 
@@ -109,8 +116,9 @@ class ReshardingSampler(Sampler[int]):
 
     Args:
         dataset: the :class:`~torch_dataflow.pool.FeaturePool` to sample.
-        num_replicas: world size (default: ``torch.distributed``'s, else 1).
-        rank: this rank (default: ``torch.distributed``'s, else 0).
+        num_replicas: world size (default: ``torch.distributed``'s, else 1,
+            read at the first ``len()`` / ``iter()``, not at construction).
+        rank: this rank (default: ``torch.distributed``'s, else 0, read then too).
         shuffle: seeded per-epoch shuffle.
         seed: shuffle seed; must be the same on every rank.
         drop_last: drop the uneven tail (default) or pad (see above).
@@ -148,20 +156,20 @@ class ReshardingSampler(Sampler[int]):
                 f"ReshardingSampler samples a FeaturePool, got {type(dataset).__name__} "
                 "(wrap the store and ledger: FeaturePool(store, ledger))"
             )
-        world, dist_rank = _dist_world_rank()
-        num_replicas = world if num_replicas is None else num_replicas
-        rank = dist_rank if rank is None else rank
         for name, value in (("num_replicas", num_replicas), ("rank", rank)):
-            if isinstance(value, bool) or not isinstance(value, int):
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int)):
                 raise ConfigError(f"{name} must be an int, got {value!r}")
-        if num_replicas < 1:
+        if num_replicas is not None and rank is not None:
+            _check_rank(num_replicas, rank)
+        elif num_replicas is not None and num_replicas < 1:
             raise ConfigError(f"num_replicas must be >= 1, got {num_replicas}")
-        if not 0 <= rank < num_replicas:
-            raise ConfigError(f"Invalid rank {rank}, rank should be in the interval [0, {num_replicas - 1}]")
         if not lease_ttl > 0:
             raise ConfigError(f"lease_ttl must be > 0 seconds, got {lease_ttl}")
         self.dataset = dataset
-        self.num_replicas, self.rank = num_replicas, rank
+        # Not given: read from torch.distributed at the first len() / iter() (a sampler built
+        # before trainer.fit sets up the process group must not plan as world 1).
+        self._num_replicas_arg, self._rank_arg = num_replicas, rank
+        self._resolved: tuple[int, int] | None = None
         self.shuffle, self.seed, self.drop_last = bool(shuffle), int(seed), bool(drop_last)
         self.lease_ttl = float(lease_ttl)
         self.epoch = 0
@@ -169,6 +177,28 @@ class ReshardingSampler(Sampler[int]):
         self._passes: dict[tuple[int, int], int] = {}
         self._warned_freed = False
         self._begun: set[int] = set()
+
+    # ------------------------------------------------------------ rank and world (lazy)
+    def _rank_world(self, *, freeze: bool) -> tuple[int, int]:
+        if self._resolved is not None:
+            return self._resolved
+        world, dist_rank = _dist_world_rank()
+        num_replicas = world if self._num_replicas_arg is None else self._num_replicas_arg
+        rank = dist_rank if self._rank_arg is None else self._rank_arg
+        _check_rank(num_replicas, rank)
+        if freeze:
+            self._resolved = (num_replicas, rank)
+        return num_replicas, rank
+
+    @property
+    def num_replicas(self) -> int:
+        """World size: given, else ``torch.distributed``'s, fixed at the first ``len()`` / ``iter()``."""
+        return self._rank_world(freeze=False)[0]
+
+    @property
+    def rank(self) -> int:
+        """This rank: given, else ``torch.distributed``'s, fixed at the first ``len()`` / ``iter()``."""
+        return self._rank_world(freeze=False)[1]
 
     # ------------------------------------------------------------ DistributedSampler surface
     def set_epoch(self, epoch: int) -> None:
@@ -181,10 +211,11 @@ class ReshardingSampler(Sampler[int]):
     @property
     def num_samples(self) -> int:
         """Indices this rank yields in the current epoch (``DistributedSampler.num_samples``)."""
+        world, _ = self._rank_world(freeze=True)
         remaining, _ = self._snapshot()
         if self.drop_last:
-            return remaining // self.num_replicas
-        return -(-remaining // self.num_replicas)
+            return remaining // world
+        return -(-remaining // world)
 
     @property
     def total_size(self) -> int:
@@ -217,8 +248,9 @@ class ReshardingSampler(Sampler[int]):
 
     # ------------------------------------------------------------ iteration
     def __iter__(self) -> Iterator[int]:
+        world, rank = self._rank_world(freeze=True)
         remaining, attempt = self._snapshot()
-        world, rank, epoch = self.num_replicas, self.rank, self.epoch
+        epoch = self.epoch
         rows = remaining // world
         tail = 0 if self.drop_last else remaining % world
         key = (epoch, attempt)

@@ -26,6 +26,7 @@ from typing import Any
 
 from .errors import ConfigError
 from .ledger import Ledger, open_ledger
+from .ledger.heartbeats import describe, provably_dead
 from .stores import open_store
 
 __all__ = ["collect_status", "format_status"]
@@ -72,6 +73,17 @@ def _owners(leases: list[Any], now: float) -> list[dict[str, Any]]:
     return out
 
 
+def _producers(prods: list[dict[str, Any]], ttl: float, closed: bool) -> dict[str, Any]:
+    """Every producer with its heartbeat age; ``stream_silent`` when the stream is open
+    and every open producer is silent past ``ttl`` (or provably dead)."""
+    for p in prods:
+        p["silent"] = not p["done"] and (p["age_s"] is None or p["age_s"] > ttl)
+        p["dead"] = provably_dead(p, ttl)
+    open_ = [p for p in prods if not p["done"]]
+    return {"producers": prods, "producer_ttl_s": ttl,
+            "stream_silent": not closed and bool(open_) and all(p["silent"] for p in open_)}
+
+
 def _measure(ledger: Ledger, interval: float) -> dict[str, Any]:
     """Rates over ``interval`` seconds: ledger-wide from two counts, per owner
     from the distinct leases seen while polling (a lower bound: a lease taken
@@ -101,7 +113,8 @@ def _measure(ledger: Ledger, interval: float) -> dict[str, Any]:
 
 
 def collect_status(
-    ledger_uri: str, store_uri: str | None = None, *, interval: float = 0.0, limit: int = 20
+    ledger_uri: str, store_uri: str | None = None, *, interval: float = 0.0, limit: int = 20,
+    producer_ttl: float = 60.0,
 ) -> dict[str, Any]:
     """A JSON-ready snapshot of a ledger (and a store's resident bytes).
 
@@ -110,6 +123,7 @@ def collect_status(
         store_uri: also report this store's resident bytes.
         interval: if > 0, watch this many seconds and report rates.
         limit: list at most this many quarantined samples.
+        producer_ttl: an open producer silent longer than this is flagged ``silent``.
 
     Raises:
         ConfigError: bad URI or missing SQLite file.
@@ -144,6 +158,7 @@ def collect_status(
             "rates_note": None if interval > 0 else _NO_RATES,
             "store": None,
         }
+        snap.update(_producers(ledger.producers(), producer_ttl, c.closed))
     finally:
         ledger.close()
     if store_uri is not None:
@@ -189,6 +204,17 @@ def format_status(snap: dict[str, Any]) -> str:
         f"last acked optimizer step: {'-' if last is None else last}",
         "",
     ]
+    open_ = [p for p in snap.get("producers", []) if not p["done"]]
+    for p in open_:
+        flag = " DEAD (process gone)" if p["dead"] else " SILENT" if p["silent"] else ""
+        lines.append(f"producer open: {describe(p)}{flag}")
+    if snap.get("stream_silent"):
+        lines.append(f"WARNING: every open producer is silent past {snap['producer_ttl_s']:.0f}s; if it died, "
+                     f"`torch-dataflow close-stream {snap['ledger']} --producer NAME` ends the stream")
+    done = [p["name"] for p in snap.get("producers", []) if p["done"]]
+    if done:
+        lines.append(f"producers done: {', '.join(done)}")
+    lines.append("")
     owners = snap["owners"]
     if owners:
         width = max(len("owner"), *(len(o["owner"]) for o in owners))

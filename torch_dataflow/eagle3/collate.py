@@ -40,7 +40,7 @@ Example:
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -114,6 +114,9 @@ class Eagle3Collator:
     with_position_ids: bool = False
     pad_to_multiple_of: int = 1
     num_aux_layers: int = 3
+    #: the ledger the samples were leased from: a batch that fails to collate gives its
+    #: leases back to it at once (FeatureLoader does this for any collate_fn).
+    ledger: Any = field(default=None, compare=False, repr=False)
 
     def __post_init__(self) -> None:
         if self.max_len is not None and (isinstance(self.max_len, bool) or int(self.max_len) < 1):
@@ -172,9 +175,15 @@ class Eagle3Collator:
         """Collate ``samples`` into one batch (see the module docstring).
 
         Raises:
-            ConfigError: an empty batch, a bad sample, or samples whose hidden
-                widths or dtypes differ.
+            CollateError: (a ``ConfigError``) an empty batch, a bad sample, or samples
+                whose hidden widths or dtypes differ; the message names the sample ids
+                and, with :attr:`ledger`, their leases are given back at once.
         """
+        from ..collate_guard import collate_or_release
+
+        return collate_or_release(self._collate, samples, self.ledger)
+
+    def _collate(self, samples: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
         if len(samples) == 0:
             raise ConfigError("cannot collate an empty batch")
         rows = [self.process(s, i) for i, s in enumerate(samples)]

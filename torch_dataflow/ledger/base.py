@@ -213,8 +213,10 @@ class Ledger(ABC):
         """
 
     @abstractmethod
-    def register_producer(self, name: str) -> None:
-        """Declare a producer; the stream is closed when every declared one is done."""
+    def register_producer(self, name: str, info: dict[str, Any] | None = None) -> None:
+        """Declare a producer; the stream is closed when every declared one is done.
+        Records its host, pid (this process unless ``info`` gives ``host``/``pid``;
+        other keys are kept as info) and a first heartbeat."""
 
     @abstractmethod
     def producer_done(self, name: str) -> None:
@@ -349,3 +351,56 @@ class Ledger(ABC):
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}({self.uri!r})"
+
+    # ------------------------------------------------------------ producer liveness (heartbeats.py)
+    @abstractmethod
+    def producer_heartbeat(self, name: str) -> None:
+        """Record that producer ``name`` is alive now (on the ledger's clock)."""
+
+    @abstractmethod
+    def producers(self) -> list[dict[str, Any]]:
+        """Registered producers, by name: ``{name, done, host, pid, last_seen, age_s, info}``
+        (``last_seen``/``host``/``pid`` are ``None`` for a producer that never sent a heartbeat)."""
+
+    @abstractmethod
+    def committed_refs(self, sample_ids: Sequence[str]) -> dict[str, SampleRef]:
+        """``sample_id -> ref`` of the ids already committed and not aborted (LIVE,
+        QUARANTINED or FREED): what a resumed producer must not put again."""
+
+    # ------------------------------------------------------------ run metadata and requeue (issue 15)
+    @abstractmethod
+    def get_meta(self, key: str) -> str | None:
+        """The value recorded under the run-metadata ``key`` (e.g. ``"store_id"``), or ``None``."""
+
+    @abstractmethod
+    def claim_meta(self, key: str, value: str) -> str:
+        """Record ``value`` under ``key`` unless a value is recorded already
+        (atomically: the first claimer wins); return what is recorded."""
+
+    @abstractmethod
+    def requeue_quarantined(self, sample_ids: Sequence[str] | None = None) -> int:
+        """Undo quarantines: each QUARANTINED sample (all, or those of ``sample_ids``)
+        becomes LIVE again with a PENDING delivery in the current epoch and in every
+        begun epoch lacking one. Returns how many were requeued."""
+
+    # ------------------------------------------------------------ issue 15 point 7 (step checks, epoch hand-off)
+    def set_meta(self, key: str, value: str) -> None:
+        """Record ``value`` under the run-metadata ``key``, replacing any earlier value
+        (e.g. the epoch a dataset's persistent DataLoader workers must iterate)."""
+        raise NotImplementedError(f"{type(self).__name__} does not implement set_meta")
+
+
+def check_step(step: Any) -> int:
+    """An optimizer step as acks take it: an ``int >= 0`` (``bool``, ``float``, ``str``
+    refused, so ``ack(step="7")`` or ``ack(step=2.9)`` never records a made-up step).
+
+    Raises:
+        ConfigError: anything else.
+    """
+    import numbers
+
+    if isinstance(step, bool) or not isinstance(step, numbers.Integral):
+        raise ConfigError(f"step must be an int >= 0 (an optimizer step), got {step!r} ({type(step).__name__})")
+    if step < 0:
+        raise ConfigError(f"step must be an int >= 0 (an optimizer step), got {step}")
+    return int(step)

@@ -51,7 +51,18 @@ class MemoryLedger(SQLiteLedger):
         return cls(name, **{**u.query, **overrides})
 
     def _config_state(self) -> dict[str, Any]:
-        return {"name": self.name, "secret": self._secret}
+        # The creating process travels with a pickle: a spawn-started DataLoader worker
+        # (which has no registry entry yet) must refuse, not open a new empty ledger.
+        return {"name": self.name, "secret": self._secret, "origin_pid": self._created_pid}
+
+    @classmethod
+    def _from_state(cls, state: dict[str, Any]) -> MemoryLedger:
+        state = dict(state)
+        origin = state.pop("origin_pid", None)
+        ledger = cls(**state)
+        if origin is not None:
+            ledger._created_pid = int(origin)
+        return ledger
 
     def _attach(self) -> None:
         pid = os.getpid()

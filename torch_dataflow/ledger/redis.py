@@ -41,7 +41,17 @@ from ..errors import AuthError, BackendUnavailable, ConfigError, SampleAborted
 from ..refs import Lease, SampleRef, validate_sample_id
 from ..uri import parse_uri
 from ._sqlite_schema import SCHEMA_VERSION, _td_ord
-from .base import Ledger, LedgerCounts, Plan, ReconcileReport, StepClaim, format_lease_id, parse_lease_id
+from .base import (
+    Ledger,
+    LedgerCounts,
+    Plan,
+    ReconcileReport,
+    StepClaim,
+    check_step,
+    format_lease_id,
+    parse_lease_id,
+)
+from .heartbeats import RedisProducers
 from .redis_scripts import SCRIPTS
 
 __all__ = ["INSTALL_HINT", "RedisLedger"]
@@ -61,7 +71,7 @@ def _refs(text: str) -> list[SampleRef]:
     return [_ref(t) for t in text.split("\n")] if text else []
 
 
-class RedisLedger(Ledger):
+class RedisLedger(RedisProducers, Ledger):
     """The ledger in a Redis database (see module docs). Thread-safe; fork-safe.
 
     Args:
@@ -235,14 +245,14 @@ class RedisLedger(Ledger):
                               "reserved (call reserve() before writing the bytes)")
         return _refs(reply)
 
-    def register_producer(self, name: str) -> None:
-        self._cmd(lambda c: c.hset(self._prefix + "prod", name, 0))
+    def register_producer(self, name: str, info: dict[str, Any] | None = None) -> None:
+        self._register_beat(name, info)
 
     def producer_done(self, name: str) -> None:
         self._cmd(lambda c: c.hset(self._prefix + "prod", name, 1))
 
     def reopen(self) -> None:
-        self._cmd(lambda c: c.delete(self._prefix + "prod"))
+        self._cmd(lambda c: c.delete(self._prefix + "prod", self._prefix + "hb"))
 
     def is_closed(self) -> bool:
         done = self._cmd(lambda c: c.hvals(self._prefix + "prod"))
@@ -331,7 +341,7 @@ class RedisLedger(Ledger):
         return self._by_lease("renew", lease_ids, [repr(float(ttl))], False)
 
     def ack(self, lease_ids: Sequence[str], step: int) -> list[str]:
-        return self._by_lease("ack", lease_ids, [str(int(step))], False)
+        return self._by_lease("ack", lease_ids, [str(check_step(step))], False)
 
     def fail(self, lease_ids: Sequence[str], *, retryable: bool = True, reason: str = "") -> list[str]:
         return self._by_lease("fail", lease_ids, ["1" if retryable else "0", reason or "failed"], True)
@@ -375,3 +385,33 @@ class RedisLedger(Ledger):
     def trained_steps(self, epoch: int | None = None) -> dict[str, int]:
         rows = self._run("trained_steps", ["" if epoch is None else str(int(epoch))])
         return {s: int(step) for s, step in rows}
+
+    # ------------------------------------------------------------ run metadata and requeue (issue 15)
+    def get_meta(self, key: str) -> str | None:
+        return self._cmd(lambda c: c.hget(self._prefix + "meta", _user_meta(key)))
+
+    def claim_meta(self, key: str, value: str) -> str:
+        field = _user_meta(key)
+
+        def claim(c: Any) -> Any:
+            p = c.pipeline(transaction=True)
+            p.hsetnx(self._prefix + "meta", field, str(value))
+            p.hget(self._prefix + "meta", field)
+            return p.execute()[1]
+
+        return str(self._cmd(claim))
+
+    def requeue_quarantined(self, sample_ids: Sequence[str] | None = None) -> int:
+        ids = [] if sample_ids is None else [validate_sample_id(s) for s in sample_ids]
+        return int(self._run("requeue_quarantined", ["1" if sample_ids is None else "0", *ids], cache=True))
+
+    def set_meta(self, key: str, value: str) -> None:
+        field = _user_meta(key)
+        self._cmd(lambda c: c.hset(self._prefix + "meta", field, str(value)))
+
+
+def _user_meta(key: str) -> str:
+    """The meta-hash field of run metadata ``key`` (kept apart from the ledger's own fields)."""
+    if not isinstance(key, str) or not key:
+        raise ConfigError(f"a ledger meta key must be a non-empty str, got {key!r}")
+    return "x:" + key

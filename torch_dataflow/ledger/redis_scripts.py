@@ -27,6 +27,7 @@ key                        type        content
 ``P cl:<key>``             hash        ``<step>:<rank>`` claims of a plan
 ``P sl:<slot>``            zset        ids leased to one (plan, step, rank) by ord
 ``P prod``                 hash        producer -> done (0/1)
+``P hb``                   hash        producer -> JSON {host, pid, info, ls}
 ``P r:<token>``            string      reply of a mutating call, for 60 s (retry)
 =========================  ==========  ============================================
 
@@ -41,6 +42,9 @@ Redis does not roll a script back on error; errors are replies
 """
 
 from __future__ import annotations
+
+from ._redis_requeue import REQUEUE
+from .heartbeats import REDIS_SCRIPTS
 
 __all__ = ["SCRIPTS"]
 
@@ -453,7 +457,8 @@ for i, line in ipairs(split_on(ARGV[6], '\n')) do
   local e, sid = q[1], q[2]
   local k = dkey(e, sid)
   local d = redis.call('HMGET', k, 'g', 's', 'n', 'sl')
-  if d[1] == q[3] and d[3] == q[4] and (d[2] == '1' or d[2] == '2') then
+  -- a repeat ack of the same lease (TRAINED, or DURABLE after a checkpoint) is a no-op
+  if d[1] == q[3] and d[3] == q[4] and (d[2] == '1' or d[2] == '2' or d[2] == '3') then
     if d[2] == '1' then
       leave(e, sid, '1', d[4])
       redis.call('HSET', k, 's', '2', 'sp', step)
@@ -609,5 +614,7 @@ SCRIPTS: dict[str, str] = {
         "leases": _LEASES,
         "quarantined": _QUARANTINED,
         "trained_steps": _TRAINED,
+        "requeue_quarantined": REQUEUE,  # issue 15
+        **REDIS_SCRIPTS,  # producer heartbeats and committed_refs (heartbeats.py)
     }.items()
 }

@@ -39,10 +39,12 @@ from .base import (
     ReconcileReport,
     SampleStatus,
     StepClaim,
+    check_step,
     format_lease_id,
     new_nonce,
     parse_lease_id,
 )
+from .heartbeats import BEATS_DDL, SQLiteProducers
 
 __all__ = ["SQLiteLedger"]
 
@@ -76,7 +78,7 @@ def _after_fork() -> None:
 os.register_at_fork(before=_before_fork, after_in_parent=_after_fork, after_in_child=_after_fork)
 
 
-class SQLiteLedger(SQLiteQueries, Ledger):
+class SQLiteLedger(SQLiteProducers, SQLiteQueries, Ledger):
     """The ledger in one SQLite file (see module docs). Thread-safe within a process."""
 
     _closes_at_fork = True  # file-backed: never carried into a child (see _before_fork)
@@ -148,6 +150,7 @@ class SQLiteLedger(SQLiteQueries, Ledger):
             if meta.get("schema") != SCHEMA_VERSION:
                 raise ConfigError(f"{self.path} is not a torch_dataflow ledger of schema {SCHEMA_VERSION} "
                                   f"(found {meta.get('schema')!r})")
+            con.execute(BEATS_DDL)  # ledgers made before heartbeats gain the table (nothing else changes)
             return meta.get("verifier")
         for stmt in _SCHEMA.split(";"):
             if stmt.strip():
@@ -249,9 +252,10 @@ class SQLiteLedger(SQLiteQueries, Ledger):
             self._set_meta(con, "seq", seq)
         return superseded
 
-    def register_producer(self, name: str) -> None:
+    def register_producer(self, name: str, info: dict[str, Any] | None = None) -> None:
         with self._tx() as con:
             con.execute("INSERT INTO producers VALUES (?, 0) ON CONFLICT(name) DO UPDATE SET done=0", (name,))
+            self._beat(con, name, info, time.time(), register=True)
 
     def producer_done(self, name: str) -> None:
         with self._tx() as con:
@@ -260,6 +264,7 @@ class SQLiteLedger(SQLiteQueries, Ledger):
     def reopen(self) -> None:
         with self._tx() as con:
             con.execute("DELETE FROM producers")
+            con.execute("DELETE FROM producer_beats")
 
     def is_closed(self) -> bool:
         with self._tx() as con:
@@ -391,9 +396,12 @@ class SQLiteLedger(SQLiteQueries, Ledger):
                                   lease_ids, (time.time() + ttl,))
 
     def ack(self, lease_ids: Sequence[str], step: int) -> list[str]:
+        # A repeat ack of the same lease (a padded repeat, a retried ack) is a no-op, also once a
+        # checkpoint made the first ack DURABLE: only the LEASED -> TRAINED transition writes.
         return self._lease_update(
-            f"UPDATE deliveries SET step=CASE WHEN state={T} THEN step ELSE ? END, state={T}, deadline=NULL, "
-            f"slot=NULL WHERE {self._IDENT} AND state IN ({L},{T})", lease_ids, (int(step),))
+            f"UPDATE deliveries SET step=CASE WHEN state={L} THEN ? ELSE step END, "
+            f"state=CASE WHEN state={L} THEN {T} ELSE state END, deadline=NULL, "
+            f"slot=NULL WHERE {self._IDENT} AND state IN ({L},{T},{D})", lease_ids, (check_step(step),))
 
     def fail(self, lease_ids: Sequence[str], *, retryable: bool = True, reason: str = "") -> list[str]:
         def quarantine(con: sqlite3.Connection, held: list[str]) -> None:
@@ -458,3 +466,43 @@ class SQLiteLedger(SQLiteQueries, Ledger):
             attempt = int(self._meta(con, "attempt", "0") or 0) + 1
             self._set_meta(con, "attempt", attempt)
         return ReconcileReport(attempt, replayed, durable, released, tuple(freed))
+
+    # ------------------------------------------------------------ run metadata and requeue (issue 15)
+    def get_meta(self, key: str) -> str | None:
+        with self._tx() as con:
+            return self._meta(con, _user_meta(key))
+
+    def claim_meta(self, key: str, value: str) -> str:
+        with self._tx() as con:
+            con.execute("INSERT OR IGNORE INTO meta VALUES (?, ?)", (_user_meta(key), str(value)))
+            return str(self._meta(con, _user_meta(key)))
+
+    def requeue_quarantined(self, sample_ids: Sequence[str] | None = None) -> int:
+        q = int(SampleStatus.QUARANTINED)
+        with self._tx() as con:
+            if sample_ids is None:
+                ids = [r[0] for r in con.execute("SELECT sample_id FROM samples WHERE status=?", (q,))]
+            else:
+                wanted = [validate_sample_id(s) for s in sample_ids]
+                ids = [s for s in dict.fromkeys(wanted)
+                       if con.execute("SELECT 1 FROM samples WHERE sample_id=? AND status=?", (s, q)).fetchone()]
+            epochs = {int(self._meta(con, "epoch", "0") or 0)}
+            epochs.update(int(k.split(":", 1)[1]) for (k,) in con.execute("SELECT key FROM meta WHERE key LIKE 'epoch:%'"))
+            for chunk in _chunks(ids):
+                con.executemany("UPDATE samples SET status=?, reason=NULL WHERE sample_id=? AND status=?",
+                                [(int(SampleStatus.LIVE), s, q) for s in chunk])
+                con.executemany("INSERT OR IGNORE INTO deliveries(epoch, sample_id, gen, state, ord) "
+                                f"SELECT ?, sample_id, committed, {P}, seq FROM samples WHERE sample_id=?",
+                                [(e, s) for s in chunk for e in sorted(epochs)])
+        return len(ids)
+
+    def set_meta(self, key: str, value: str) -> None:
+        with self._tx() as con:
+            con.execute("INSERT OR REPLACE INTO meta VALUES (?, ?)", (_user_meta(key), str(value)))
+
+
+def _user_meta(key: str) -> str:
+    """The meta-table key of run metadata ``key`` (kept apart from the ledger's own keys)."""
+    if not isinstance(key, str) or not key:
+        raise ConfigError(f"a ledger meta key must be a non-empty str, got {key!r}")
+    return "x:" + key

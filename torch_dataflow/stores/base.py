@@ -96,6 +96,17 @@ class FeatureStore(ABC):
     def health(self) -> StoreHealth:
         """Resident bytes and sample count (cheap: used for backpressure)."""
 
+    @abstractmethod
+    def store_id(self) -> str:
+        """A stable identity of the store behind this client (not of the client):
+        the same from every process and every URI spelling that reaches it, and
+        different for a different store. The ledger records it at the first
+        commit so consumers refuse a mistyped store before leasing anything.
+
+        Raises:
+            ConfigError: the store does not exist or is not a torch_dataflow store.
+        """
+
     def close(self) -> None:  # noqa: B027 - optional for backends with no resources
         """Release connections and handles. The store may be reopened lazily."""
 
@@ -120,8 +131,9 @@ class FeatureStore(ABC):
         """
         self._check_auth()
         enc = self._encode(sample_id, generation, tensors)
+        ref = self._ref(sample_id, generation, enc, metadata)  # validates metadata before any byte is written
         self._write(sample_id, generation, enc.parts(), enc.nbytes)
-        return self._ref(sample_id, generation, enc, metadata)
+        return ref
 
     @staticmethod
     def _encode(sample_id: str, generation: int, tensors: Mapping[str, torch.Tensor]) -> codec.Encoded:
@@ -171,8 +183,17 @@ class FeatureStore(ABC):
     def put_many(
         self, items: Iterable[tuple[str, int, Mapping[str, torch.Tensor], Mapping[str, Any] | None]]
     ) -> list[SampleRef]:
-        """``put`` each ``(sample_id, generation, tensors, metadata)``; backends may batch."""
-        return [self.put(sid, gen, tensors, meta) for sid, gen, tensors, meta in items]
+        """``put`` each ``(sample_id, generation, tensors, metadata)``; backends may batch.
+
+        Every item is validated (key, tensors, metadata) before the first byte is written.
+        """
+        todo = list(items)
+        self._check_auth()
+        encoded = [(sid, gen, self._encode(sid, gen, tensors)) for sid, gen, tensors, _ in todo]
+        refs = [self._ref(sid, gen, enc, meta) for (sid, gen, enc), (*_, meta) in zip(encoded, todo, strict=True)]
+        for sid, gen, enc in encoded:
+            self._write(sid, gen, enc.parts(), enc.nbytes)
+        return refs
 
     def get_many(self, refs: Sequence[SampleRef], *, zero_copy: bool = False) -> list[dict[str, torch.Tensor]]:
         """``get`` each ref, in order; backends may batch."""

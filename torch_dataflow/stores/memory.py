@@ -152,6 +152,11 @@ class MemoryStore(FeatureStore):
             keys = list(s.blobs)
         return iter(keys)
 
+    def store_id(self) -> str:
+        """``memory:<name>``: clients of one name in one process share one store."""
+        self._check_auth()
+        return f"memory:{self.name}"
+
     def health(self) -> StoreHealth:
         """Resident bytes and sample count (O(1): kept up to date under the lock)."""
         self._check_auth()

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import os
 import time
+import uuid
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from typing import Any
 
@@ -57,6 +58,7 @@ _QUERY = {
 }
 _AUTH_KEY = ".auth"  # sample ids may not start with '.', so this never collides
 _NO_SECRET = "none"
+_ID_KEY = ".id"  # the store id object (see store_id)
 _PUT_ATTEMPTS = 6  # transfer failures retried with backoff for ~3 s in all
 
 
@@ -203,6 +205,35 @@ class MooncakeStore(FeatureStore):
         self._guard = SecretGuard.attach(self.secret, verifier, f"store {self.uri}")
         self._c, self._pid = client, os.getpid()
 
+    def store_id(self) -> str:
+        """``mooncake:<uuid>``, kept as the object ``<namespace>/.id`` (first client wins,
+        like the auth verifier). Like every object it lives in its writer's segment: if
+        that client dies the id is lost with its samples and the next one is new."""
+        c = self._client()
+        self._check_auth()
+        key, store = f"{self.namespace}/{_ID_KEY}", c.store
+        with c.lock:
+            recorded = bytes(store.get(key)).decode("utf-8")
+            if not recorded and store.get_size(key) >= 0:
+                store.remove(key, True)  # listed but unreadable: lost with its holder
+            if not recorded:
+                c.ensure_segment()
+                for attempt in range(_PUT_ATTEMPTS):
+                    rc = store.put(key, uuid.uuid4().hex.encode("utf-8"), c.put_cfg)
+                    if rc != mc.TRANSFER_FAIL:
+                        break
+                    time.sleep(0.1 * 2**attempt)
+                if rc != mc.OK and store.get_size(key) < 0:
+                    raise mc.status_error(rc, "put", f"the store id of {self.uri}")
+                for _ in range(50):  # put never overwrites: the first writer (maybe another process) wins
+                    recorded = bytes(store.get(key)).decode("utf-8")
+                    if recorded:
+                        break
+                    time.sleep(0.01)
+                else:
+                    raise BackendUnavailable(f"the store id of {self.uri} cannot be read back")
+        return "mooncake:" + recorded
+
     def _staging(self, nbytes: int) -> torch.Tensor | None:
         """The client's registered arena when ``transfer=staging`` and the blob fits, else ``None``."""
         if self.transfer != "staging" or nbytes > self.cfg.buffer_size:
@@ -303,9 +334,13 @@ class MooncakeStore(FeatureStore):
             encoded.append((sid, gen, self._encode(sid, gen, tensors), meta))
         if not encoded:
             return []
+        refs = [self._ref(s, g, e, m) for s, g, e, m in encoded]  # validate metadata before any byte moves
+        for _, _, e, _ in encoded:
+            if e.nbytes == 0:
+                raise ConfigError("mooncake cannot store an empty object")
         self._maybe_gc()
         self._publish([(self._key(s, g), e.parts(), e.nbytes) for s, g, e, _ in encoded])
-        return [self._ref(s, g, e, m) for s, g, e, m in encoded]
+        return refs
 
     # ------------------------------------------------------------- reads
     def _fetch(self, refs: Sequence[SampleRef], decode: bool) -> list[Any]:

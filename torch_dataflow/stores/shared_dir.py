@@ -3,7 +3,7 @@
 
 Layout::
 
-    <root>/.torch_dataflow.json           marker: format version and auth verifier
+    <root>/.torch_dataflow.json           marker: format version, auth verifier, store id
     <root>/<ff>/<sample_id>@<generation>.tdf   one codec blob per sample generation
     <root>/<ff>/.<...>.tmp                a write in progress (never read as a sample)
 
@@ -33,11 +33,13 @@ measured at 22 ms for 10,000 samples on local disk (benchmarks/bench_store.py).
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import json
 import mmap
 import os
 import secrets
 import time
+import uuid
 from collections.abc import Iterator, Sequence
 from typing import Any
 from urllib.parse import quote
@@ -192,7 +194,8 @@ class SharedDirStore(FeatureStore):
         if marker is None and not self.create:
             raise ConfigError(f"{self.root} has no {MARKER}: not a torch_dataflow store (create=False)")
         if marker is None:
-            doc = {"kind": _KIND, "version": _VERSION, "verifier": make_verifier(self.secret) if self.secret else None}
+            doc = {"kind": _KIND, "version": _VERSION, "verifier": make_verifier(self.secret) if self.secret else None,
+                   "store_id": uuid.uuid4().hex}
             tmp = os.path.join(self.root, f"{MARKER}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
             self._write_file(tmp, [json.dumps(doc).encode()])
             try:
@@ -203,7 +206,34 @@ class SharedDirStore(FeatureStore):
                 os.unlink(tmp)
             marker = self._read_marker()
             assert marker is not None
-        self._guard = SecretGuard.attach(self.secret, marker.get("verifier"), f"store {self.uri}")
+        guard = SecretGuard.attach(self.secret, marker.get("verifier"), f"store {self.uri}")
+        if not isinstance(marker.get("store_id"), str):
+            marker = self._add_store_id()
+        self._id = "file:" + str(marker["store_id"])
+        self._guard = guard
+
+    def _add_store_id(self) -> dict[str, Any]:
+        """Give a marker written before store ids existed one (under a directory
+        lock, published by rename: every client ends up reading the same id)."""
+        dfd = os.open(self.root, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        try:
+            fcntl.flock(dfd, fcntl.LOCK_EX)
+            marker = self._read_marker()
+            assert marker is not None
+            if not isinstance(marker.get("store_id"), str):
+                marker = {**marker, "store_id": uuid.uuid4().hex}
+                tmp = os.path.join(self.root, f"{MARKER}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
+                self._write_file(tmp, [json.dumps(marker).encode()])
+                os.rename(tmp, os.path.join(self.root, MARKER))
+            return marker
+        finally:
+            os.close(dfd)  # releases the lock
+
+    def store_id(self) -> str:
+        """``file:<uuid>``, kept in the marker file: the same for every path that
+        reaches this directory (see :meth:`FeatureStore.store_id`)."""
+        self._check_auth()
+        return self._id
 
     # ---------------------------------------------------------------- paths
     def _dir(self, sample_id: str) -> str:

@@ -209,6 +209,10 @@ class SpecForgeDirStore(FeatureStore):
             except ConfigError:
                 continue  # a path that cannot be an id is not servable (register_directory says why)
 
+    def store_id(self) -> str:
+        """``specforge:<real path>``: the directory is the store (nothing is written into it)."""
+        return "specforge:" + self._real()
+
     # ----------------------------------------------------------- public API
     def put(self, sample_id: str, generation: int, tensors: Any, metadata: Any = None) -> SampleRef:
         """Refused with :class:`ConfigError`: read-only (see :func:`register_directory`)."""
@@ -357,6 +361,9 @@ def register_directory(
         if _SEP in rel or store.path_of(sid) != os.path.realpath(ds.paths[i]):
             raise ConfigError(f"{ds.paths[i]}: a '~' in its relative path would make its id ambiguous; rename it")
         items.append((sid, rel))
+    from ..binding import bind_store
+
+    bind_store(store, led)  # consumers then refuse a mistyped directory before leasing
     producer = name or f"specforge-register:{socket.gethostname()}:{os.getpid()}"
     led.register_producer(producer)
     committed, batch = 0, max(1, batch)

@@ -407,3 +407,122 @@ class LedgerConformance:
         led.ack([lease.lease_id], 1)  # trained: one slot free
         w.put("p3", {"x": torch.ones(2)})
         assert led.counts().pending == 3
+
+    # ------------------------------------------------------------ producer liveness and resume
+    def test_producer_heartbeats(self) -> None:
+        import os
+        import socket
+
+        led = self.make_ledger()
+        t0 = time.time()
+        led.register_producer("p1")
+        led.register_producer("p2", {"host": "elsewhere", "pid": 4242, "role": "gen"})
+        other = self.attach_ledger(led)
+        by = {p["name"]: p for p in other.producers()}
+        assert set(by) == {"p1", "p2"}
+        p1 = by["p1"]
+        assert (p1["done"], p1["host"], p1["pid"]) == (False, socket.gethostname(), os.getpid())
+        assert abs(p1["last_seen"] - t0) < 5 and 0 <= p1["age_s"] < 5
+        assert (by["p2"]["host"], by["p2"]["pid"], by["p2"]["info"]) == ("elsewhere", 4242, {"role": "gen"})
+        first = p1["last_seen"]
+        time.sleep(0.05)
+        other.producer_heartbeat("p1")
+        by = {p["name"]: p for p in led.producers()}
+        assert by["p1"]["last_seen"] > first and by["p1"]["pid"] == os.getpid()  # a beat keeps the identity
+        assert by["p2"]["last_seen"] < by["p1"]["last_seen"]
+        led.producer_done("p1")
+        by = {p["name"]: p for p in led.producers()}
+        assert (by["p1"]["done"], by["p2"]["done"]) == (True, False) and not led.is_closed()
+        led.reopen()
+        assert led.producers() == []
+
+    def test_committed_refs_skip_aborted_and_uncommitted(self) -> None:
+        led = self.make_ledger()
+        refs = commit_ids(led, ["a", "b", "c", "q"])
+        led.reserve(["r"])  # reserved, never committed (a producer died mid-put)
+        led.abort(["b"])
+        [lease] = [x for x in led.lease("t", 4, ttl=30) if x.sample_id == "q"] or [None]
+        assert lease is not None
+        led.fail([lease.lease_id], retryable=False)  # QUARANTINED still counts as done
+        [la] = [x for x in led.leases() if x.sample_id == "a"]
+        led.ack([la.lease_id], step=1)
+        led.mark_durable(1)  # "a" FREED: done too
+        got = self.attach_ledger(led).committed_refs(["a", "b", "c", "q", "r", "zz", "a"])
+        assert sorted(got) == ["a", "c", "q"]
+        assert got["c"] == refs[2] and got["a"].generation == 1
+
+    # ------------------------------------------------------------ run metadata and requeue (issue 15)
+    def test_meta_claim_first_wins(self) -> None:
+        led = self.make_ledger()
+        other = self.attach_ledger(led)
+        assert led.get_meta("store_id") is None
+        assert led.claim_meta("store_id", "file:aaa") == "file:aaa"
+        assert other.claim_meta("store_id", "file:bbb") == "file:aaa"  # recorded once, never overwritten
+        assert other.get_meta("store_id") == "file:aaa" and led.get_meta("other") is None
+        assert led.get_meta("epoch") is None  # run metadata is kept apart from the ledger's own keys
+        commit_ids(led, ["s"])  # the ledger's own bookkeeping does not disturb it
+        assert other.get_meta("store_id") == "file:aaa"
+        with pytest.raises(ConfigError):
+            led.claim_meta("", "x")
+
+    def test_requeue_quarantined_online(self) -> None:
+        led = self.make_ledger()
+        commit_ids(led, ["a", "b", "c"])
+        leases = led.lease("t", 3, ttl=30)
+        assert led.fail([x.lease_id for x in leases], retryable=False, reason="unavailable") == []
+        assert led.counts().quarantined == 3 and led.lease("t", 3, ttl=30) == []
+        other = self.attach_ledger(led)
+        assert other.requeue_quarantined(["b", "zz"]) == 1  # an id that is not quarantined is skipped
+        assert [x.sample_id for x in led.lease("t", 3, ttl=30)] == ["b"]
+        assert led.requeue_quarantined(["b"]) == 0
+        assert led.requeue_quarantined() == 2
+        c = led.counts()
+        assert (c.quarantined, c.pending, c.leased) == (0, 2, 1)
+        assert led.quarantined() == []
+        again = led.lease("t", 5, ttl=30)
+        assert sorted(x.sample_id for x in again) == ["a", "c"]
+        assert {x.ref.generation for x in again} == {1}
+        assert led.ack([x.lease_id for x in again], 3) == []
+        assert led.requeue_quarantined() == 0
+
+    def test_requeue_quarantined_offline_epochs(self) -> None:
+        led = self.make_ledger()
+        commit_ids(led, _ids(4))
+        led.begin_epoch(0, seed=1)
+        e0 = {x.sample_id: x for x in led.lease("t", 4, ttl=30, epoch=0)}
+        led.ack([e0["s00000"].lease_id], 1)  # trained in epoch 0 before it was quarantined
+        led.begin_epoch(1, seed=1)
+        [bad] = [x for x in led.lease("t", 4, ttl=30, epoch=1) if x.sample_id == "s00000"]
+        led.fail([bad.lease_id], retryable=False, reason="unavailable")
+        led.fail([e0["s00001"].lease_id], retryable=False, reason="corrupt")
+        assert led.counts().quarantined == 2
+        assert led.requeue_quarantined() == 2
+        assert led.counts().quarantined == 0
+        # epoch 0: s00000 keeps its TRAINED delivery; s00001 is pending again
+        assert [x.sample_id for x in led.lease("u", 10, ttl=30, epoch=0)] == ["s00001"]
+        assert led.trained_steps(epoch=0) == {"s00000": 1}
+        # epoch 1: both are pending again (the other two are still leased to "t")
+        assert sorted(x.sample_id for x in led.lease("u", 10, ttl=30, epoch=1)) == ["s00000", "s00001"]
+
+    # ------------------------------------------------------------ issue 15 point 7: step checks, repeat acks, epoch meta
+    def test_ack_validates_step_and_repeat_ack_of_a_durable_lease_is_a_noop(self) -> None:
+        led = self.make_ledger()
+        commit_ids(led, ["a", "b"])
+        leases = [x.lease_id for x in led.lease("t", 2, ttl=30)]
+        for bad in (-5, "7", 2.9, True, None):
+            with pytest.raises(ConfigError, match="step must be an int >= 0"):
+                led.ack(leases, step=bad)  # type: ignore[arg-type]
+        assert led.counts().trained == 0 and led.counts().leased == 2
+        assert led.ack(leases, step=1) == []
+        led.mark_durable(1, free=False)
+        assert led.ack(leases + leases[:1], step=2) == []  # a padded repeat after a checkpoint: not lost
+        assert led.trained_steps() == {"a": 1, "b": 1} and led.counts().durable == 2
+
+    def test_set_meta_overwrites(self) -> None:
+        led = self.make_ledger()
+        other = self.attach_ledger(led)
+        led.set_meta("dataset-epoch/x", "0")
+        led.set_meta("dataset-epoch/x", "2")
+        assert other.get_meta("dataset-epoch/x") == "2"
+        with pytest.raises(ConfigError):
+            led.set_meta("", "1")

@@ -105,7 +105,7 @@ def make_state_machine(factory: Callable[[], Ledger]) -> type:
             self.step += int(bump)
             sid = lid.split(":", 3)[3]
             m = self.model.samples[sid]
-            held = m.lease == lid and m.state in ("L", "T")
+            held = m.lease == lid and m.state in ("L", "T", "D")  # a repeat ack of the same lease: a no-op
             assert self.led.ack([lid], self.step) == ([] if held else [lid])
             if held and m.state == "L":
                 m.state, m.step, m.expired = "T", self.step, False

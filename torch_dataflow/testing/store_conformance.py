@@ -479,3 +479,21 @@ class StoreConformance:
         store.delete(w.ledger.get_ref("b0"))  # room again: the next put proceeds
         w.put("b3", one)
         assert store.health().count == 3
+
+    # ----------------------------------------------- identity and put validation (issue 15)
+    def test_store_id_stable_and_distinct(self) -> None:
+        a = self.store()
+        sid = a.store_id()
+        assert isinstance(sid, str) and sid
+        assert a.store_id() == sid and self.attach_store(a).store_id() == sid
+        assert pickle.loads(pickle.dumps(a)).store_id() == sid
+        assert self.store().store_id() != sid
+
+    def test_put_validates_metadata_before_writing(self) -> None:
+        store = self.store()
+        with pytest.raises(TypeError, match="never tensors"):
+            store.put("m1", 1, {"x": torch.ones(4)}, {"t": torch.ones(2)})
+        with pytest.raises(TypeError, match="never tensors"):
+            store.put_many([("m2", 1, {"x": torch.ones(4)}, None),
+                            ("m3", 1, {"x": torch.ones(4)}, {"t": torch.ones(2)})])
+        assert store.keys() == [] and store.health().count == 0  # not one byte was written

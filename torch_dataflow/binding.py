@@ -1,0 +1,83 @@
+"""Which store a ledger's samples live in: the guard against a mistyped store.
+
+The producer records its store's :meth:`~torch_dataflow.stores.FeatureStore.store_id`
+in the ledger at its first commit (:func:`bind_store`). Consumers open the store
+without creating anything (:func:`consumer_store`) and, before their first lease,
+check that it is the recorded one (:func:`check_store`); a wrong, missing or
+foreign store is a :class:`~torch_dataflow.errors.ConfigError` naming both, with
+nothing leased or quarantined. Otherwise a typo in a path would make every
+sample look lost and quarantine the whole run.
+
+Example:
+    >>> import tempfile, torch
+    >>> from torch_dataflow import FeatureWriter, FeatureStoreDataset
+    >>> d = tempfile.mkdtemp()
+    >>> with FeatureWriter(f"file://{d}/features", f"sqlite://{d}/l.db") as w:
+    ...     _ = w.put("s0", {"x": torch.zeros(1)})
+    >>> ds = FeatureStoreDataset(f"file://{d}/featuers", f"sqlite://{d}/l.db")
+    >>> next(iter(ds))
+    Traceback (most recent call last):
+    ...
+    torch_dataflow.errors.ConfigError: store file://.../featuers cannot serve ledger sqlite://.../l.db ...
+"""
+
+from __future__ import annotations
+
+from .errors import ConfigError
+from .ledger import Ledger
+from .stores import FeatureStore, open_store
+from .stores.shared_dir import SharedDirStore
+
+__all__ = ["STORE_ID_KEY", "bind_store", "check_store", "consumer_store"]
+
+STORE_ID_KEY = "store_id"
+
+
+def consumer_store(store: str | FeatureStore) -> FeatureStore:
+    """Open ``store`` for a consumer: a ``file://`` directory is never created."""
+    if isinstance(store, str):
+        is_file = store.split("://", 1)[0].lower() == "file"
+        return open_store(store, create=False) if is_file else open_store(store)
+    if isinstance(store, SharedDirStore) and store.create:
+        return SharedDirStore(**{**store._config_state(), "create": False})
+    return store
+
+
+def bind_store(store: FeatureStore, ledger: Ledger) -> str:
+    """Record ``store``'s id in ``ledger`` (first writer wins) and return it.
+
+    Raises:
+        ConfigError: the ledger already records another store.
+    """
+    sid = store.store_id()
+    recorded = ledger.claim_meta(STORE_ID_KEY, sid)
+    if recorded != sid:
+        raise ConfigError(f"store {store.uri} (id {sid}) is not the store of ledger {ledger.uri}, which records "
+                          f"store id {recorded}: check the store path/URI, or use a separate ledger for another store")
+    return sid
+
+
+def check_store(store: FeatureStore, ledger: Ledger) -> bool:
+    """Whether ``store`` is the store ``ledger`` records: ``True`` (checked),
+    ``False`` (nothing recorded yet: ask again before the next lease).
+
+    Raises:
+        ConfigError: the store is missing, not a torch_dataflow store, or another
+            store than the recorded one (the message names both).
+    """
+    recorded = ledger.get_meta(STORE_ID_KEY)
+    try:
+        sid = store.store_id()
+    except ConfigError as e:
+        if recorded is None and not ledger.counts().committed:
+            return False  # nothing committed: the producer may not have created the store yet
+        rec = f" (it records store id {recorded})" if recorded else ""
+        raise ConfigError(f"store {store.uri} cannot serve ledger {ledger.uri}{rec}: {e}. Nothing was leased; "
+                          "check the store path/URI") from e
+    if recorded is None:
+        return False  # a ledger without a binding (empty, or written before store ids): nothing to compare
+    if sid != recorded:
+        raise ConfigError(f"store {store.uri} cannot serve ledger {ledger.uri}: it is store id {sid}, the ledger's "
+                          f"samples were committed to store id {recorded}. Nothing was leased; check the store "
+                          "path/URI")
+    return True
