@@ -189,6 +189,7 @@ class FeatureAckCallback(Callback):
         self._main = threading.get_ident()
         self._lock = threading.Lock()
         self._written_steps: list[int] = []
+        self._in_topk = False
         self.written: list[int] = []  # steps of checkpoints seen complete (rank 0)
 
     # ------------------------------------------------------------ setup / resume
@@ -201,6 +202,7 @@ class FeatureAckCallback(Callback):
         self.acker.rank = trainer.global_rank
         self.acker.barrier = lambda: trainer.strategy.barrier("torch_dataflow.reconcile")
         self._wrap_checkpoint_io(trainer)
+        self._watch_topk(trainer)
 
     def _wrap_checkpoint_io(self, trainer: pl.Trainer) -> None:
         strategy = trainer.strategy
@@ -289,18 +291,33 @@ class FeatureAckCallback(Callback):
         trainer.strategy.barrier("torch_dataflow.acks")
 
     def _resumable(self, path: Any) -> bool:
-        """Whether a resume would pick ``path``: with a ``ModelCheckpoint(save_last=...)``
-        only its ``last`` file counts; otherwise every complete checkpoint does."""
+        """Whether a resume would pick the file being written: a top-k file that a
+        ``ModelCheckpoint(save_last=...)`` writes just before its ``last`` file does
+        not count (its ``last`` file will); every other save does."""
+        return not self._in_topk
+
+    def _watch_topk(self, trainer: pl.Trainer) -> None:
+        """Flag the top-k writes of every ``ModelCheckpoint`` that also saves ``last``."""
         from lightning.pytorch.callbacks import ModelCheckpoint
 
-        trainer = self._trainer
-        lasts = [cb for cb in (trainer.callbacks if trainer is not None else [])
-                 if isinstance(cb, ModelCheckpoint) and cb.save_last]
-        if not lasts:
-            return True
-        name = os.path.basename(str(path))
-        return any(name == f"{cb.CHECKPOINT_NAME_LAST}{cb.FILE_EXTENSION}" or
-                   name.startswith(f"{cb.CHECKPOINT_NAME_LAST}-") for cb in lasts)
+        for cb in trainer.callbacks:
+            if not isinstance(cb, ModelCheckpoint) or not cb.save_last:
+                continue
+            cb._td_owner = self  # type: ignore[attr-defined]  # the callback of the current fit
+            if getattr(cb, "_td_watched", False):
+                continue
+            inner = cb._save_topk_checkpoint
+
+            def topk(*args: Any, _inner: Any = inner, _cb: Any = cb, **kwargs: Any) -> Any:
+                owner = _cb._td_owner
+                owner._in_topk = True
+                try:
+                    return _inner(*args, **kwargs)
+                finally:
+                    owner._in_topk = False
+
+            cb._save_topk_checkpoint = topk  # type: ignore[method-assign]
+            cb._td_watched = True  # type: ignore[attr-defined]
 
     def _written(self, step: int) -> None:
         if threading.get_ident() == self._main:
