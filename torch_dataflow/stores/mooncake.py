@@ -66,6 +66,26 @@ def _addr(buf: Buffer) -> int:
     return mc.buffer_address(buf)
 
 
+def _put_first_wins(client: mc._Client, key: str, value: str, what: str, *, strict: bool) -> str:
+    """Put a small marker object and read back what is recorded: Mooncake's put never
+    overwrites, so the first writer (maybe another process) wins. ``strict``: a failed
+    put is an error even if another writer's object is there."""
+    store = client.store
+    for attempt in range(_PUT_ATTEMPTS):
+        rc = store.put(key, value.encode("utf-8"), client.put_cfg)
+        if rc != mc.TRANSFER_FAIL:
+            break
+        time.sleep(0.1 * 2**attempt)
+    if rc != mc.OK and (strict or store.get_size(key) < 0):
+        raise mc.status_error(rc, "put", what)
+    for _ in range(50):
+        recorded = bytes(store.get(key)).decode("utf-8")
+        if recorded:
+            return recorded
+        time.sleep(0.01)
+    raise BackendUnavailable(f"{what} cannot be read back")
+
+
 class MooncakeStore(FeatureStore):
     """Sample bytes in a Mooncake cluster, read zero-copy over TCP or RDMA.
 
@@ -187,20 +207,7 @@ class MooncakeStore(FeatureStore):
                 # so a secret given to a store created without one is refused too.
                 client.ensure_segment()
                 mark = _NO_SECRET if self.secret is None else make_verifier(self.secret)
-                for attempt in range(_PUT_ATTEMPTS):
-                    rc = store.put(key, mark.encode("utf-8"), client.put_cfg)
-                    if rc != mc.TRANSFER_FAIL:
-                        break
-                    time.sleep(0.1 * 2**attempt)
-                if rc != mc.OK:
-                    raise mc.status_error(rc, "put", f"the auth verifier of {self.uri}")
-                for _ in range(50):  # put never overwrites: the first writer (maybe another process) wins
-                    recorded = bytes(store.get(key)).decode("utf-8")
-                    if recorded:
-                        break
-                    time.sleep(0.01)
-                else:
-                    raise BackendUnavailable(f"the auth verifier of {self.uri} cannot be read back")
+                recorded = _put_first_wins(client, key, mark, f"the auth verifier of {self.uri}", strict=True)
         verifier = None if recorded == _NO_SECRET else recorded
         self._guard = SecretGuard.attach(self.secret, verifier, f"store {self.uri}")
         self._c, self._pid = client, os.getpid()
@@ -218,20 +225,7 @@ class MooncakeStore(FeatureStore):
                 store.remove(key, True)  # listed but unreadable: lost with its holder
             if not recorded:
                 c.ensure_segment()
-                for attempt in range(_PUT_ATTEMPTS):
-                    rc = store.put(key, uuid.uuid4().hex.encode("utf-8"), c.put_cfg)
-                    if rc != mc.TRANSFER_FAIL:
-                        break
-                    time.sleep(0.1 * 2**attempt)
-                if rc != mc.OK and store.get_size(key) < 0:
-                    raise mc.status_error(rc, "put", f"the store id of {self.uri}")
-                for _ in range(50):  # put never overwrites: the first writer (maybe another process) wins
-                    recorded = bytes(store.get(key)).decode("utf-8")
-                    if recorded:
-                        break
-                    time.sleep(0.01)
-                else:
-                    raise BackendUnavailable(f"the store id of {self.uri} cannot be read back")
+                recorded = _put_first_wins(c, key, uuid.uuid4().hex, f"the store id of {self.uri}", strict=False)
         return "mooncake:" + recorded
 
     def _staging(self, nbytes: int) -> torch.Tensor | None:
