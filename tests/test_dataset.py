@@ -54,7 +54,7 @@ def test_dataloader_delivers_each_sample_once(uris: tuple[str, str], num_workers
     assert sorted(seen) == ids
     c = ds.ledger.counts()
     assert (c.trained, c.pending, c.leased) == (23, 0, 0)
-    assert ds.mark_durable(10**6) == 23
+    assert ds.mark_durable(10**6, final=True) == 23
     assert ds.store.keys() == []
 
 
@@ -173,7 +173,7 @@ def test_backpressure_waits_then_raises(uris: tuple[str, str]) -> None:
     def drain() -> None:
         batch = next(iter(DataLoader(ds, batch_size=2)))
         ds.ack(batch, 1)
-        ds.mark_durable(1)
+        ds.mark_durable(1, final=True)
 
     t = threading.Timer(0.3, drain)
     t.start()

@@ -132,7 +132,8 @@ def test_fabric_callback_acks_on_after_optimizer_step(tmp_path: Path) -> None:
             c = steps.counts()
             assert c.trained + c.durable == 4 * ack.step
         if i == 3:
-            assert ack.save(fabric, tmp_path / "f.ckpt", state) == 8  # steps 1-2 durable
+            assert ack.save(fabric, tmp_path / "f.ckpt", state) == 0  # steps 1-2 durable, bytes kept (retention)
+            assert steps.counts().durable == 8
     assert ack.step == 3 and steps.counts().trained == 4
     ack2 = FabricFeatureAck(FeatureStoreDataset(cfg["store"], cfg["ledger"], batch_size=2))
     ack2.load(fabric, tmp_path / "f.ckpt", {"ack": ack2})

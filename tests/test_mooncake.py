@@ -328,7 +328,7 @@ def test_cross_process_producer_two_consumers_exactly_once(master: Any, tmp_path
         assert sorted(seen[0] + seen[1]) == sorted(f"p{i}" for i in range(n))
         assert seen[0] and seen[1], "both consumers should have taken part"
         assert ledger.counts().trained == n
-        freed = ledger.mark_durable(10**6)  # then free while the producer still holds them
+        freed = ledger.mark_durable(10**6, retain=False)  # then free while the producer still holds them
         s = open_store(uri, segment_size=0)
         assert all(s.delete(r) for r in freed) and len(freed) == n
         _wait_drained(s)

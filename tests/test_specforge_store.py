@@ -293,7 +293,7 @@ def test_online_mode_ends_and_freeing_keeps_the_files(tmp_path: Path) -> None:
     data = FeatureStoreDataset(store_uri, ledger, mode="online", idle_timeout=30)
     batch = list(data)
     assert len(batch) == 5 and data.ack(batch, 1) == []
-    assert data.mark_durable(1) == 5  # freed in the ledger; the store's delete is a no-op
+    assert data.mark_durable(1, final=True) == 5  # freed in the ledger; the store's delete is a no-op
     assert all(p.exists() for p in SpecForgeDirectory(src).paths)
 
 

@@ -17,6 +17,7 @@ from .dataset import LEASE_KEY, SAMPLE_ID_KEY, FeatureStoreDataset, lease_ids_of
 from .errors import (
     AuthError,
     BackendUnavailable,
+    CheckpointTooOld,
     ConfigError,
     CorruptSample,
     DataflowError,
@@ -41,6 +42,7 @@ __version__ = "0.1.0"
 __all__ = [
     "AuthError",
     "BackendUnavailable",
+    "CheckpointTooOld",
     "ConfigError",
     "CorruptSample",
     "DataflowError",

@@ -46,6 +46,8 @@ Example:
 from __future__ import annotations
 
 import logging
+import os
+import socket
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
@@ -127,6 +129,11 @@ class StepAcker:
         barrier: called after the reconcile on every rank (``dist.barrier``
             with several ranks); ``None``: ``torch.distributed.barrier`` when
             a process group is initialised.
+        takeover: :meth:`resume` fences a trainer session that is still live on
+            the ledger instead of refusing with
+            :class:`~torch_dataflow.errors.SessionConflict` (use it when the old
+            job is known to be gone, or must be stopped).
+        session_name: the name recorded in the ledger's session (status, errors).
 
     Attributes:
         step: the last optimizer step acked (or resumed from).
@@ -135,7 +142,8 @@ class StepAcker:
 
     def __init__(self, datasets: Datasets, *, free: str = "checkpoint", strict: bool = False,
                  renew_every: float | None = None, rank: int | None = None,
-                 barrier: Callable[[], None] | None = None) -> None:
+                 barrier: Callable[[], None] | None = None, takeover: bool = False,
+                 session_name: str | None = None) -> None:
         if free not in FREE_MODES:
             raise ConfigError(f"free must be one of {FREE_MODES}, got {free!r}")
         if isinstance(datasets, _SOURCES):
@@ -159,6 +167,9 @@ class StepAcker:
         self.renew_every = renew_every
         self.rank = rank
         self.barrier = barrier
+        self.takeover = takeover
+        self.session_name = session_name
+        self.finished = False
         self.step = 0
         self.acked = 0
         self.lost = 0
@@ -249,6 +260,8 @@ class StepAcker:
         self.acked += n
         if errors:
             raise errors[0]
+        for ds in self._routes.values():
+            ds._maybe_beat()
         if self.free == "step":
             self._mark_durable(step)
         return n
@@ -293,7 +306,8 @@ class StepAcker:
         return self._mark_durable(self.step if step is None else int(step))
 
     def _mark_durable(self, step: int) -> int:
-        freed = sum(ds.mark_durable(step) or 0 for ds in self._by_ledger.values())
+        final = self.finished or self.free == "step"  # at most once: nothing is kept for a resume
+        freed = sum(ds.mark_durable(step, final=final) or 0 for ds in self._by_ledger.values())
         self.durable_step = step if self.durable_step is None else max(self.durable_step, step)
         return freed
 
@@ -318,14 +332,41 @@ class StepAcker:
             raise ConfigError("resume() runs once per training run, before any loader leases")
         self.resumed = True
         report = None
-        if self._rank() == 0:
+        rank = self._rank()
+        if rank == 0:
+            session = {"name": self.session_name or f"{socket.gethostname()}:{os.getpid()}",
+                       "world": self._world()}
             for ds in self._by_ledger.values():
-                r = ds.reconcile(step)
+                r = ds.reconcile(step, session=session, takeover=self.takeover, strict=self.free != "step")
                 report = report or r
                 log.info("reconciled %s at step %s: %s replayed, %s durable, %s released", ds.ledger.uri, step,
                          r.replayed, r.durable, r.released)
         self._barrier()
+        for ds in self._routes.values():  # every rank, every dataset: one session per ledger
+            if ds.fence is None or rank != 0:
+                ds.join_session()
         return report
+
+    def finish(self) -> int:
+        """Training is over: free what was kept for a resume from an older checkpoint
+        (up to the newest checkpoint mark; samples trained after it stay for the next
+        run) and end the session, so the next trainer needs no takeover. Later
+        checkpoint marks free at once. Returns how many samples were freed."""
+        self.finished = True
+        freed = 0
+        if self._rank() == 0:
+            for ds in self._by_ledger.values():
+                marks = ds.ledger.checkpoints()
+                if marks:
+                    freed += ds.mark_durable(max(marks), final=True) or 0
+        for ds in self._routes.values():
+            ds.close_session()
+        return freed
+
+    def _world(self) -> int:
+        import torch.distributed as dist
+
+        return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
 
     # ------------------------------------------------------------ ranks
     def _rank(self) -> int:

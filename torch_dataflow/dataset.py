@@ -37,6 +37,7 @@ from .ledger import Ledger, Plan, open_ledger
 from .ledger.base import check_step
 from .ledger.heartbeats import provably_dead, silent_message
 from .refs import Lease
+from .session import SessionMember
 from .stores import FeatureStore
 
 __all__ = ["LEASE_KEY", "SAMPLE_ID_KEY", "FeatureStoreDataset", "ack_batch", "lease_ids_of"]
@@ -64,14 +65,17 @@ def lease_ids_of(batch: Any) -> list[str]:
     raise ConfigError(f"cannot find lease ids in a {type(batch).__name__}")
 
 
-def ack_batch(ledger: Ledger, batch: Any, step: int, *, strict: bool = False) -> list[str]:
+def ack_batch(ledger: Ledger, batch: Any, step: int, *, strict: bool = False, on_lost: Any = None) -> list[str]:
     """Ack the leases carried by ``batch`` at ``step``; warn (or, ``strict``,
-    raise :class:`LeaseLost`) about the ones that were lost."""
+    raise :class:`LeaseLost`) about the ones that were lost, after ``on_lost(lost)``
+    (which raises :class:`~torch_dataflow.errors.Fenced` when the cause is a takeover)."""
     from .lease_owner import lost_message
 
     step = check_step(step)
     ids = lease_ids_of(batch)
     lost = ledger.ack(ids, step) if ids else []
+    if lost and on_lost is not None:
+        on_lost(lost)
     if lost:
         msg, foreign = lost_message(ledger, lost, len(ids), step)
         if strict:
@@ -86,7 +90,7 @@ def _dist_rank_world() -> tuple[int, int] | None:
     return None
 
 
-class FeatureStoreDataset(IterableDataset):
+class FeatureStoreDataset(SessionMember, IterableDataset):
     """Samples committed to ``ledger`` whose bytes live in ``store``.
 
     ``DataLoader(ds, batch_size=B, num_workers=W)`` works as with any
@@ -244,7 +248,7 @@ class FeatureStoreDataset(IterableDataset):
         # record the rank there, since a spawned worker has no process group.
         state = self.__dict__.copy()
         state["_dist"] = _dist_rank_world() or self._dist
-        return state
+        return self._session_state(state)
 
     # ------------------------------------------------------------ iteration
     def __iter__(self) -> Iterator[dict[str, Any]]:
@@ -294,7 +298,9 @@ class FeatureStoreDataset(IterableDataset):
         batch: list[dict[str, Any]] = []
         while True:
             self._verify_store()
-            leases = self.ledger.lease(owner, self.batch_size - len(batch), self.lease_ttl, epoch=epoch)
+            self._maybe_beat()
+            leases = self.ledger.lease(owner, self.batch_size - len(batch), self.lease_ttl, epoch=epoch,
+                                       fence=self._fence)
             if leases:
                 since, warned = time.monotonic(), [0.0]
                 if not batch:
@@ -324,7 +330,7 @@ class FeatureStoreDataset(IterableDataset):
             self._idle(since, warned, f"ledger {self.ledger.uri}")
 
     def _iter_plan(self, rank: int, world: int, worker: int, workers: int, epoch: int) -> Iterator[dict[str, Any]]:
-        attempt = self.ledger.attempt()
+        attempt = self.ledger.attempt() if self._fence is None else self._fence
         online = self.mode == "online"
         plan = Plan(attempt, epoch, world, self.batch_size)
         step = worker
@@ -333,7 +339,9 @@ class FeatureStoreDataset(IterableDataset):
         first = True
         while True:
             self._verify_store()
-            claim = self.ledger.claim_step(plan, step, rank, self.lease_ttl, wait_for_stream=online)
+            self._maybe_beat()
+            claim = self.ledger.claim_step(plan, step, rank, self.lease_ttl, wait_for_stream=online,
+                                           fence=self._fence)
             if claim.status == "claimed":
                 if not first or plan.round >= _MAX_ROUNDS:
                     raise LeaseLost(f"step {step} of plan {plan.key} was claimed twice by rank {rank}: "
@@ -445,7 +453,8 @@ class FeatureStoreDataset(IterableDataset):
         Returns the lease ids that were lost (expired and taken by another
         consumer, superseded or aborted); with ``strict`` raises ``LeaseLost``.
         """
-        return ack_batch(self.ledger, batch, step, strict=strict)
+        return ack_batch(self.ledger, batch, step, strict=strict,
+                         on_lost=lambda lost: self._check_fence(lost, f"ack of step {step}"))
 
     def fail(self, batch: Any, *, retryable: bool = True, reason: str = "") -> list[str]:
         """Give the samples of ``batch`` back (retryable) or quarantine them."""
@@ -455,18 +464,35 @@ class FeatureStoreDataset(IterableDataset):
         """Extend the leases of ``batch``; returns the ids already lost."""
         return self.ledger.renew(lease_ids_of(batch), self.lease_ttl if ttl is None else ttl)
 
-    def mark_durable(self, step: int) -> int:
+    def mark_durable(self, step: int, *, final: bool = False) -> int:
         """A checkpoint covering ``step`` is written: trained samples become
-        DURABLE and, online, their bytes are freed. Returns how many were freed."""
-        freed = self.ledger.mark_durable(step, free=self.mode == "online")
+        DURABLE and, online, the bytes of those trained at or before the
+        *previous* checkpoint are freed (a resume from that one still replays
+        what it lacks; see :mod:`torch_dataflow.ledger.retention`). With
+        ``final`` (the run's last checkpoint, training is over), everything up to
+        ``step`` is freed. Returns how many were freed."""
+        freed = self.ledger.mark_durable(step, free=self.mode == "online", retain=not final, fence=self._fence)
         for ref in freed:
             self.store.delete(ref)
         return len(freed)
 
-    def reconcile(self, resume_step: int | None) -> Any:
+    def reconcile(self, resume_step: int | None, *, session: Mapping[str, Any] | None = None,
+                  takeover: bool = False, strict: bool = True) -> Any:
         """Apply the restart rule before any consumer starts (one process only):
-        see :meth:`~torch_dataflow.ledger.base.Ledger.reconcile`."""
-        report = self.ledger.reconcile(resume_step, free=self.mode == "online")
+        see :meth:`~torch_dataflow.ledger.base.Ledger.reconcile`. With ``session``
+        (holder info, e.g. ``{"name": "job", "world": 2}``) this dataset opens the
+        ledger's trainer session and fences every earlier one (see
+        :mod:`torch_dataflow.session`).
+
+        Raises:
+            SessionConflict: another trainer's session is live (``takeover=True`` fences it).
+            CheckpointTooOld: ``resume_step`` is older than what the ledger freed.
+        """
+        report = self.ledger.reconcile(resume_step, free=self.mode == "online", strict=strict,
+                                       session=None if session is None else dict(session), takeover=takeover,
+                                       session_ttl=self.session_ttl)
+        if session is not None:
+            self._adopt(report.attempt)
         for ref in report.freed:
             self.store.delete(ref)
         return report

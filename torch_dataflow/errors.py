@@ -12,6 +12,7 @@ from __future__ import annotations
 __all__ = [
     "AuthError",
     "BackendUnavailable",
+    "CheckpointTooOld",
     "CollateError",
     "ConfigError",
     "CorruptSample",
@@ -82,6 +83,17 @@ class Fenced(LeaseLost):
     """This trainer's fence (the ledger's restart counter ``attempt``) is older than the
     ledger's: another trainer took the ledger over (or reconciled it). Its leases, acks
     and plans are no longer valid; stop this trainer."""
+
+
+class CheckpointTooOld(ConfigError):
+    """A resume starts from a checkpoint older than what the ledger has already freed:
+    the samples it lacks are gone. The message names the step the resume needs
+    (:attr:`needed_step`, ``None`` for a start without a checkpoint) and the newest
+    checkpoint step the ledger knows (:attr:`newest_step`); nothing was changed."""
+
+    def __init__(self, message: str, needed_step: int | None = None, newest_step: int | None = None) -> None:
+        super().__init__(message)
+        self.needed_step, self.newest_step = needed_step, newest_step
 
 
 class SessionConflict(DataflowError, RuntimeError):

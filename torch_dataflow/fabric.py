@@ -58,8 +58,8 @@ class FabricFeatureAck:
     """
 
     def __init__(self, datasets: Datasets, *, free: str = "checkpoint", strict: bool = False,
-                 renew_every: float | None = None) -> None:
-        self.acker = StepAcker(datasets, free=free, strict=strict, renew_every=renew_every)
+                 renew_every: float | None = None, takeover: bool = False) -> None:
+        self.acker = StepAcker(datasets, free=free, strict=strict, renew_every=renew_every, takeover=takeover)
 
     @property
     def step(self) -> int:
@@ -108,3 +108,7 @@ class FabricFeatureAck:
         self.acker.rank = fabric.global_rank
         self.acker.barrier = fabric.barrier
         return self.acker.resume(self.acker.step if resumed else None)
+
+    def finish(self) -> int:
+        """Training is over: see :meth:`~torch_dataflow.StepAcker.finish` (call on every rank)."""
+        return self.acker.finish()

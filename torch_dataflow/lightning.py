@@ -170,6 +170,14 @@ class FeatureAckCallback(Callback):
         strict: raise ``LeaseLost`` if a lease expired before its ack.
         renew_every: renew leases held across batches after this many seconds.
         fsync: ``fsync`` a local checkpoint file before marking durable.
+        takeover: fence a trainer session still live on the ledger instead of
+            refusing to start (:class:`~torch_dataflow.errors.SessionConflict`).
+
+    The bytes of samples trained after the *previous* checkpoint are kept until
+    the next one (a resume from ``last.ckpt`` that a crash left one checkpoint
+    old still replays what it lacks); a resume from a checkpoint older than that
+    raises :class:`~torch_dataflow.errors.CheckpointTooOld`. At the end of
+    ``fit`` the kept bytes are freed and the ledger's session ends.
 
     Example:
         >>> from torch_dataflow import FeatureStoreDataset
@@ -179,9 +187,9 @@ class FeatureAckCallback(Callback):
     """
 
     def __init__(self, datasets: Datasets, *, free: str = "checkpoint", strict: bool = False,
-                 renew_every: float | None = None, fsync: bool = True) -> None:
+                 renew_every: float | None = None, fsync: bool = True, takeover: bool = False) -> None:
         super().__init__()
-        self.acker = StepAcker(datasets, free=free, strict=strict, renew_every=renew_every)
+        self.acker = StepAcker(datasets, free=free, strict=strict, renew_every=renew_every, takeover=takeover)
         self.fsync = fsync
         self._trainer: pl.Trainer | None = None
         self._loaded: Mapping[str, Any] | None = None
@@ -278,6 +286,8 @@ class FeatureAckCallback(Callback):
             n = self.acker.release("training ended before an optimizer step used them")
             log.info("gave back %d leases whose batches never reached an optimizer step", n)
         self._drain()
+        trainer.strategy.barrier("torch_dataflow.finish")
+        self.acker.finish()  # free what was kept for a resume from an older checkpoint; end the session
 
     # ------------------------------------------------------------ checkpoints
     def state_dict(self) -> dict[str, Any]:

@@ -28,7 +28,7 @@ from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import torch
@@ -40,6 +40,7 @@ from .errors import ConfigError, CorruptSample, LeaseLost, SampleUnavailable
 from .ledger import Ledger, ReconcileReport, open_ledger
 from .ledger.base import parse_lease_id
 from .refs import Lease, SampleRef, validate_sample_id
+from .session import SessionMember
 from .stores import FeatureStore, open_store
 
 __all__ = ["FeaturePool", "PoolIndex"]
@@ -78,7 +79,7 @@ class PoolIndex(int):
         return f"PoolIndex({int(self)}, lease_id={self.lease_id!r})"
 
 
-class FeaturePool(Dataset):
+class FeaturePool(SessionMember, Dataset):
     """Committed samples of a store + ledger as a map-style dataset.
 
     **Index space.** ``sample_ids`` fixes it (index ``i`` is ``sample_ids[i]``);
@@ -305,17 +306,27 @@ class FeaturePool(Dataset):
         Raises:
             LeaseLost: with ``strict``, if any was lost.
         """
-        return ack_batch(self.ledger, batch, step, strict=strict)
+        return ack_batch(self.ledger, batch, step, strict=strict,
+                         on_lost=lambda lost: self._check_fence(lost, f"ack of step {step}"))
 
-    def mark_durable(self, step: int) -> None:
+    def mark_durable(self, step: int, *, final: bool = False) -> None:
         """A checkpoint covering ``step`` is written: trained deliveries become
-        DURABLE. Bytes are kept: an offline pool is read again next epoch."""
-        self.ledger.mark_durable(step, free=False)
+        DURABLE. Bytes are kept: an offline pool is read again next epoch
+        (``final`` is accepted for symmetry with the dataset and changes nothing)."""
+        del final
+        self.ledger.mark_durable(step, free=False, fence=self._fence)
 
-    def reconcile(self, resume_step: int | None) -> ReconcileReport:
+    def reconcile(self, resume_step: int | None, *, session: Mapping[str, Any] | None = None,
+                  takeover: bool = False, strict: bool = True) -> ReconcileReport:
         """Restart rule, run by one process before any rank starts (see
-        :meth:`~torch_dataflow.ledger.base.Ledger.reconcile`); keeps the bytes."""
-        return self.ledger.reconcile(resume_step, free=False)
+        :meth:`~torch_dataflow.ledger.base.Ledger.reconcile`); keeps the bytes.
+        ``session`` opens the ledger's trainer session (see :mod:`torch_dataflow.session`)."""
+        report = self.ledger.reconcile(resume_step, free=False, strict=strict,
+                                       session=None if session is None else dict(session), takeover=takeover,
+                                       session_ttl=self.session_ttl)
+        if session is not None:
+            self._adopt(report.attempt)
+        return report
 
     def __repr__(self) -> str:
         return f"FeaturePool({self.store.uri!r}, {self.ledger.uri!r}, n={len(self)})"

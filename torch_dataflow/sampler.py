@@ -260,7 +260,8 @@ class ReshardingSampler(Sampler[int]):
         step = 0
         while step < rows:
             plan = Plan(attempt, epoch, world, 1, _MAIN_ROUND + passes)
-            claim = self.dataset.ledger.claim_step(plan, step, rank, self.lease_ttl, wait_for_stream=False)
+            claim = self.dataset.ledger.claim_step(plan, step, rank, self.lease_ttl, wait_for_stream=False,
+                                                  fence=getattr(self.dataset, "fence", None))
             if claim.status == "claimed":
                 # This rank already went through this plan (a new pass over the
                 # epoch, or a new sampler object): every rank moves on alike.
@@ -304,7 +305,8 @@ class ReshardingSampler(Sampler[int]):
         (one plan step of ``tail`` ranks), the others repeat a sample."""
         if rank < tail:
             plan = Plan(attempt, epoch, tail, 1, _TAIL_ROUND + passes)
-            claim = self.dataset.ledger.claim_step(plan, 0, rank, self.lease_ttl, wait_for_stream=False)
+            claim = self.dataset.ledger.claim_step(plan, 0, rank, self.lease_ttl, wait_for_stream=False,
+                                                  fence=getattr(self.dataset, "fence", None))
             if claim.status == "ready" and claim.leases:
                 return self._index(claim.leases[0])
             log.warning(

@@ -240,16 +240,26 @@ class Ledger(ABC):
         The first caller wins; every rank sees the same order."""
 
     @abstractmethod
-    def lease(self, owner: str, n: int, ttl: float, *, epoch: int = 0) -> list[Lease]:
+    def lease(self, owner: str, n: int, ttl: float, *, epoch: int = 0, fence: int | None = None) -> list[Lease]:
         """Atomically lease up to ``n`` pending deliveries of ``epoch`` to ``owner``
-        for ``ttl`` seconds, in the epoch's order. Reclaims expired leases first."""
+        for ``ttl`` seconds, in the epoch's order. Reclaims expired leases first.
+
+        Raises:
+            Fenced: ``fence`` (the caller's session, see :mod:`.fencing`) is stale.
+            SessionConflict: no ``fence`` while another process holds a live session."""
 
     @abstractmethod
-    def claim_step(self, plan: Plan, step: int, rank: int, ttl: float, *, wait_for_stream: bool) -> StepClaim:
+    def claim_step(self, plan: Plan, step: int, rank: int, ttl: float, *, wait_for_stream: bool,
+                   fence: int | None = None) -> StepClaim:
         """Return rank ``rank``'s batch of global step ``step`` under ``plan``,
         materialising steps up to ``step`` in order if needed (each exactly
         ``plan.world * plan.batch`` deliveries). With ``wait_for_stream`` an
-        unfillable step answers ``"wait"`` while the stream is open."""
+        unfillable step answers ``"wait"`` while the stream is open.
+
+        Raises:
+            Fenced: ``plan.attempt`` (or ``fence``) is not the ledger's current attempt:
+                the plan belongs to a run that was reconciled away.
+            SessionConflict: no ``fence`` while another process holds a live session."""
 
     @abstractmethod
     def renew(self, lease_ids: Sequence[str], ttl: float) -> list[str]:
@@ -274,18 +284,61 @@ class Ledger(ABC):
         deliveries vanish. Returns committed refs whose bytes the caller frees."""
 
     @abstractmethod
-    def mark_durable(self, step: int, *, free: bool = True) -> list[SampleRef]:
+    def mark_durable(self, step: int, *, free: bool = True, retain: bool = True,
+                     fence: int | None = None) -> list[SampleRef]:
         """TRAINED at ``<= step`` -> DURABLE (a checkpoint covering ``step`` is
-        written). With ``free``, samples with no other undone delivery become
-        FREED and their refs are returned for the caller to delete."""
+        written) and ``step`` is recorded as a checkpoint mark. With ``free``,
+        samples DURABLE at or before the *previous* mark (``retain=False``: at or
+        before ``step``) with no other undone delivery become FREED and their refs
+        are returned for the caller to delete (see :mod:`.retention`)."""
 
     @abstractmethod
-    def reconcile(self, resume_step: int | None, *, free: bool = True) -> ReconcileReport:
+    def reconcile(self, resume_step: int | None, *, free: bool = True, strict: bool = True,
+                  session: dict[str, Any] | None = None, takeover: bool = False,
+                  session_ttl: float = 60.0) -> ReconcileReport:
         """Restart rule (DESIGN §2), run once by one process before consumers
-        start: TRAINED after ``resume_step`` -> PENDING (``None``: no checkpoint,
-        all TRAINED replay); TRAINED at or before -> DURABLE; every LEASED ->
-        PENDING (its owner died with the old run); plans are dropped and the
-        attempt counter increases."""
+        start: TRAINED *and DURABLE* after ``resume_step`` -> PENDING (``None``: no
+        checkpoint, all replay); TRAINED at or before -> DURABLE; every LEASED ->
+        PENDING (its owner died with the old run); checkpoint marks after
+        ``resume_step`` are forgotten; plans are dropped and the attempt counter
+        increases. With ``session`` (holder info, e.g. ``{"name": ..., "world": 2}``)
+        the caller opens a trainer session whose fence is the new attempt.
+
+        Raises:
+            CheckpointTooOld: (``strict``) a DURABLE sample trained after
+                ``resume_step`` was already freed; nothing changed.
+            SessionConflict: another process holds a live session and not ``takeover``."""
+
+    # ------------------------------------------------------------ sessions (fencing.py)
+    @abstractmethod
+    def session(self) -> dict[str, Any] | None:
+        """The trainer session record (holder, fence, ttl, ``age_s``, ``live``, ``current``), or ``None``."""
+
+    @abstractmethod
+    def session_heartbeat(self, fence: int) -> None:
+        """Keep session ``fence`` live. Raises :class:`~torch_dataflow.errors.Fenced` if it was taken over."""
+
+    @abstractmethod
+    def close_session(self, fence: int) -> None:
+        """End session ``fence`` (a clean finish); a stale fence changes nothing."""
+
+    def join_session(self) -> int:
+        """The fence of the current session, for the other ranks of the trainer that
+        opened it (call after the opener's reconcile, e.g. after a barrier).
+
+        Raises:
+            SessionConflict: no current session to join."""
+        from ..errors import SessionConflict
+
+        rec = self.session()
+        if rec is None or not rec.get("current"):
+            raise SessionConflict(f"ledger {self.uri} has no current trainer session to join: the rank that "
+                                  "reconciles (rank 0) must open it first (reconcile(..., session=...))")
+        return int(rec["fence"])
+
+    @abstractmethod
+    def checkpoints(self) -> list[int]:
+        """Steps of the recent durable checkpoint marks, ascending."""
 
     # ------------------------------------------------------------ queries
     @abstractmethod

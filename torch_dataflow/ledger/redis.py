@@ -29,6 +29,7 @@ Example:
 from __future__ import annotations
 
 import functools
+import json
 import os
 import secrets
 import threading
@@ -40,6 +41,7 @@ from ..auth import SecretGuard, make_verifier
 from ..errors import AuthError, BackendUnavailable, ConfigError, SampleAborted
 from ..refs import Lease, SampleRef, validate_sample_id
 from ..uri import parse_uri
+from . import fencing, retention
 from ._sqlite_schema import SCHEMA_VERSION, _td_ord
 from .base import (
     Ledger,
@@ -51,7 +53,8 @@ from .base import (
     format_lease_id,
     parse_lease_id,
 )
-from .heartbeats import RedisProducers
+from .fencing import DEFAULT_SESSION_TTL
+from .heartbeats import RedisProducers, pid_gone
 from .redis_scripts import SCRIPTS
 
 __all__ = ["INSTALL_HINT", "RedisLedger"]
@@ -296,20 +299,33 @@ class RedisLedger(RedisProducers, Ledger):
             out.append(Lease(format_lease_id(epoch, int(gen), nonce, sid), epoch, own, deadline, _ref(ref)))
         return out
 
-    def lease(self, owner: str, n: int, ttl: float, *, epoch: int = 0) -> list[Lease]:
+    def lease(self, owner: str, n: int, ttl: float, *, epoch: int = 0, fence: int | None = None) -> list[Lease]:
         if n < 1:
             return []
         epoch = int(epoch)
-        dl, rows = self._run("lease", [str(epoch), str(int(n)), owner, repr(float(ttl)), secrets.token_hex(4)],
-                             cache=True)
+        reply = self._run("lease", [str(epoch), str(int(n)), owner, repr(float(ttl)), secrets.token_hex(4),
+                                    _fence(fence), fencing.me()], cache=True)
+        dl, rows = self._refused(reply, fence, "lease")
         return self._lease_objs(epoch, float(dl), rows, owner)
 
-    def claim_step(self, plan: Plan, step: int, rank: int, ttl: float, *, wait_for_stream: bool) -> StepClaim:
+    def _refused(self, reply: Any, fence: int | None, what: str) -> Any:
+        """Raise the typed error of a gate refusal (see redis_scripts ``gate``), else pass the reply on."""
+        if isinstance(reply, list) and reply and reply[0] == "!fenced":
+            raise fencing.fenced(self.uri, -1 if fence is None else int(fence), int(reply[1]),
+                                 fencing.parse_record(reply[2]), what)
+        if isinstance(reply, list) and reply and reply[0] == "!session":
+            raise fencing.conflict(self.uri, json.loads(reply[1]), float(reply[2]), float(reply[3]), None, what)
+        return reply
+
+    def claim_step(self, plan: Plan, step: int, rank: int, ttl: float, *, wait_for_stream: bool,
+                   fence: int | None = None) -> StepClaim:
         if not 0 <= rank < plan.world:
             raise ConfigError(f"rank {rank} outside world size {plan.world}")
         reply = self._run("claim_step", [plan.key, str(plan.epoch), str(plan.world), str(plan.batch), str(int(step)),
                                          str(int(rank)), repr(float(ttl)), "1" if wait_for_stream else "0",
-                                         secrets.token_hex(4)], cache=True)
+                                         secrets.token_hex(4), str(plan.attempt), _fence(fence), fencing.me()],
+                          cache=True)
+        reply = self._refused(reply, plan.attempt if fence is None else fence, f"claim of step {step} of plan {plan.key}")
         if reply[0] != "ready":
             return StepClaim(reply[0], tail=int(reply[1]))
         return StepClaim("ready", tuple(self._lease_objs(plan.epoch, float(reply[1]), reply[2], None)))
@@ -350,14 +366,52 @@ class RedisLedger(RedisProducers, Ledger):
         ids = [validate_sample_id(s) for s in sample_ids]
         return _refs(self._run("abort", ids, cache=True))
 
-    def mark_durable(self, step: int, *, free: bool = True) -> list[SampleRef]:
-        return _refs(self._run("mark_durable", [str(int(step)), "1" if free else "0"], cache=True))
+    def mark_durable(self, step: int, *, free: bool = True, retain: bool = True,
+                     fence: int | None = None) -> list[SampleRef]:
+        step = check_step(step)
+        reply = self._run("mark_durable", [str(step), "1" if free else "0", "1" if retain else "0", _fence(fence),
+                                           fencing.me()], cache=True)
+        return _refs(self._refused(reply, fence, f"durable mark of step {step}"))
 
-    def reconcile(self, resume_step: int | None, *, free: bool = True) -> ReconcileReport:
-        rs = "" if resume_step is None else str(int(resume_step))
-        attempt, replayed, durable, released, freed = self._run("reconcile", [rs, "1" if free else "0"], cache=True)
+    def reconcile(self, resume_step: int | None, *, free: bool = True, strict: bool = True,
+                  session: dict[str, Any] | None = None, takeover: bool = False,
+                  session_ttl: float = DEFAULT_SESSION_TTL) -> ReconcileReport:
+        rs = "" if resume_step is None else str(check_step(resume_step))
+        record = "" if session is None else json.dumps(fencing.holder_record(session, 0, session_ttl))
+        cur = self.session()
+        if cur and cur["live"] and cur.get("me") != fencing.me() and not takeover:  # e.g. alive on this host
+            now = float(cur.get("last_beat") or 0) + float(cur.get("age_s") or 0)
+            raise fencing.conflict(self.uri, cur, cur.get("last_beat"), now, None, "reconcile")
+        dead = str(cur["fence"]) if cur and pid_gone(cur.get("host"), cur.get("pid")) else ""
+        reply = self._run("reconcile", [rs, "1" if free else "0", "1" if strict else "0", record,
+                                        "1" if takeover else "0", dead, fencing.me(), repr(float(session_ttl))],
+                          cache=True)
+        if reply[0] == "!old":
+            _, n, lo, hi, marks = reply
+            raise retention.too_old(self.uri, None if rs == "" else int(rs), int(n), int(lo), int(hi),
+                                    _marks(marks))
+        reply = self._refused(reply, None, "reconcile")
+        attempt, replayed, durable, released, freed = reply
         return ReconcileReport(int(attempt), int(replayed), int(durable), int(released),
                                tuple(_refs(freed)))
+
+    # ------------------------------------------------------------ sessions (fencing.py)
+    def session(self) -> dict[str, Any] | None:
+        text, beat, attempt, now = self._run("session_get", [])
+        if not text:
+            return None
+        rec, b = json.loads(text), (float(beat) if beat else None)
+        return {**rec, "last_beat": b, "age_s": None if b is None else round(max(0.0, float(now) - b), 3),
+                "live": fencing.is_live(rec, b, int(attempt), float(now)), "current": int(rec["fence"]) == int(attempt)}
+
+    def session_heartbeat(self, fence: int) -> None:
+        self._refused(self._run("session_beat", [str(int(fence)), fencing.me()]), fence, "session heartbeat")
+
+    def close_session(self, fence: int) -> None:
+        self._run("session_close", [str(int(fence))])
+
+    def checkpoints(self) -> list[int]:
+        return _marks(self._cmd(lambda c: c.hget(self._prefix + "meta", "marks")) or "[]")
 
     # ------------------------------------------------------------ queries
     def attempt(self) -> int:
@@ -408,6 +462,15 @@ class RedisLedger(RedisProducers, Ledger):
     def set_meta(self, key: str, value: str) -> None:
         field = _user_meta(key)
         self._cmd(lambda c: c.hset(self._prefix + "meta", field, str(value)))
+
+
+def _fence(fence: int | None) -> str:
+    return "" if fence is None else str(int(fence))
+
+
+def _marks(text: str) -> list[int]:
+    got = json.loads(text)
+    return sorted(int(m) for m in got) if isinstance(got, list) else []  # cjson writes an empty list as {}
 
 
 def _user_meta(key: str) -> str:

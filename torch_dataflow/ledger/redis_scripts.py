@@ -197,11 +197,10 @@ local function nonce_base(count)
 end
 local function nonce(prefix, base, i) return prefix..string.format('%08x', (base + i) % 4294967296) end
 -- TRAINED at <= step -> DURABLE; with free, FREED refs of samples with nothing left to do
-local function durable(step, free)
+local function durable(step, free, retain)
   apply()
   local got = redis.call('ZRANGEBYSCORE', P..'T', '-inf', step, 'WITHSCORES')
-  if #got == 0 then return 0, {} end
-  redis.call('ZREMRANGEBYSCORE', P..'T', '-inf', step)
+  if #got > 0 then redis.call('ZREMRANGEBYSCORE', P..'T', '-inf', step) end
   local sids, now_durable = {}, {}
   for i = 1, #got, 2 do
     local m = got[i]
@@ -213,20 +212,64 @@ local function durable(step, free)
     if not now_durable[sid] then now_durable[sid] = {}; sids[#sids + 1] = sid end
     now_durable[sid][e] = true
   end
+  -- checkpoint retention (retention.py): free only what the previous mark covers
+  local st = tonumber(step)
+  local marks, prev, seen = cjson.decode(redis.call('HGET', P..'meta', 'marks') or '[]'), nil, false
+  for _, m in ipairs(marks) do
+    if m < st and (not prev or m > prev) then prev = m end
+    if m == st then seen = true end
+  end
+  if not seen then
+    marks[#marks + 1] = st; table.sort(marks)
+    while #marks > 32 do table.remove(marks, 1) end
+  end
+  redis.call('HSET', P..'meta', 'marks', cjson.encode(marks))
+  local upto = prev
+  if not retain then upto = st end
   local freed = {}
-  if free then
-    for _, sid in ipairs(sids) do
-      local undone, mine = false, now_durable[sid]
-      for _, e in ipairs(redis.call('SMEMBERS', P..'de:'..sid)) do
-        if not mine[e] and redis.call('HGET', dkey(e, sid), 's') ~= '3' then undone = true; break end
-      end
-      if not undone then
-        local s = redis.call('HMGET', skey(sid), 'st', 'ref')
-        if s[1] == '0' then freed[#freed + 1] = s[2]; set_status(sid, '0', '3') end
+  local hz = redis.call('HGET', P..'meta', 'hz')
+  if free and upto and (not hz or upto > tonumber(hz)) then
+    apply()
+    local lo = '-inf'
+    if hz then lo = '('..hz end
+    redis.call('HSET', P..'meta', 'hz', istr(upto))
+    local tried = {}
+    for _, m in ipairs(redis.call('ZRANGEBYSCORE', P..'D', lo, istr(upto))) do
+      local _, sid = split(m)
+      if not tried[sid] then
+        tried[sid] = true
+        local undone = false
+        for _, e in ipairs(redis.call('SMEMBERS', P..'de:'..sid)) do
+          if redis.call('HGET', dkey(e, sid), 's') ~= '3' then undone = true; break end
+        end
+        if not undone then
+          local s = redis.call('HMGET', skey(sid), 'st', 'ref')
+          if s[1] == '0' then freed[#freed + 1] = s[2]; set_status(sid, '0', '3') end
+        end
       end
     end
   end
   return #sids, freed
+end
+-- sessions and fences (fencing.py): the live session record, or nil
+local function sess_live(me, dead)
+  local s = redis.call('HMGET', P..'meta', 'sess', 'sbeat', 'attempt')
+  if not s[1] or s[1] == '' then return nil end
+  local rec = cjson.decode(s[1])
+  if rec.me == me or (dead ~= '' and tonumber(dead) == rec.fence) then return nil end
+  if rec.fence ~= tonumber(s[3]) or not s[2] or NOW - tonumber(s[2]) > rec.ttl then return nil end
+  return s[1], s[2]
+end
+-- nil, or the error reply of a stale fence / a fence-less call during another's live session
+local function gate(fence, me)
+  if fence ~= '' then
+    local a = redis.call('HGET', P..'meta', 'attempt')
+    if fence ~= a then return {'!fenced', a, redis.call('HGET', P..'meta', 'sess') or ''} end
+    return nil
+  end
+  local rec, beat = sess_live(me, '')
+  if rec then return {'!session', rec, beat, string.format('%.6f', NOW)} end
+  return nil
 end
 """
 
@@ -355,8 +398,10 @@ flush()
 return {'done'}
 """
 
-# ARGV[5]=epoch ARGV[6]=n ARGV[7]=owner ARGV[8]=ttl ARGV[9]=nonce prefix
+# ARGV[5]=epoch ARGV[6]=n ARGV[7]=owner ARGV[8]=ttl ARGV[9]=nonce prefix ARGV[10]=fence ARGV[11]=me
 _LEASE = r"""
+local refused = gate(ARGV[10], ARGV[11])
+if refused then return refused end
 reclaim()
 local e, owner = ARGV[5], ARGV[7]
 local dls = string.format('%.17g', NOW + tonumber(ARGV[8]))
@@ -377,8 +422,10 @@ return done({dls, table.concat(out, '\n')})
 """
 
 # ARGV[5]=plan key ARGV[6]=epoch ARGV[7]=world ARGV[8]=batch ARGV[9]=step ARGV[10]=rank ARGV[11]=ttl
-# ARGV[12]=wait_for_stream ARGV[13]=nonce prefix
+# ARGV[12]=wait_for_stream ARGV[13]=nonce prefix ARGV[14]=plan attempt ARGV[15]=fence ARGV[16]=me
 _CLAIM_STEP = r"""
+local refused = gate(ARGV[14], ARGV[16]) or gate(ARGV[15], ARGV[16])
+if refused then return refused end
 reclaim()
 local key, e = ARGV[5], ARGV[6]
 local world, batch, step, rank = tonumber(ARGV[7]), tonumber(ARGV[8]), tonumber(ARGV[9]), ARGV[10]
@@ -513,14 +560,37 @@ end
 return done(table.concat(freed, '\n'))
 """
 
-# ARGV[5]=step ARGV[6]=free
+# ARGV[5]=step ARGV[6]=free ARGV[7]=retain ARGV[8]=fence ARGV[9]=me
 _MARK_DURABLE = r"""
-local _, freed = durable(ARGV[5], ARGV[6] == '1')
+local refused = gate(ARGV[8], ARGV[9])
+if refused then return refused end
+local _, freed = durable(ARGV[5], ARGV[6] == '1', ARGV[7] == '1')
 return done(table.concat(freed, '\n'))
 """
 
-# ARGV[5]=resume step or '' ARGV[6]=free
+# ARGV[5]=resume step or '' ARGV[6]=free ARGV[7]=strict ARGV[8]=session record json or ''
+# ARGV[9]=takeover ARGV[10]=fence of a session known dead or '' ARGV[11]=me ARGV[12]=session ttl
 _RECONCILE = r"""
+if ARGV[9] ~= '1' then
+  local rec, beat = sess_live(ARGV[11], ARGV[10])
+  if rec then return {'!session', rec, beat, string.format('%.6f', NOW)} end
+end
+local after = -1
+if ARGV[5] ~= '' then after = tonumber(ARGV[5]) end
+if ARGV[7] == '1' then  -- refuse a resume older than what was freed (retention.py)
+  local n, lo, hi = 0, nil, nil
+  local got = redis.call('ZRANGEBYSCORE', P..'D', '('..istr(after), '+inf', 'WITHSCORES')
+  for i = 1, #got, 2 do
+    local _, sid = split(got[i])
+    if redis.call('HGET', skey(sid), 'st') == '3' then
+      local sp = tonumber(got[i + 1])
+      n = n + 1
+      if not lo or sp < lo then lo = sp end
+      if not hi or sp > hi then hi = sp end
+    end
+  end
+  if n > 0 then return {'!old', istr(n), istr(lo), istr(hi), redis.call('HGET', P..'meta', 'marks') or '[]'} end
+end
 local released, replayed, ndur, freed = 0, 0, 0, {}
 for _, m in ipairs(redis.call('ZRANGE', P..'L', 0, -1)) do
   local e, sid = split(m)
@@ -536,10 +606,31 @@ for _, m in ipairs(redis.call('ZRANGEBYSCORE', P..'T', lo, '+inf')) do
   leave(e, sid, '2', nil); to_pending(e, sid, redis.call('HGET', dkey(e, sid), 'o'))
   replayed = replayed + 1
 end
-if ARGV[5] ~= '' then ndur, freed = durable(ARGV[5], ARGV[6] == '1') end
+-- DURABLE after the resume step: not in the checkpoint being resumed; replayed while the bytes last
+for _, m in ipairs(redis.call('ZRANGEBYSCORE', P..'D', '('..istr(after), '+inf')) do
+  local e, sid = split(m)
+  if redis.call('HGET', skey(sid), 'st') == '0' then
+    leave(e, sid, '3', nil); to_pending(e, sid, redis.call('HGET', dkey(e, sid), 'o'))
+    replayed = replayed + 1
+  end
+end
+local kept = {}
+for _, m in ipairs(cjson.decode(redis.call('HGET', P..'meta', 'marks') or '[]')) do
+  if m < after then kept[#kept + 1] = m end
+end
+if #kept == 0 then redis.call('HDEL', P..'meta', 'marks') else redis.call('HSET', P..'meta', 'marks', cjson.encode(kept)) end
+redis.call('HDEL', P..'meta', 'hz')
+if ARGV[5] ~= '' then ndur, freed = durable(ARGV[5], ARGV[6] == '1', true) end
 for _, key in ipairs(redis.call('SMEMBERS', P..'plans')) do redis.call('DEL', P..'plan:'..key, P..'cl:'..key) end
 redis.call('DEL', P..'plans')
 local attempt = redis.call('HINCRBY', P..'meta', 'attempt', 1)
+if ARGV[8] ~= '' then
+  local rec = cjson.decode(ARGV[8])
+  rec.fence = attempt
+  redis.call('HSET', P..'meta', 'sess', cjson.encode(rec), 'sbeat', string.format('%.6f', NOW))
+else
+  redis.call('HDEL', P..'meta', 'sess', 'sbeat')
+end
 return done({attempt, replayed, ndur, released, table.concat(freed, '\n')})
 """
 
@@ -595,6 +686,28 @@ end
 return out
 """
 
+_SESSION_GET = r"""
+local s = redis.call('HMGET', P..'meta', 'sess', 'sbeat', 'attempt')
+return {s[1] or '', s[2] or '', s[3] or '0', string.format('%.6f', NOW)}
+"""
+
+# ARGV[5]=fence ARGV[6]=me
+_SESSION_BEAT = r"""
+local refused = gate(ARGV[5], ARGV[6])
+if refused then return refused end
+redis.call('HSET', P..'meta', 'sbeat', string.format('%.6f', NOW))
+return {'ok'}
+"""
+
+# ARGV[5]=fence
+_SESSION_CLOSE = r"""
+local s = redis.call('HMGET', P..'meta', 'sess', 'attempt')
+if s[1] and s[1] ~= '' and cjson.decode(s[1]).fence == tonumber(ARGV[5]) and s[2] == ARGV[5] then
+  redis.call('HDEL', P..'meta', 'sess', 'sbeat')
+end
+return {'ok'}
+"""
+
 SCRIPTS: dict[str, str] = {
     name: (src if name == "init" else _PRELUDE + src)
     for name, src in {
@@ -615,6 +728,9 @@ SCRIPTS: dict[str, str] = {
         "quarantined": _QUARANTINED,
         "trained_steps": _TRAINED,
         "requeue_quarantined": REQUEUE,  # issue 15
+        "session_get": _SESSION_GET,
+        "session_beat": _SESSION_BEAT,
+        "session_close": _SESSION_CLOSE,
         **REDIS_SCRIPTS,  # producer heartbeats and committed_refs (heartbeats.py)
     }.items()
 }

@@ -17,6 +17,7 @@ Example:
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import sqlite3
@@ -31,6 +32,8 @@ from ..auth import SecretGuard, make_verifier
 from ..errors import BackendUnavailable, ConfigError, SampleAborted
 from ..refs import Lease, SampleRef, validate_sample_id
 from ..uri import parse_uri
+from . import retention
+from ._sqlite_fencing import SQLiteFencing
 from ._sqlite_queries import SQLiteQueries
 from ._sqlite_schema import _CLEAR_LEASE, _SCHEMA, SCHEMA_VERSION, D, L, P, T, _chunks, _td_ord
 from .base import (
@@ -44,11 +47,14 @@ from .base import (
     new_nonce,
     parse_lease_id,
 )
+from .fencing import DEFAULT_SESSION_TTL
 from .heartbeats import BEATS_DDL, SQLiteProducers
 
 __all__ = ["SQLiteLedger"]
 
 log = logging.getLogger(__name__)
+
+_STEP_INDEX = "CREATE INDEX IF NOT EXISTS d_step ON deliveries(state, step)"
 
 # SQLite must not be carried across fork() (howtocorrupt.html §2.6): a child
 # that opens the file a parent connection had open reuses the parent's
@@ -78,7 +84,7 @@ def _after_fork() -> None:
 os.register_at_fork(before=_before_fork, after_in_parent=_after_fork, after_in_child=_after_fork)
 
 
-class SQLiteLedger(SQLiteProducers, SQLiteQueries, Ledger):
+class SQLiteLedger(SQLiteFencing, SQLiteProducers, SQLiteQueries, Ledger):
     """The ledger in one SQLite file (see module docs). Thread-safe within a process."""
 
     _closes_at_fork = True  # file-backed: never carried into a child (see _before_fork)
@@ -151,10 +157,12 @@ class SQLiteLedger(SQLiteProducers, SQLiteQueries, Ledger):
                 raise ConfigError(f"{self.path} is not a torch_dataflow ledger of schema {SCHEMA_VERSION} "
                                   f"(found {meta.get('schema')!r})")
             con.execute(BEATS_DDL)  # ledgers made before heartbeats gain the table (nothing else changes)
+            con.execute(_STEP_INDEX)  # and the index the retention rule scans
             return meta.get("verifier")
         for stmt in _SCHEMA.split(";"):
             if stmt.strip():
                 con.execute(stmt)
+        con.execute(_STEP_INDEX)
         rows = [("schema", SCHEMA_VERSION), ("attempt", "0"), ("epoch", "0"), ("seq", "0")]
         verifier = make_verifier(self._secret) if self._secret is not None else None
         if verifier is not None:
@@ -289,11 +297,12 @@ class SQLiteLedger(SQLiteProducers, SQLiteQueries, Ledger):
     def _reclaim(con: sqlite3.Connection, now: float) -> None:
         con.execute(f"UPDATE deliveries SET state={P}, {_CLEAR_LEASE} WHERE state={L} AND deadline<?", (now,))
 
-    def lease(self, owner: str, n: int, ttl: float, *, epoch: int = 0) -> list[Lease]:
+    def lease(self, owner: str, n: int, ttl: float, *, epoch: int = 0, fence: int | None = None) -> list[Lease]:
         if n < 1:
             return []
         now = time.time()
         with self._tx() as con:
+            self._gate(con, fence, "lease")
             self._reclaim(con, now)
             rows = con.execute(
                 "SELECT d.sample_id, d.gen, s.ref FROM deliveries d JOIN samples s ON s.sample_id=d.sample_id "
@@ -310,11 +319,14 @@ class SQLiteLedger(SQLiteProducers, SQLiteQueries, Ledger):
         return [Lease(format_lease_id(epoch, g, u[1], sid), epoch, owner, deadline, SampleRef.from_json(ref))
                 for (sid, g, ref), u in zip(rows, upd, strict=True)]
 
-    def claim_step(self, plan: Plan, step: int, rank: int, ttl: float, *, wait_for_stream: bool) -> StepClaim:
+    def claim_step(self, plan: Plan, step: int, rank: int, ttl: float, *, wait_for_stream: bool,
+                   fence: int | None = None) -> StepClaim:
         if not 0 <= rank < plan.world:
             raise ConfigError(f"rank {rank} outside world size {plan.world}")
         now, key, need = time.time(), plan.key, plan.world * plan.batch
         with self._tx() as con:
+            self._gate(con, plan.attempt, f"claim of step {step} of plan {key}")  # a plan of an older attempt
+            self._gate(con, fence, f"claim of step {step} of plan {key}")
             self._reclaim(con, now)
             row = con.execute("SELECT next_step, end_step FROM plans WHERE key=?", (key,)).fetchone()
             next_step, end_step = row if row else (0, None)
@@ -430,13 +442,23 @@ class SQLiteLedger(SQLiteProducers, SQLiteQueries, Ledger):
                 con.execute(f"DELETE FROM deliveries WHERE sample_id=? AND state IN ({P},{L})", (s,))
         return freed
 
-    def _durable(self, con: sqlite3.Connection, step: int, free: bool) -> tuple[int, list[SampleRef]]:
+    def _durable(self, con: sqlite3.Connection, step: int, free: bool, retain: bool = True) -> tuple[int, list[SampleRef]]:
         ids = [r[0] for r in con.execute(f"SELECT DISTINCT sample_id FROM deliveries WHERE state={T} AND step<=?",
                                          (step,))]
         con.execute(f"UPDATE deliveries SET state={D} WHERE state={T} AND step<=?", (step,))
+        marks, prev = retention.add_mark(self._marks(con), step)
+        self._set_meta(con, "marks", json.dumps(marks))
+        upto = retention.free_upto(step, prev, retain)
         freed: list[SampleRef] = []
-        if free:
-            for s in ids:
+        horizon = self._meta(con, "horizon")
+        if free and upto is not None and (horizon is None or upto > int(horizon)):
+            # DURABLE deliveries trained in (horizon, upto]: the retention rule of retention.py.
+            cand = [r[0] for r in con.execute(
+                "SELECT DISTINCT d.sample_id FROM deliveries d JOIN samples s ON s.sample_id=d.sample_id "
+                f"WHERE d.state={D} AND d.step<=? AND d.step>? AND s.status=?",
+                (upto, -(1 << 62) if horizon is None else int(horizon), int(SampleStatus.LIVE)))]
+            self._set_meta(con, "horizon", upto)
+            for s in cand:
                 if con.execute(f"SELECT 1 FROM deliveries WHERE sample_id=? AND state<{D} LIMIT 1", (s,)).fetchone():
                     continue
                 row = con.execute("SELECT ref FROM samples WHERE sample_id=? AND status=?",
@@ -447,24 +469,37 @@ class SQLiteLedger(SQLiteProducers, SQLiteQueries, Ledger):
                             [(int(SampleStatus.FREED), r.sample_id) for r in freed])
         return len(ids), freed
 
-    def mark_durable(self, step: int, *, free: bool = True) -> list[SampleRef]:
+    def mark_durable(self, step: int, *, free: bool = True, retain: bool = True,
+                     fence: int | None = None) -> list[SampleRef]:
+        step = check_step(step)
         with self._tx() as con:
-            return self._durable(con, int(step), free)[1]
+            self._gate(con, fence, f"durable mark of step {step}")
+            return self._durable(con, step, free, retain)[1]
 
-    def reconcile(self, resume_step: int | None, *, free: bool = True) -> ReconcileReport:
+    def reconcile(self, resume_step: int | None, *, free: bool = True, strict: bool = True,
+                  session: dict[str, Any] | None = None, takeover: bool = False,
+                  session_ttl: float = DEFAULT_SESSION_TTL) -> ReconcileReport:
+        rs = None if resume_step is None else check_step(resume_step)
         with self._tx() as con:
+            self._open_session(con, session, takeover)
+            if strict:
+                self._refuse_old(con, rs)
             released = con.execute(f"UPDATE deliveries SET state={P}, {_CLEAR_LEASE} WHERE state={L}").rowcount
-            if resume_step is None:
-                replayed = con.execute(f"UPDATE deliveries SET state={P}, step=NULL WHERE state={T}").rowcount
-                durable, freed = 0, []
-            else:
-                replayed = con.execute(f"UPDATE deliveries SET state={P}, step=NULL WHERE state={T} AND step>?",
-                                       (int(resume_step),)).rowcount
-                durable, freed = self._durable(con, int(resume_step), free)
+            after = -1 if rs is None else rs
+            replayed = con.execute(f"UPDATE deliveries SET state={P}, step=NULL WHERE state={T} AND step>?",
+                                   (after,)).rowcount
+            # DURABLE after the resume step: not in the checkpoint being resumed; replayed while the bytes last.
+            replayed += con.execute(f"UPDATE deliveries SET state={P}, step=NULL WHERE state={D} AND step>? AND "
+                                    "sample_id IN (SELECT sample_id FROM samples WHERE status=?)",
+                                    (after, int(SampleStatus.LIVE))).rowcount
+            self._set_meta(con, "marks", json.dumps([m for m in self._marks(con) if m < after]))
+            con.execute("DELETE FROM meta WHERE key='horizon'")  # one full scan at the next free
+            durable, freed = (0, []) if rs is None else self._durable(con, rs, free)
             con.execute("DELETE FROM plans")
             con.execute("DELETE FROM claims")
             attempt = int(self._meta(con, "attempt", "0") or 0) + 1
             self._set_meta(con, "attempt", attempt)
+            self._record_session(con, session, attempt, session_ttl)
         return ReconcileReport(attempt, replayed, durable, released, tuple(freed))
 
     # ------------------------------------------------------------ run metadata and requeue (issue 15)

@@ -62,7 +62,9 @@ class LedgerConformance:
         assert len(leases) == 4 and led.counts().leased == 4
         assert led.ack([x.lease_id for x in leases], step=1) == []
         assert led.counts().trained == 4
-        freed = led.mark_durable(1)
+        assert led.mark_durable(1) == []  # the first checkpoint: kept for a resume from "no checkpoint"
+        assert led.counts().durable == 4
+        freed = led.mark_durable(1, retain=False)  # the end of a run: free up to the mark itself
         assert sorted(r.sample_id for r in freed) == sorted(x.sample_id for x in leases)
         c = led.counts()
         assert (c.pending, c.trained, c.durable, c.freed) == (6, 0, 4, 4)
@@ -127,11 +129,78 @@ class LedgerConformance:
         rep = led.reconcile(2)
         assert rep.attempt == a0 + 1 == led.attempt()
         assert (rep.replayed, rep.durable) == (6, 6)
-        assert sorted(r.sample_id for r in rep.freed) == sorted(s for s, st in before.items() if st <= 2)
+        assert rep.freed == ()  # no earlier checkpoint: the step-2 samples are kept (retention)
         c = led.counts()
         assert (c.pending, c.durable) == (6, 6)
         again = {x.sample_id for x in led.lease("b", 100, ttl=30)}
         assert again == {s for s, st in before.items() if st > 2}
+        assert led.checkpoints() == [2]
+
+    # ------------------------------------------------------------ retention (issue 15 item 1)
+    def test_retention_frees_what_the_previous_checkpoint_covers(self) -> None:
+        led = self.make_ledger()
+        commit_ids(led, _ids(8))
+        by_step = {}
+        for step in range(1, 5):  # 2 samples acked at each of steps 1..4
+            ls = led.lease("a", 2, ttl=30)
+            led.ack([x.lease_id for x in ls], step)
+            by_step[step] = sorted(x.sample_id for x in ls)
+        assert led.mark_durable(1) == []
+        assert sorted(r.sample_id for r in led.mark_durable(3)) == by_step[1]  # previous mark: 1
+        assert sorted(r.sample_id for r in led.mark_durable(4)) == sorted(by_step[2] + by_step[3])
+        assert led.checkpoints() == [1, 3, 4]
+        # A resume from step 3 (the previous checkpoint) replays step 4 from bytes that are still there.
+        rep = led.reconcile(3)
+        assert rep.replayed == 2 and rep.freed == ()
+        assert sorted(x.sample_id for x in led.lease("b", 9, ttl=30)) == by_step[4]
+        assert led.checkpoints() == [1, 3]
+
+    def test_resume_older_than_what_was_freed_is_refused_and_changes_nothing(self) -> None:
+        from ..errors import CheckpointTooOld
+
+        led = self.make_ledger()
+        commit_ids(led, _ids(6))
+        for step in (1, 2, 3):
+            led.ack([x.lease_id for x in led.lease("a", 2, ttl=30)], step)
+            led.mark_durable(step)
+        before, a0 = led.counts(), led.attempt()
+        for rs in (None, 0, 1):
+            with pytest.raises(CheckpointTooOld, match="newest checkpoint the ledger knows is at step 3") as e:
+                led.reconcile(rs)
+            assert e.value.needed_step == rs and e.value.newest_step == 3
+        assert led.counts() == before and led.attempt() == a0
+        assert led.reconcile(1, strict=False).replayed == 2  # at most once, on request: the freed stay lost
+        assert led.reconcile(2).replayed == 0
+
+    # ------------------------------------------------------------ fencing (issue 15 item 2)
+    def test_session_fences_stale_leases_claims_and_marks(self) -> None:
+        from ..errors import Fenced
+
+        led = self.make_ledger()
+        commit_ids(led, _ids(6))
+        old = led.reconcile(None, session={"name": "old"}).attempt
+        held = led.lease("old", 2, ttl=30, fence=old)
+        assert led.session()["fence"] == old and led.session()["live"]
+        led.session_heartbeat(old)
+        new = led.reconcile(None, session={"name": "new"}, takeover=True).attempt
+        assert new == old + 1 and led.session()["name"] == "new"
+        with pytest.raises(Fenced, match="stale"):
+            led.lease("old", 2, ttl=30, fence=old)
+        with pytest.raises(Fenced):
+            led.claim_step(Plan(old, 0, 1, 2), 0, 0, 30, wait_for_stream=False, fence=old)
+        with pytest.raises(Fenced):
+            led.claim_step(Plan(old, 0, 1, 2), 0, 0, 30, wait_for_stream=False)  # a plan of a past attempt
+        with pytest.raises(Fenced):
+            led.mark_durable(1, fence=old)
+        with pytest.raises(Fenced):
+            led.session_heartbeat(old)
+        assert led.ack([x.lease_id for x in held], 1) == [x.lease_id for x in held]  # released by the takeover
+        assert len(led.lease("new", 9, ttl=30, fence=new)) == 6
+        led.close_session(old)  # a stale fence closes nothing
+        assert led.session()["fence"] == new
+        led.close_session(new)
+        assert led.session() is None
+        assert led.join_session.__doc__
 
     def test_inv2_reconcile_releases_dead_leases(self) -> None:
         led = self.make_ledger()

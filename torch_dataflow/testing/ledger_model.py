@@ -129,32 +129,56 @@ def make_state_machine(factory: Callable[[], Ledger]) -> type:
             if m.state in ("P", "L"):
                 m.state, m.lease = "", None
 
+        def _durable(self, step: int) -> set[str]:
+            """The retention rule (ledger/retention.py): T <= step -> D; free the D
+            deliveries trained in (horizon, previous mark]."""
+            for m in self.model.samples.values():
+                if m.state == "T" and m.step is not None and m.step <= step:
+                    m.state = "D"
+            marks = getattr(self, "marks", [])
+            prev = max((k for k in marks if k < step), default=None)
+            self.marks = sorted({*marks, step})
+            hz = getattr(self, "horizon", None)
+            expect: set[str] = set()
+            if prev is not None and (hz is None or prev > hz):
+                for s, m in self.model.samples.items():
+                    if m.state == "D" and m.status == "live" and m.step is not None and m.step <= prev and \
+                            (hz is None or m.step > hz):
+                        m.status = "freed"
+                        expect.add(s)
+                self.horizon = prev
+            return expect
+
         @rule(back=st.integers(0, 3))
         def mark_durable(self, back: int) -> None:
             step = max(self.step - back, 0)
             freed = {r.sample_id for r in self.led.mark_durable(step)}
-            expect = set()
-            for s, m in self.model.samples.items():
-                if m.state == "T" and m.step is not None and m.step <= step:
-                    m.state = "D"
-                    if m.status == "live":
-                        m.status = "freed"
-                        expect.add(s)
-            assert freed == expect
+            assert freed == self._durable(step)
 
         @rule(back=st.one_of(st.none(), st.integers(0, 3)))
         def reconcile(self, back: int | None) -> None:
+            from ..errors import CheckpointTooOld
+
             resume = None if back is None else max(self.step - back, 0)
+            after = -1 if resume is None else resume
+            lost = [m for m in self.model.samples.values()
+                    if m.state == "D" and m.status == "freed" and (m.step or 0) > after]
+            if lost:
+                try:
+                    self.led.reconcile(resume)
+                except CheckpointTooOld:
+                    return  # refused: nothing changed (the invariant below checks the counts)
+                raise AssertionError("a resume older than what was freed was not refused")
             rep = self.led.reconcile(resume)
             for m in self.model.samples.values():
                 if m.state == "L":
                     m.state, m.lease, m.expired = "P", None, False
-                elif m.state == "T" and (resume is None or (m.step or 0) > resume):
-                    m.state, m.step = "P", None
-                elif m.state == "T":
-                    m.state = "D"
-                    if m.status == "live":
-                        m.status = "freed"
+                elif (m.state == "T" or (m.state == "D" and m.status == "live")) and (m.step or 0) > after:
+                    m.state, m.step = "P", None  # not in the checkpoint resumed: replayed while bytes last
+            self.marks = [k for k in getattr(self, "marks", []) if k < after]
+            self.horizon = None
+            expect = set() if resume is None else self._durable(resume)
+            assert {r.sample_id for r in rep.freed} == expect
             assert rep.attempt >= 1
 
         @invariant()
