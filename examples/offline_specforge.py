@@ -85,6 +85,7 @@ def train_imported(src: Path, workdir: Path, head: torch.Tensor, epochs: int, ba
                 opt.step()
         print(f"epoch {epoch}: {len(ds.ledger.trained_steps(epoch=epoch))} samples trained, loss {loss.item():.3f}")
     acker.checkpoint_written()  # after saving a checkpoint (offline: marks durable, keeps the bytes)
+    acker.finish()  # end the ledger session: the next run needs no takeover
     return loss.item()
 
 

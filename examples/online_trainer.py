@@ -83,6 +83,7 @@ def main(argv: list[str] | None = None) -> None:
     bar.close()
     save(args.checkpoint, draft, opt, acker)
     acker.checkpoint_written(acker.step)
+    acker.finish()  # free what was kept for a resume from the previous checkpoint; end the session
     c = ds.ledger.counts()
     print(f"done at step {acker.step}: {c.durable} samples durable, {c.pending} pending, {c.leased} leased")
 

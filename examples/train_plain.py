@@ -69,7 +69,7 @@ def main() -> None:
 
     def checkpoint() -> None:
         save_atomically({"model": model.state_dict(), "opt": opt.state_dict(), "acker": acker.state_dict()}, ckpt)
-        acker.checkpoint_written()  # only now: the samples it covers become durable (bytes freed)
+        acker.checkpoint_written()  # only now: the samples it covers become durable (older bytes freed)
 
     for i, batch in enumerate(DataLoader(ds, batch_size=args.batch_size, num_workers=2), 1):
         acker.add(batch)  # the leases travel in the batch
@@ -86,6 +86,7 @@ def main() -> None:
             opt.step()
             opt.zero_grad()
     checkpoint()
+    acker.finish()  # training is over: free what was kept for a resume from the previous checkpoint
     c = ds.ledger.counts()
     print(f"step={acker.step} durable={c.durable} pending={c.pending} leased={c.leased}")
 

@@ -26,7 +26,7 @@ import pytest
 import torch
 
 from torch_dataflow import FeatureStoreDataset, FeatureWriter, StepAcker
-from torch_dataflow.errors import CheckpointTooOld, Fenced, SessionConflict
+from torch_dataflow.errors import CheckpointTooOld, SessionConflict
 from torch_dataflow.ledger import open_ledger
 from torch_dataflow.ledger.redis_server import RedisServer
 from torch_dataflow.stores import open_store

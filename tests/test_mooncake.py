@@ -435,3 +435,92 @@ def test_fork_before_and_after_connect(master: Any, tmp_path: Any) -> None:
     assert before == want and parent == want
     assert after.lstrip("'\"").startswith("ConfigError") and "spawn" in after
     s.close()
+
+
+def test_delete_queue_on_a_real_master(master: Any, tmp_path: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Issue 15 item 3 on Mooncake: a removal that fails stays in the ledger's delete
+    queue (not in process memory), and the next drain (any process) removes it from the master."""
+    from torch_dataflow.gc import drain_deletes
+    from torch_dataflow.ledger import open_ledger
+    from torch_dataflow.stores.mooncake import MooncakeStore
+
+    s = _store(master)
+    led = open_ledger(f"sqlite://{tmp_path}/l.db")
+    gens = led.reserve(["a", "b"])
+    refs = [s.put(sid, g, sample_tensors()) for sid, g in zip(["a", "b"], gens, strict=True)]
+    led.commit(refs)
+    leases = led.lease("t", 2, ttl=30)
+    led.ack([x.lease_id for x in leases], 1)
+    real = MooncakeStore._delete
+
+    def failing(self: Any, sid: str, gen: int) -> bool:
+        if sid == "a":
+            raise BackendUnavailable("mooncake remove: transfer failed")
+        return real(self, sid, gen)
+
+    monkeypatch.setattr(MooncakeStore, "_delete", failing)
+    freed = led.mark_durable(1, retain=False)
+    assert drain_deletes(led, s, freed) == (1, 1)
+    assert [r.sample_id for r in led.pending_deletes()] == ["a"] and s.exists(refs[0]) and not s.exists(refs[1])
+    monkeypatch.setattr(MooncakeStore, "_delete", real)
+    other = _store(master, namespace=s.namespace)  # another client, as a new process would be
+    deadline = time.monotonic() + 30
+    while drain_deletes(led, other) != (1, 0):  # parked behind exists()'s read lease: retried, not lost
+        assert time.monotonic() < deadline and len(led.pending_deletes()) == 1
+        time.sleep(LEASE_TTL_MS / 1000)
+    assert led.pending_deletes() == [] and not s.exists(refs[0])
+    assert set(_raw(s).batch_is_exist([s._key(r.sample_id, r.generation) for r in refs])) == {0}
+    s.close()
+
+
+_BP_PRODUCER = """
+import os, sys, time, torch
+from torch_dataflow import FeatureWriter
+uri, ledger, n, go = sys.argv[1], sys.argv[2], int(sys.argv[3]), sys.argv[4]
+t = time.monotonic()
+with FeatureWriter(uri, ledger, name="bp", put_timeout=60) as w:
+    for i in range(n):
+        w.put(f"b{i:03d}", {"x": torch.full((256 * 1024,), float(i))})  # 1 MiB each
+print(f"produced {n} in {time.monotonic() - t:.1f}s waited {w.waited_s:.1f}s", flush=True)
+while not os.path.exists(go):  # the writer's segment holds the objects: outlive the consumer
+    time.sleep(0.05)
+"""
+
+
+@pytest.mark.slow
+def test_backpressure_sees_frees_made_by_another_process(master: Any, tmp_path: Any) -> None:
+    """Issue 15 item 4: with max_bytes set, a producer process never stalls once the
+    consumer process has freed: residency comes from the ledger, not this process's writes."""
+    from torch_dataflow import FeatureStoreDataset
+
+    n, ns = 16, _ns()
+    ledger = f"sqlite://{tmp_path}/l.db"
+    go = tmp_path / "go"
+    uri = f"{master.uri}?namespace={ns}&segment_size=64MiB&max_bytes=5MiB"
+    prod = subprocess.Popen([sys.executable, "-c", _BP_PRODUCER, uri, ledger, str(n), str(go)],
+                            stdout=subprocess.PIPE, text=True)
+    try:
+        ds = FeatureStoreDataset(f"{master.uri}?namespace={ns}&segment_size=0", ledger, idle_timeout=90)
+        seen = []
+        for step, s in enumerate(ds, 1):
+            assert ds.ack(s, step) == []
+            ds.mark_durable(step, final=True)  # frees at once: the producer must see it
+            seen.append(s["__sample_id__"])
+        assert sorted(seen) == [f"b{i:03d}" for i in range(n)]
+        # The last removals may be parked behind the consumer's own read leases: the next drain
+        # (the consumer's next mark, the producer, or `torch-dataflow gc`) finishes them.
+        from torch_dataflow.gc import drain_deletes
+
+        deadline = time.monotonic() + 30
+        while drain_deletes(ds.ledger, ds.store)[1]:
+            assert time.monotonic() < deadline, ds.ledger.pending_deletes()
+            time.sleep(LEASE_TTL_MS / 1000)
+        go.write_text("1")
+        out, _ = prod.communicate(timeout=60)
+    finally:
+        go.write_text("1")
+        prod.kill()
+        prod.wait()
+    assert prod.returncode == 0 and f"produced {n}" in out, out
+    led = __import__("torch_dataflow").open_ledger(ledger)
+    assert led.resident_bytes() == 0 and led.pending_deletes() == []

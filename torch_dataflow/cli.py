@@ -7,6 +7,7 @@ Subcommands:
 * ``status URI`` — a ledger's state as a table or JSON (:mod:`torch_dataflow.status`);
 * ``mooncake-master`` — run a Mooncake master on loopback;
 * ``requeue LEDGER [--ids ...]`` — deliver quarantined samples again;
+* ``gc STORE LEDGER [--dry-run] [--grace S]`` — delete what no ledger entry needs;
 * ``import SRC`` — copy a SpecForge offline feature directory into a store;
 * ``bench`` — the benchmarks (``torch_dataflow.bench``).
 
@@ -315,6 +316,50 @@ def _requeue(args: argparse.Namespace) -> int:
     return 0
 
 
+def _add_gc(sub: Any) -> None:
+    p = sub.add_parser(
+        "gc",
+        help="delete the bytes no ledger entry needs (the delete queue, then orphans)",
+        description="Finish the deletes the ledger queued (freed, aborted and superseded samples), then "
+        "remove stored generations the ledger does not need (written but never committed, superseded, "
+        "left by refused puts) once they are older than --grace seconds. Refuses a store that is not "
+        "the ledger's. Example: torch-dataflow gc file:///data/features sqlite:///data/ledger.db --dry-run",
+    )
+    p.add_argument("store", metavar="STORE", help="store URI: file:///path, mooncake://host:port")
+    p.add_argument("ledger", metavar="LEDGER", help="ledger URI: sqlite:///path/ledger.db, redis://host:port/db")
+    p.add_argument("--dry-run", action="store_true", help="list what would go; delete nothing")
+    p.add_argument("--grace", type=float, default=3600.0, metavar="SECONDS",
+                   help="keep unneeded generations younger than this (a put in flight); default 3600")
+    p.add_argument("--json", action="store_true", help="print the report as JSON")
+    p.set_defaults(func=_gc)
+
+
+def _gc(args: argparse.Namespace) -> int:
+    import json
+
+    from .gc import collect
+    from .status import _open_existing
+
+    if args.grace < 0:
+        raise ConfigError(f"--grace must be >= 0, got {args.grace}")
+    ledger = _open_existing(args.ledger)
+    try:
+        rep = collect(args.store, ledger, grace_s=args.grace, dry_run=args.dry_run)
+    finally:
+        ledger.close()
+    if args.json:
+        print(json.dumps({**rep.as_dict(), "removed": rep.removed}))
+        return 0
+    verb = "would remove" if rep.dry_run else "removed"
+    queued = f"{rep.queued_left} queued deletes pending" if rep.dry_run else \
+        f"{rep.queued_deleted} queued deletes done, {rep.queued_left} still queued"
+    print(f"{queued}; {verb} {rep.orphans} orphaned generations ({rep.orphan_bytes} bytes); "
+          f"{rep.young} younger than --grace {args.grace:g}s kept")
+    for sid, gen in rep.removed:
+        print(f"  {sid} generation {gen}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The ``torch-dataflow`` argument parser."""
     p = argparse.ArgumentParser(
@@ -327,6 +372,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_status(sub)
     _add_close_stream(sub)
     _add_requeue(sub)
+    _add_gc(sub)
     _add_import(sub)
     sub.add_parser(
         "mooncake-master",

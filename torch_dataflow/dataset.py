@@ -472,9 +472,17 @@ class FeatureStoreDataset(SessionMember, IterableDataset):
         ``final`` (the run's last checkpoint, training is over), everything up to
         ``step`` is freed. Returns how many were freed."""
         freed = self.ledger.mark_durable(step, free=self.mode == "online", retain=not final, fence=self._fence)
-        for ref in freed:
-            self.store.delete(ref)
+        self._drain(freed)
         return len(freed)
+
+    def _drain(self, freed: Sequence[Any]) -> None:
+        """Delete what the ledger queued (these refs, and any a crashed process left queued)."""
+        from .gc import drain_deletes
+
+        if self.mode != "online":
+            return
+        drain_deletes(self.ledger, self.store, freed)
+        drain_deletes(self.ledger, self.store, limit=1024)
 
     def reconcile(self, resume_step: int | None, *, session: Mapping[str, Any] | None = None,
                   takeover: bool = False, strict: bool = True) -> Any:
@@ -493,6 +501,5 @@ class FeatureStoreDataset(SessionMember, IterableDataset):
                                        session_ttl=self.session_ttl)
         if session is not None:
             self._adopt(report.attempt)
-        for ref in report.freed:
-            self.store.delete(ref)
+        self._drain(report.freed)
         return report

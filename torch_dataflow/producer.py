@@ -23,6 +23,7 @@ import torch
 
 from .binding import bind_store
 from .errors import ConfigError, SampleAborted, StoreFull
+from .gc import drain_deletes
 from .ledger import Ledger, open_ledger
 from .refs import SampleRef, validate_sample_id
 from .stores import FeatureStore, open_store
@@ -123,6 +124,8 @@ class FeatureWriter:
         if not self._bound:
             bind_store(self.store, self.ledger)
             self._bound = True
+            # Finish deletes an earlier process queued but did not complete (bounded: one batch).
+            drain_deletes(self.ledger, self.store, limit=1024)
 
     def _refuse_oversize(self, largest: int) -> None:
         """A sample larger than the whole byte budget can never fit: refuse it now."""
@@ -154,7 +157,7 @@ class FeatureWriter:
         """Ask the store and ledger; on room, keep the margin as credit for later puts."""
         room_bytes = room_samples = None
         if self.max_resident_bytes is not None:
-            resident = self.store.health().resident_bytes
+            resident = self._resident()
             if resident > 0 and resident + incoming > self.max_resident_bytes:
                 return f"store holds {resident} bytes, budget {self.max_resident_bytes}"
             room_bytes = self.max_resident_bytes - resident
@@ -165,6 +168,15 @@ class FeatureWriter:
             room_samples = self.max_pending - c.pending - c.leased
         self._credit = (room_bytes, room_samples)
         return None
+
+    def _resident(self) -> int:
+        """Bytes resident in the store, across every process: the store's own count where
+        it sees all writers (file://: a directory scan; memory://), else (Mooncake, whose
+        client sees only its own writes) the ledger's byte accounting: committed
+        generations not yet confirmed deleted."""
+        if getattr(self.store, "health_is_local", False):
+            return self.ledger.resident_bytes()
+        return self.store.health().resident_bytes
 
     def _has_credit(self, incoming: int, samples: int = 1) -> bool:
         """Whether room measured earlier still covers this put: health() scans a
@@ -188,9 +200,14 @@ class FeatureWriter:
             return
         if self._has_credit(incoming, samples):
             return
-        start = time.monotonic()
+        start = drained = time.monotonic()
         while (why := self._over_budget(incoming)) is not None:
             waited = time.monotonic() - start
+            if time.monotonic() - drained > 0.5:
+                # Deletes the consumers queued but could not finish (e.g. a Mooncake removal parked
+                # behind their own read lease) are room too: finish them from here.
+                drain_deletes(self.ledger, self.store, limit=256)
+                drained = time.monotonic()
             if waited > self.put_timeout:
                 self.waited_s += waited
                 raise StoreFull(f"producer {self.name} waited {waited:.1f}s for room for {incoming} bytes "
@@ -240,8 +257,8 @@ class FeatureWriter:
         # Any other failure (a connection lost after the server ran the commit,
         # an interrupt) leaves the outcome unknown: keep the bytes, never a
         # committed ref without them.
-        for old in superseded:
-            self.store.delete(old)
+        if superseded:
+            drain_deletes(self.ledger, self.store, superseded)
         self._charge(ref.nbytes, 1)
         self.written += 1
         self.bytes_written += ref.nbytes
@@ -284,8 +301,8 @@ class FeatureWriter:
             for r in refs:  # certainly not committed (see put)
                 self.store.delete(r)
             raise
-        for old in superseded:
-            self.store.delete(old)
+        if superseded:
+            drain_deletes(self.ledger, self.store, superseded)
         self._charge(sum(r.nbytes for r in refs), len(refs))
         self.written += len(refs)
         self.bytes_written += sum(r.nbytes for r in refs)
@@ -295,8 +312,7 @@ class FeatureWriter:
     def abort(self, sample_ids: Iterable[str]) -> int:
         """Tombstone sample ids and free their bytes; returns how many were freed."""
         refs = self.ledger.abort(list(sample_ids))
-        for r in refs:
-            self.store.delete(r)
+        drain_deletes(self.ledger, self.store, refs)
         return len(refs)
 
     def close(self) -> None:

@@ -309,6 +309,24 @@ class Ledger(ABC):
                 ``resume_step`` was already freed; nothing changed.
             SessionConflict: another process holds a live session and not ``takeover``."""
 
+    # ------------------------------------------------------------ the delete queue (free_queue.py)
+    @abstractmethod
+    def pending_deletes(self, limit: int | None = None) -> list[SampleRef]:
+        """Refs the ledger no longer needs (freed, aborted, superseded) whose delete
+        was not confirmed: queued in the same atomic step that decided it."""
+
+    @abstractmethod
+    def confirm_deleted(self, refs: Sequence[SampleRef]) -> int:
+        """Drop these ``(sample_id, generation)`` entries from the delete queue."""
+
+    @abstractmethod
+    def sample_statuses(self, sample_ids: Sequence[str]) -> dict[str, SampleStatus]:
+        """``sample_id -> status`` of the ids the catalog knows."""
+
+    @abstractmethod
+    def resident_bytes(self) -> int:
+        """Bytes of committed generations not confirmed deleted (live, quarantined, queued)."""
+
     # ------------------------------------------------------------ sessions (fencing.py)
     @abstractmethod
     def session(self) -> dict[str, Any] | None:

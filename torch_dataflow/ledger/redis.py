@@ -54,6 +54,7 @@ from .base import (
     parse_lease_id,
 )
 from .fencing import DEFAULT_SESSION_TTL
+from .free_queue import RedisFreeQueue
 from .heartbeats import RedisProducers, pid_gone
 from .redis_scripts import SCRIPTS
 
@@ -74,7 +75,7 @@ def _refs(text: str) -> list[SampleRef]:
     return [_ref(t) for t in text.split("\n")] if text else []
 
 
-class RedisLedger(RedisProducers, Ledger):
+class RedisLedger(RedisFreeQueue, RedisProducers, Ledger):
     """The ledger in a Redis database (see module docs). Thread-safe; fork-safe.
 
     Args:

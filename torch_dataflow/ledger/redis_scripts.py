@@ -27,6 +27,7 @@ key                        type        content
 ``P cl:<key>``             hash        ``<step>:<rank>`` claims of a plan
 ``P sl:<slot>``            zset        ids leased to one (plan, step, rank) by ord
 ``P prod``                 hash        producer -> done (0/1)
+``P fq``                   hash        delete queue: ``sid@gen`` -> ref JSON
 ``P hb``                   hash        producer -> JSON {host, pid, info, ls}
 ``P r:<token>``            string      reply of a mutating call, for 60 s (retry)
 =========================  ==========  ============================================
@@ -44,6 +45,7 @@ Redis does not roll a script back on error; errors are replies
 from __future__ import annotations
 
 from ._redis_requeue import REQUEUE
+from .free_queue import REDIS_SCRIPTS as FREEQ_SCRIPTS
 from .heartbeats import REDIS_SCRIPTS
 
 __all__ = ["SCRIPTS"]
@@ -121,6 +123,11 @@ local function split_on(text, sep)
   end
 end
 local function istr(x) return string.format('%d', x) end
+-- the durable delete queue (free_queue.py): a ref whose bytes no entry needs, by "sid@gen"
+local function queue_free(ref)
+  local r = cjson.decode(ref)
+  redis.call('HSET', P..'fq', r.sample_id..'@'..string.format('%d', r.generation), ref)
+end
 local function dkey(e, sid) return P..'d:'..e..':'..sid end
 local function skey(sid) return P..'s:'..sid end
 local function split(m) local i = string.find(m, ':', 1, true); return string.sub(m, 1, i - 1), string.sub(m, i + 1) end
@@ -244,7 +251,7 @@ local function durable(step, free, retain)
         end
         if not undone then
           local s = redis.call('HMGET', skey(sid), 'st', 'ref')
-          if s[1] == '0' then freed[#freed + 1] = s[2]; set_status(sid, '0', '3') end
+          if s[1] == '0' then freed[#freed + 1] = s[2]; set_status(sid, '0', '3'); queue_free(s[2]) end
         end
       end
     end
@@ -324,7 +331,7 @@ local seq = tonumber(redis.call('HGET', P..'meta', 'seq'))
 local superseded, fresh = {}, false
 for _, x in ipairs(todo) do
   local sid, gen, ref, st, c, old, why = x[1], x[2], x[3], x[4], x[5], x[6], x[7]
-  if c > 0 and old and (st == '0' or st == '2') then superseded[#superseded + 1] = old end
+  if c > 0 and old and (st == '0' or st == '2') then superseded[#superseded + 1] = old; queue_free(old) end
   seq = seq + 1
   local q = istr(seq)
   redis.call('HSET', skey(sid), 'c', gen, 'ref', ref, 'q', q, 'st', '0')
@@ -551,7 +558,7 @@ for i = 5, #ARGV do
     redis.call('HSET', skey(sid), 'g', '0', 'c', '0', 't', '0')
     set_status(sid, nil, '1')
   else
-    if s[3] and (s[1] == '0' or s[1] == '2') then freed[#freed + 1] = s[3] end
+    if s[3] and (s[1] == '0' or s[1] == '2') then freed[#freed + 1] = s[3]; queue_free(s[3]) end
     redis.call('HSET', skey(sid), 't', s[2])
     if s[1] ~= '1' then set_status(sid, s[1], '1') end
     drop_undone(sid)
@@ -731,6 +738,7 @@ SCRIPTS: dict[str, str] = {
         "session_get": _SESSION_GET,
         "session_beat": _SESSION_BEAT,
         "session_close": _SESSION_CLOSE,
+        **FREEQ_SCRIPTS,  # the delete queue (free_queue.py)
         **REDIS_SCRIPTS,  # producer heartbeats and committed_refs (heartbeats.py)
     }.items()
 }

@@ -48,6 +48,7 @@ from .base import (
     parse_lease_id,
 )
 from .fencing import DEFAULT_SESSION_TTL
+from .free_queue import FREEQ_DDL, SQLiteFreeQueue
 from .heartbeats import BEATS_DDL, SQLiteProducers
 
 __all__ = ["SQLiteLedger"]
@@ -84,7 +85,7 @@ def _after_fork() -> None:
 os.register_at_fork(before=_before_fork, after_in_parent=_after_fork, after_in_child=_after_fork)
 
 
-class SQLiteLedger(SQLiteFencing, SQLiteProducers, SQLiteQueries, Ledger):
+class SQLiteLedger(SQLiteFreeQueue, SQLiteFencing, SQLiteProducers, SQLiteQueries, Ledger):
     """The ledger in one SQLite file (see module docs). Thread-safe within a process."""
 
     _closes_at_fork = True  # file-backed: never carried into a child (see _before_fork)
@@ -158,11 +159,13 @@ class SQLiteLedger(SQLiteFencing, SQLiteProducers, SQLiteQueries, Ledger):
                                   f"(found {meta.get('schema')!r})")
             con.execute(BEATS_DDL)  # ledgers made before heartbeats gain the table (nothing else changes)
             con.execute(_STEP_INDEX)  # and the index the retention rule scans
+            con.execute(FREEQ_DDL)  # and the delete queue
             return meta.get("verifier")
         for stmt in _SCHEMA.split(";"):
             if stmt.strip():
                 con.execute(stmt)
         con.execute(_STEP_INDEX)
+        con.execute(FREEQ_DDL)
         rows = [("schema", SCHEMA_VERSION), ("attempt", "0"), ("epoch", "0"), ("seq", "0")]
         verifier = make_verifier(self._secret) if self._secret is not None else None
         if verifier is not None:
@@ -258,6 +261,7 @@ class SQLiteLedger(SQLiteFencing, SQLiteProducers, SQLiteQueries, Ledger):
                 f"{_CLEAR_LEASE}",
                 [(epoch, s, g, P, q) for s, g, q in new_ids])
             self._set_meta(con, "seq", seq)
+            self._queue_free(con, superseded)
         return superseded
 
     def register_producer(self, name: str, info: dict[str, Any] | None = None) -> None:
@@ -440,6 +444,7 @@ class SQLiteLedger(SQLiteFencing, SQLiteProducers, SQLiteQueries, Ledger):
                 con.execute("UPDATE samples SET tomb=?, status=? WHERE sample_id=?",
                             (gen, int(SampleStatus.ABORTED), s))
                 con.execute(f"DELETE FROM deliveries WHERE sample_id=? AND state IN ({P},{L})", (s,))
+            self._queue_free(con, freed)
         return freed
 
     def _durable(self, con: sqlite3.Connection, step: int, free: bool, retain: bool = True) -> tuple[int, list[SampleRef]]:
@@ -467,6 +472,7 @@ class SQLiteLedger(SQLiteFencing, SQLiteProducers, SQLiteQueries, Ledger):
                     freed.append(SampleRef.from_json(row[0]))
             con.executemany("UPDATE samples SET status=? WHERE sample_id=?",
                             [(int(SampleStatus.FREED), r.sample_id) for r in freed])
+            self._queue_free(con, freed)
         return len(ids), freed
 
     def mark_durable(self, step: int, *, free: bool = True, retain: bool = True,

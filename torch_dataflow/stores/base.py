@@ -170,6 +170,13 @@ class FeatureStore(ABC):
         self._check_auth()
         return self._delete(ref.sample_id, ref.generation)
 
+    def settle(self, ref: SampleRef) -> bool:
+        """Delete ``ref``'s generation and say whether its bytes are really gone (or
+        were never the store's to free): what the ledger's delete queue confirms.
+        ``False``: still there (an error, a removal parked behind a read lease)."""
+        self.delete(ref)
+        return not self.exists(ref)
+
     def exists(self, ref: SampleRef) -> bool:
         """Whether ``ref``'s generation is readable now."""
         self._check_auth()

@@ -441,6 +441,17 @@ class MooncakeStore(FeatureStore):
         self._maybe_gc()
         return removed
 
+    def settle(self, ref: SampleRef) -> bool:
+        """Remove ``ref``'s object; ``True`` only once it is gone from the master (a removal
+        parked behind a read lease is not settled: the ledger keeps it queued)."""
+        self._check_auth()
+        key = self._key(ref.sample_id, ref.generation)
+        self._delete(ref.sample_id, ref.generation)
+        c = self._client()
+        if key in c.pending:
+            self.gc()
+        return key not in c.pending and int(c.store.is_exist(key)) == 0
+
     def gc(self, *, force: bool = False) -> int:
         """Retry removals that met a read lease; force those older than ``force_after``
         (all of them with ``force=True``). Returns how many are still pending."""
@@ -482,6 +493,8 @@ class MooncakeStore(FeatureStore):
         with c.lock:
             keys = [k[len(prefix) :] for k, (ns, _) in c.pending.items() if ns == self.namespace]
         return sorted((sid, int(gen)) for sid, _, gen in (k.rpartition("@") for k in keys))
+
+    health_is_local = True  # health() counts this process's writes: FeatureWriter asks the ledger instead
 
     def health(self) -> StoreHealth:
         """Bytes and samples this process holds in the store (Mooncake has no per-prefix totals)."""

@@ -197,6 +197,11 @@ class SpecForgeDirStore(FeatureStore):
     def _delete(self, sample_id: str, generation: int) -> bool:
         return False  # the files are the directory owner's, never the ledger's to free
 
+    def settle(self, ref: SampleRef) -> bool:
+        """Nothing to delete here (the files are the directory owner's): always settled."""
+        self._check_auth()
+        return True
+
     def _exists(self, sample_id: str, generation: int) -> bool:
         return os.path.isfile(self.path_of(sample_id))
 
