@@ -65,7 +65,8 @@ def ddp_rank(rank: int, world: int, init: str, store: str, ledger: str, out: str
             dist.all_reduce(t)  # hangs (and times out) if ranks disagree on the batch count
             n += 1
             ds.ack(batch, step0 + n)
-            log.append(batch["__sample_id__"])
+            # Trained (leased) samples only: a padded repeat of the last step has lease "".
+            log.append([s for s, lid in zip(batch["__sample_id__"], batch["__lease__"], strict=True) if lid])
             if max_batches is not None and n >= max_batches:
                 break
         dist.barrier()

@@ -57,7 +57,9 @@ def ddp_train(
     with open(Path(out) / f"log.{rank}.jsonl", "a") as log:
         for epoch in epochs:
             sampler.set_epoch(epoch)
-            planned = len(loader)
+            # len(loader) is the full epoch's count; a resumed epoch yields what is left.
+            assert len(loader) == sampler.num_samples // batch_size
+            planned = sampler.remaining() // batch_size
             seen = 0
             for batch in loader:
                 t = torch.ones(1)

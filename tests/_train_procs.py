@@ -106,7 +106,9 @@ def _loader(cfg: dict[str, Any]) -> tuple[Any, Any]:
 
     ds = FeatureStoreDataset(cfg["store"], cfg["ledger"], batch_size=cfg.get("bs", 2), lease_ttl=120,
                              idle_timeout=60, mode=cfg.get("mode", "online"))
-    return ds, DataLoader(ds, batch_size=cfg.get("bs", 2), num_workers=cfg.get("nw", 0))
+    nw = cfg.get("nw", 0)
+    return ds, DataLoader(ds, batch_size=cfg.get("bs", 2), num_workers=nw,
+                          multiprocessing_context=cfg.get("mp_context") if nw else None)
 
 
 def fill(store: str, ledger: str, n: int) -> None:
@@ -333,6 +335,8 @@ def plain_job(cfg: dict[str, Any]) -> None:
     if acker.pending():
         step()
     save(acker.step, work / "final.ckpt")
+    if cfg.get("finish"):
+        acker.finish()  # the documented end of a loop: free the bytes kept for a resume, end the session
     (work / "result.0.json").write_text(json.dumps({"global_step": acker.step, "seen": seen.tolist(),
                                                     "acked": acker.acked, "lost": acker.lost}))
 
@@ -364,13 +368,23 @@ class Zygote:
         self._err.close()
 
 
+def _job_fn(name: str) -> Any:
+    """A job body of this module, or ``"module:function"`` from another test helper module."""
+    if ":" in name:
+        import importlib
+
+        module, _, fn = name.partition(":")
+        return getattr(importlib.import_module(module), fn)
+    return globals()[name]
+
+
 def _run_child(job: dict[str, Any]) -> None:
     os.setsid()
     os.dup2(2, 1)  # stdout is the zygote's reply channel
     os.environ.update(job.get("env", {}))
     code = 0
     try:
-        globals()[job["fn"]](job["cfg"])
+        _job_fn(job["fn"])(job["cfg"])
     except BaseException:
         traceback.print_exc()
         code = 1

@@ -146,7 +146,8 @@ def test_never_hands_out_leased_aborted_or_trained() -> None:
     assert got == [f"s{i:05d}" for i in range(4, 10)]
     assert not {lease.sample_id for lease in held} & set(got)
     # Leases held elsewhere are counted as undone: the pass ends early, on every rank alike.
-    assert len(sampler) == 8
+    assert sampler.remaining() == 8
+    assert len(sampler) == 10  # the whole epoch (the 2 aborted are not in it), as DistributedSampler counts
 
 
 def test_indices_carry_leases_and_pool_reads_them() -> None:
@@ -212,7 +213,8 @@ def test_reshard_2_to_3_mid_epoch_in_process() -> None:
     _prefetched = [next(it) for it in its]  # leased, never trained: the job dies here
     pool.reconcile(resume_step=4)
     samplers = [ReshardingSampler(pool, 3, r, seed=1) for r in range(3)]
-    assert [len(s) for s in samplers] == [(30 - 8) // 3] * 3
+    assert [s.remaining() for s in samplers] == [(30 - 8) // 3] * 3
+    assert [len(s) for s in samplers] == [30 // 3] * 3  # len() stays the full epoch's share
     rest = [pool.sample_id(i) for s in samplers for i in s]
     assert len(rest) == len(set(rest)) == 21 and not set(rest) & set(done)
     left = set(pool.sample_ids) - set(done) - set(rest)

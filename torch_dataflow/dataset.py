@@ -36,6 +36,7 @@ from .errors import ConfigError, CorruptSample, LeaseLost, ProducerSilent, Sampl
 from .ledger import Ledger, Plan, open_ledger
 from .ledger.base import check_step
 from .ledger.heartbeats import provably_dead, silent_message
+from .plan_tail import tail_step
 from .refs import Lease
 from .session import SessionMember
 from .stores import FeatureStore
@@ -105,8 +106,12 @@ class FeatureStoreDataset(SessionMember, IterableDataset):
     order. With several ranks the ledger materialises *global steps* of
     ``world_size × batch_size`` samples, one batch per rank, so assignment is
     disjoint and complete and every rank gets the same number of batches
-    (DDP never hangs); a tail smaller than one global step stays pending for
-    the next run and is logged. Give the dataset the DataLoader's
+    (DDP never hangs). The tail smaller than one global step is one last
+    step, padded as ``DistributedSampler(drop_last=False)`` pads: every tail
+    sample goes to one rank, each rank fills its batch with repeats under an
+    empty lease (trained twice, acked once; see :mod:`torch_dataflow.plan_tail`);
+    with ``FeatureLoader(drop_last=True)`` it stays pending instead, and is
+    logged. Give the dataset the DataLoader's
     ``batch_size`` (or use :class:`~torch_dataflow.loader.FeatureLoader`,
     which does it for you).
 
@@ -353,9 +358,12 @@ class FeatureStoreDataset(SessionMember, IterableDataset):
                 self._idle(since, warned, f"step {step} of plan {plan.key}")
                 continue
             if claim.status == "end":
-                if claim.tail and worker == 0 and rank == 0:
-                    log.warning("%d samples (less than one global step of %d x %d) stay pending for the next run",
-                                claim.tail, world, self.batch_size)
+                if not self.drop_last:  # the last, partial step, padded (plan_tail); the first
+                    # rank to get here records the tail's size: later ones see it already leased
+                    yield from tail_step(self, plan, rank, worker, epoch, claim.tail)
+                elif claim.tail and worker == 0 and rank == 0:
+                    log.warning("drop_last: %d samples (less than one global step of %d x %d) stay pending "
+                                "for the next run", claim.tail, world, self.batch_size)
                 return
             since, warned = time.monotonic(), [0.0]
             yield from self._fill_step(claim.leases, owner, epoch, rank, step)

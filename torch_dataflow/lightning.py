@@ -42,6 +42,14 @@ How it keeps training exactly-once (DESIGN invariant 2):
   ``reconcile(step of the checkpoint)`` — or ``reconcile(None)`` on a fresh
   start — and every rank waits at a barrier. Resume from the *newest*
   checkpoint: samples made durable by a newer one are not trained again.
+* **Epochs and the in-epoch batch counter** (:mod:`torch_dataflow.lightning_epochs`):
+  every source gets the resumed epoch at fit start and each epoch's number at
+  its start; after a mid-epoch restore, Lightning's batch counter is set so the
+  epoch ends when the ``ReshardingSampler`` runs out (``len(loader)`` is the
+  whole epoch); an epoch that ends inside an accumulation window gives that
+  window's leases back instead of acking them with the next epoch's step.
+  ``ReshardingSampler`` is a ``DistributedSampler``: Lightning's default
+  ``use_distributed_sampler=True`` leaves it in place.
 """
 
 from __future__ import annotations
@@ -58,6 +66,7 @@ from lightning.pytorch.plugins.io import CheckpointIO
 
 from .acking import Datasets, StepAcker
 from .errors import ConfigError
+from .lightning_epochs import align_restored_progress, checkpoint_epoch, set_source_epochs
 
 __all__ = ["FeatureAckCallback"]
 
@@ -117,27 +126,15 @@ class _DurableCheckpointIO(CheckpointIO):
         self.inner.teardown()
 
 
-_SAMPLER_FIX = ("Lightning's use_distributed_sampler=True (its default) wraps the ReshardingSampler in a "
-                "DistributedSampler: every rank would lease its whole share of the epoch but train only "
-                "1/world of it. Build the Trainer with Trainer(use_distributed_sampler=False); the "
-                "ReshardingSampler already shards by rank.")
-
-
-def _refuse_distributed_sampler(trainer: pl.Trainer, acker: StepAcker) -> None:
-    """ConfigError when Lightning would wrap a ReshardingSampler (a FeaturePool is acked) in a
-    DistributedSampler: checked at ``setup``, before the train loader exists or leases anything."""
-    from .pool import FeaturePool
-
-    conn = getattr(trainer, "_accelerator_connector", None)
-    if conn is None or not getattr(conn, "use_distributed_sampler", False) or not conn.is_distributed:
-        return
-    if any(isinstance(ds, FeaturePool) for ds in acker.datasets):
-        raise ConfigError(_SAMPLER_FIX)
+_SAMPLER_FIX = ("the ReshardingSampler is wrapped in another DistributedSampler: every rank would lease its "
+                "whole share of the epoch but train only 1/world of it. Give the DataLoader the "
+                "ReshardingSampler itself (it is a DistributedSampler, so Lightning's default "
+                "use_distributed_sampler=True leaves it in place).")
 
 
 def _refuse_wrapped_sampler(trainer: pl.Trainer) -> None:
-    """Second line (a pool acked through another callback): the train loader's sampler is a
-    DistributedSampler over a ReshardingSampler."""
+    """The train loader's sampler is a DistributedSampler over a ReshardingSampler (wrapped by
+    hand: Lightning does not wrap a ReshardingSampler, which is a DistributedSampler)."""
     from torch.utils.data import DistributedSampler
 
     from .sampler import ReshardingSampler
@@ -148,10 +145,32 @@ def _refuse_wrapped_sampler(trainer: pl.Trainer) -> None:
         list(loaders) if isinstance(loaders, (list, tuple)) else [loaders])
     for loader in flat:
         sampler = getattr(loader, "sampler", None)
-        if isinstance(sampler, DistributedSampler):
+        if isinstance(sampler, DistributedSampler) and not isinstance(sampler, ReshardingSampler):
             inner = getattr(sampler.dataset, "_sampler", None)  # Lightning's _DatasetSamplerWrapper
             if isinstance(inner, ReshardingSampler):
                 raise ConfigError(_SAMPLER_FIX)
+
+
+def _reset_resharded_progress(trainer: pl.Trainer) -> None:
+    """A mid-epoch resume over a :class:`ReshardingSampler`: the sampler's ``len`` is what
+    is left of the epoch (the ledger decides), while Lightning restored the count of
+    batches already run and would end the epoch when that count reaches ``len``,
+    leaving the rest pending. Start the in-epoch count from 0 so the epoch runs exactly
+    what is left."""
+    from .sampler import ReshardingSampler
+
+    loaders = trainer.train_dataloader
+    flat = loaders.flattened if hasattr(loaders, "flattened") else (
+        list(loaders.values()) if isinstance(loaders, Mapping) else
+        list(loaders) if isinstance(loaders, (list, tuple)) else [loaders])
+    resharded = any(isinstance(getattr(dl, "sampler", None), ReshardingSampler) or
+                    isinstance(getattr(getattr(dl, "batch_sampler", None), "sampler", None), ReshardingSampler)
+                    for dl in flat)
+    progress = trainer.fit_loop.epoch_loop.batch_progress
+    if resharded and progress.current.ready:
+        log.info("mid-epoch resume over a ReshardingSampler: running the %d batches left of the epoch "
+                 "(Lightning had restored %d)", trainer.num_training_batches, progress.current.ready)
+        progress.current.reset()
 
 
 class FeatureAckCallback(Callback):
@@ -193,6 +212,7 @@ class FeatureAckCallback(Callback):
         self.fsync = fsync
         self._trainer: pl.Trainer | None = None
         self._loaded: Mapping[str, Any] | None = None
+        self._ckpt_epoch = 0
         self._seen_step = 0
         self._main = threading.get_ident()
         self._lock = threading.Lock()
@@ -206,7 +226,6 @@ class FeatureAckCallback(Callback):
             return
         self._trainer = trainer
         self._main = threading.get_ident()
-        _refuse_distributed_sampler(trainer, self.acker)  # before any lease (the loader is not built yet)
         self.acker.rank = trainer.global_rank
         self.acker.barrier = lambda: trainer.strategy.barrier("torch_dataflow.reconcile")
         self._wrap_checkpoint_io(trainer)
@@ -233,15 +252,20 @@ class FeatureAckCallback(Callback):
         # The fit loop fetches its first batch before ``on_train_start``: reconcile here.
         if not self.acker.resumed:
             self.acker.resume(**self._resume_args(trainer))
+        # Lightning builds the loader's first iterator (with workers: leases) before it calls
+        # set_epoch, and never tells a dataset: give every source the epoch being resumed now.
+        set_source_epochs(self.acker.datasets, self._ckpt_epoch)
 
     def _resume_args(self, trainer: pl.Trainer) -> dict[str, Any]:
-        if self._loaded is not None:
-            return {"from_state": self._loaded}
+        self._ckpt_epoch = 0
         if trainer.ckpt_path is None:
-            return {"step": None}
+            return {"step": None} if self._loaded is None else {"from_state": self._loaded}
         # Strategies that restore after setup (DeepSpeed, FSDP) have not loaded our state yet.
         ckpt = getattr(trainer._checkpoint_connector, "_loaded_checkpoint", None) or \
             trainer.strategy.load_checkpoint(trainer.ckpt_path)
+        self._ckpt_epoch = checkpoint_epoch(ckpt)
+        if self._loaded is not None:
+            return {"from_state": self._loaded}
         state = (ckpt.get("callbacks") or {}).get(self.state_key)
         if state is not None:
             return {"from_state": state}
@@ -251,10 +275,19 @@ class FeatureAckCallback(Callback):
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         _refuse_wrapped_sampler(trainer)
+        _reset_resharded_progress(trainer)
         if self.acker.step != trainer.global_step:
             log.warning("ledger step %d differs from trainer.global_step %d", self.acker.step, trainer.global_step)
             self.acker.step = trainer.global_step
         self._seen_step = trainer.global_step
+        # Loops are restored now: the epoch Lightning resumes, and its in-epoch batch counter
+        # set to what the ledger has left (len(loader) is the whole epoch).
+        set_source_epochs(self.acker.datasets, trainer.fit_loop.epoch_progress.current.processed)
+        align_restored_progress(trainer)
+
+    def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        # Lightning sets the epoch of samplers only; an offline FeatureStoreDataset needs it too.
+        set_source_epochs(self.acker.datasets, trainer.fit_loop.epoch_progress.current.processed)
 
     # ------------------------------------------------------------ batches
     def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any,
@@ -279,6 +312,16 @@ class FeatureAckCallback(Callback):
         else:
             self.acker.step = step
         return True
+
+    def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._sync(trainer)
+        if pl_module.automatic_optimization and self.acker.pending():
+            # The loader stopped before len(loader) (the sampler had less left than a whole epoch)
+            # inside an accumulation window: Lightning never steps it and zeroes its gradients at
+            # the next epoch's first batch. Acking these at the next step would be a false ack.
+            n = self.acker.release("the epoch ended before their accumulation window reached an optimizer step")
+            log.warning("epoch %d ended inside an accumulation window: %d samples that no optimizer step "
+                        "used were given back (PENDING), not acked", trainer.current_epoch, n)
 
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._sync(trainer)

@@ -35,7 +35,7 @@ import torch
 from torch.utils.data import Dataset
 
 from .binding import check_store, consumer_store
-from .dataset import LEASE_KEY, SAMPLE_ID_KEY, ack_batch
+from .dataset import LEASE_KEY, SAMPLE_ID_KEY, ack_batch, lease_ids_of
 from .errors import ConfigError, CorruptSample, LeaseLost, SampleUnavailable
 from .ledger import Ledger, ReconcileReport, open_ledger
 from .ledger.base import parse_lease_id
@@ -308,6 +308,20 @@ class FeaturePool(SessionMember, Dataset):
         """
         return ack_batch(self.ledger, batch, step, strict=strict,
                          on_lost=lambda lost: self._check_fence(lost, f"ack of step {step}"))
+
+    def fail(self, batch: Any, *, retryable: bool = True, reason: str = "") -> list[str]:
+        """Give the samples of ``batch`` (a batch, or lease ids) back to PENDING (``retryable``)
+        or quarantine them; padded slots are skipped. Returns the lease ids already lost."""
+        return self.ledger.fail(lease_ids_of(batch), retryable=retryable, reason=reason)
+
+    def renew(self, batch: Any, ttl: float | None = None) -> list[str]:
+        """Extend the leases of ``batch`` by ``ttl`` seconds (default: the longest
+        ``lease_ttl`` of this pool's samplers); returns the ids already lost."""
+        if ttl is None:
+            from .sampler import samplers_of
+
+            ttl = max((s.lease_ttl for s in samplers_of(self)), default=300.0)
+        return self.ledger.renew(lease_ids_of(batch), ttl)
 
     def mark_durable(self, step: int, *, final: bool = False) -> None:
         """A checkpoint covering ``step`` is written: trained deliveries become

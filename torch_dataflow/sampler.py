@@ -39,17 +39,18 @@ Example:
 from __future__ import annotations
 
 import logging
+import weakref
 from collections.abc import Iterator
 
 import torch
-from torch.utils.data import Sampler
+from torch.utils.data import DistributedSampler
 
 from .errors import ConfigError, LeaseLost
 from .ledger import Plan
 from .pool import FeaturePool, PoolIndex
 from .refs import Lease
 
-__all__ = ["FeaturePool", "PoolIndex", "ReshardingSampler"]
+__all__ = ["FeaturePool", "PoolIndex", "ReshardingSampler", "samplers_of"]
 
 log = logging.getLogger(__name__)
 
@@ -58,6 +59,15 @@ log = logging.getLogger(__name__)
 _MAIN_ROUND = 1_000_000
 _TAIL_ROUND = 2_000_000
 _MAX_PASSES = 100_000
+
+# Every live sampler, so a training callback can reach the samplers of the pools it acks
+# before the loader is built (Lightning iterates the loader before it calls set_epoch).
+_LIVE: weakref.WeakSet[ReshardingSampler] = weakref.WeakSet()
+
+
+def samplers_of(pool: FeaturePool) -> list[ReshardingSampler]:
+    """The live :class:`ReshardingSampler` objects that sample ``pool``."""
+    return [s for s in list(_LIVE) if s.dataset is pool]
 
 
 def _dist_world_rank() -> tuple[int, int]:
@@ -73,20 +83,32 @@ def _check_rank(num_replicas: int, rank: int) -> None:
         raise ConfigError(f"Invalid rank {rank}, rank should be in the interval [0, {num_replicas - 1}]")
 
 
-class ReshardingSampler(Sampler[int]):
+class ReshardingSampler(DistributedSampler):
     """Lease-backed, resharding replacement for ``DistributedSampler``.
 
-    **Length.** Let ``R`` be the samples of the current epoch not yet
-    trained (all of them, in a fresh epoch). Each rank yields
-    ``R // num_replicas`` indices with ``drop_last=True`` (the tail,
-    ``R % num_replicas`` samples, stays pending: a resumed run picks it up,
-    and the next epoch is reshuffled) and ``ceil(R / num_replicas)`` with
-    ``drop_last=False`` — ``DistributedSampler``'s ``num_samples`` for a
-    dataset of ``R`` samples, equal on every rank. ``R`` is read from the
-    ledger once per (epoch, restart attempt), at the first ``len()`` or
-    ``iter()``, and kept: every rank must ask before any rank acks a sample of
-    the epoch, which DDP guarantees (an optimizer step needs every rank's
-    batch).
+    It *is* a ``DistributedSampler`` (a subclass that shares none of its
+    state), so Lightning's default ``use_distributed_sampler=True`` and
+    Fabric's ``setup_dataloaders`` leave it in place instead of wrapping it.
+
+    **Length.** ``len(sampler)`` (``num_samples``) is the *full* epoch's
+    per-rank count, as ``DistributedSampler`` reports it: with ``E`` the
+    epoch's samples (every committed sample not aborted or quarantined),
+    ``E // num_replicas`` with ``drop_last=True`` and ``ceil(E / num_replicas)``
+    with ``drop_last=False``, also after a restart in the middle of the epoch
+    (so ``len(loader)``-based schedules do not shrink). What an iteration
+    yields is :meth:`remaining`: with ``R`` the samples of the epoch not yet
+    trained (``R == E`` in a fresh epoch), ``R // num_replicas`` indices with
+    ``drop_last=True`` (the tail, ``R % num_replicas`` samples, stays pending:
+    a resumed run picks it up, and the next epoch is reshuffled) and
+    ``ceil(R / num_replicas)`` with ``drop_last=False`` — equal on every rank.
+    A loop that runs ``for batch in loader`` trains exactly the rest of the
+    epoch; one that counts to ``len(loader)`` must count to
+    ``remaining()``-based batches instead (the Lightning callback aligns
+    Lightning's restored in-epoch batch counter with it). ``E`` and ``R`` are
+    read from the ledger once per (epoch, restart attempt), at the first
+    ``len()``, ``remaining()`` or ``iter()``, and kept: every rank must ask
+    before any rank acks a sample of the epoch, which DDP guarantees (an
+    optimizer step needs every rank's batch).
 
     **Padding** (``drop_last=False`` only). The last row has ``R % world``
     real samples, as in ``DistributedSampler``; ranks ``>= R % world`` repeat
@@ -173,10 +195,16 @@ class ReshardingSampler(Sampler[int]):
         self.shuffle, self.seed, self.drop_last = bool(shuffle), int(seed), bool(drop_last)
         self.lease_ttl = float(lease_ttl)
         self.epoch = 0
-        self._remaining: dict[tuple[int, int], int] = {}  # (epoch, attempt) -> R
+        self._remaining: dict[tuple[int, int], tuple[int, int]] = {}  # (epoch, attempt) -> (R, E)
         self._passes: dict[tuple[int, int], int] = {}
         self._warned_freed = False
         self._begun: set[int] = set()
+        _LIVE.add(self)
+
+    def __setstate__(self, state: dict[str, object]) -> None:
+        # Unpickled in a spawned process (ddp_spawn, mp.spawn): reachable by the callback there too.
+        self.__dict__.update(state)
+        _LIVE.add(self)
 
     # ------------------------------------------------------------ rank and world (lazy)
     def _rank_world(self, *, freeze: bool) -> tuple[int, int]:
@@ -210,20 +238,27 @@ class ReshardingSampler(Sampler[int]):
 
     @property
     def num_samples(self) -> int:
-        """Indices this rank yields in the current epoch (``DistributedSampler.num_samples``)."""
+        """This rank's share of the whole current epoch (``DistributedSampler.num_samples``),
+        also after a mid-epoch restart; an iteration yields :meth:`remaining`."""
         world, _ = self._rank_world(freeze=True)
-        remaining, _ = self._snapshot()
-        if self.drop_last:
-            return remaining // world
-        return -(-remaining // world)
+        return self._per_rank(self._snapshot()[2], world)
+
+    def remaining(self) -> int:
+        """Indices an iteration of the current epoch yields on this rank: this rank's
+        share of what the epoch has not trained yet (``len(self)`` in a fresh epoch)."""
+        world, _ = self._rank_world(freeze=True)
+        return self._per_rank(self._snapshot()[0], world)
+
+    def _per_rank(self, n: int, world: int) -> int:
+        return n // world if self.drop_last else -(-n // world)
 
     @property
     def total_size(self) -> int:
         """Indices all ranks yield together (``DistributedSampler.total_size``)."""
         return self.num_samples * self.num_replicas
 
-    def _snapshot(self) -> tuple[int, int]:
-        """``(R, attempt)``: undone samples of the epoch, read once per (epoch, attempt)."""
+    def _snapshot(self) -> tuple[int, int, int]:
+        """``(R, attempt, E)``: undone and all samples of the epoch, read once per (epoch, attempt)."""
         ledger = self.dataset.ledger
         if self.epoch not in self._begun:  # idempotent in the ledger, but a write transaction
             ledger.begin_epoch(self.epoch, seed=self.seed, shuffle=self.shuffle)
@@ -234,7 +269,7 @@ class ReshardingSampler(Sampler[int]):
             # Claims turn PENDING into LEASED, so pending + leased does not move
             # while other ranks start; only acks lower it.
             c = ledger.counts(epoch=self.epoch)
-            self._remaining[key] = c.pending + c.leased
+            self._remaining[key] = (c.pending + c.leased, c.pending + c.leased + c.trained + c.durable)
             if c.freed and not self._warned_freed:
                 self._warned_freed = True
                 log.warning(
@@ -244,12 +279,13 @@ class ReshardingSampler(Sampler[int]):
                     c.freed,
                     ledger.uri,
                 )
-        return self._remaining[key], attempt
+        remaining, total = self._remaining[key]
+        return remaining, attempt, total
 
     # ------------------------------------------------------------ iteration
     def __iter__(self) -> Iterator[int]:
         world, rank = self._rank_world(freeze=True)
-        remaining, attempt = self._snapshot()
+        remaining, attempt, _ = self._snapshot()
         epoch = self.epoch
         rows = remaining // world
         tail = 0 if self.drop_last else remaining % world

@@ -25,6 +25,7 @@ __all__ = ["FREEQ_DDL", "REDIS_SCRIPTS", "RedisFreeQueue", "SQLiteFreeQueue"]
 
 FREEQ_DDL = ("CREATE TABLE IF NOT EXISTS free_queue(sample_id TEXT NOT NULL, gen INTEGER NOT NULL, "
              "ref TEXT NOT NULL, nbytes INTEGER NOT NULL, PRIMARY KEY(sample_id, gen))")
+RESIDENT_KEY = "resident"  # SQLite meta key / Redis meta field "rb": the resident-bytes counter
 
 
 class SQLiteFreeQueue:
@@ -39,15 +40,33 @@ class SQLiteFreeQueue:
 
     def pending_deletes(self, limit: int | None = None) -> list[SampleRef]:
         """Refs whose bytes no ledger entry needs and whose delete is not confirmed yet."""
-        q = "SELECT ref FROM free_queue ORDER BY rowid" + ("" if limit is None else f" LIMIT {int(limit)}")
+        q = "SELECT ref FROM free_queue ORDER BY rowid" + ("" if limit is None else f" LIMIT {max(0, int(limit))}")
         with self._tx() as con:
             return [SampleRef.from_json(r[0]) for r in con.execute(q)]
 
     def confirm_deleted(self, refs: Sequence[SampleRef]) -> int:
         """Drop exactly these ``(sample_id, generation)`` entries from the queue (idempotent)."""
+        n = gone = 0
         with self._tx() as con:
-            return con.executemany("DELETE FROM free_queue WHERE sample_id=? AND gen=?",
-                                   [(r.sample_id, r.generation) for r in refs]).rowcount
+            for key in dict.fromkeys((r.sample_id, r.generation) for r in refs):
+                row = con.execute("DELETE FROM free_queue WHERE sample_id=? AND gen=? RETURNING nbytes", key).fetchone()
+                if row is not None:
+                    n, gone = n + 1, gone + int(row[0])
+            self._add_resident(con, -gone)
+        return n
+
+    @staticmethod
+    def _add_resident(con: sqlite3.Connection, delta: int) -> None:
+        # A no-op until resident_bytes() has seeded the counter (then the seed includes this change).
+        if delta:
+            con.execute(f"UPDATE meta SET value=CAST(value AS INTEGER)+? WHERE key='{RESIDENT_KEY}'", (int(delta),))
+
+    @classmethod
+    def _count_committed(cls, con: sqlite3.Connection, refs: Sequence[SampleRef],
+                         new: Sequence[tuple[Any, ...]]) -> None:
+        """Add the bytes of the generations a commit made new (``new``: ``(sample_id, generation, ...)``)."""
+        added = {(x[0], x[1]) for x in new}
+        cls._add_resident(con, sum(int(r.nbytes) for r in refs if (r.sample_id, r.generation) in added))
 
     def sample_statuses(self, sample_ids: Sequence[str]) -> dict[str, Any]:
         """``sample_id -> SampleStatus`` of the ids the catalog knows (gc, audits)."""
@@ -62,38 +81,69 @@ class SQLiteFreeQueue:
         return out
 
     def resident_bytes(self) -> int:
-        """Bytes of committed generations not confirmed deleted: LIVE, QUARANTINED and queued."""
+        """Bytes of committed generations not confirmed deleted: LIVE, QUARANTINED and queued.
+
+        A counter in ``meta`` kept by every commit and confirm (O(1)); the first call on a
+        ledger without it (a new one, or one made before the counter) seeds it with a full sum."""
         from .base import SampleStatus
 
         with self._tx() as con:
+            row = con.execute("SELECT value FROM meta WHERE key=?", (RESIDENT_KEY,)).fetchone()
+            if row is not None:
+                return int(row[0])
             live = con.execute("SELECT coalesce(sum(json_extract(ref, '$.nbytes')), 0) FROM samples "
                                "WHERE status IN (?, ?) AND ref IS NOT NULL",
                                (int(SampleStatus.LIVE), int(SampleStatus.QUARANTINED))).fetchone()[0]
             queued = con.execute("SELECT coalesce(sum(nbytes), 0) FROM free_queue").fetchone()[0]
-        return int(live) + int(queued)
+            total = int(live) + int(queued)
+            con.execute("INSERT INTO meta VALUES (?, ?)", (RESIDENT_KEY, str(total)))
+        return total
 
 
 # The Redis side queues in the prelude's ``queue_free`` (redis_scripts.py), in the deciding script.
+# ARGV[5]=limit or '': with a limit, HSCAN only until that many (a long queue of parked
+# removals is not copied whole on every durable mark or producer wait)
 _PENDING = r"""
-local out = {}
-for i, v in ipairs(redis.call('HVALS', P..'fq')) do out[#out + 1] = v end
+local limit = tonumber(ARGV[5])
+if not limit then return redis.call('HVALS', P..'fq') end
+local out, seen, cursor = {}, {}, '0'
+repeat
+  local r = redis.call('HSCAN', P..'fq', cursor, 'COUNT', math.max(limit, 128))
+  cursor = r[1]
+  for i = 1, #r[2], 2 do
+    if #out < limit and not seen[r[2][i]] then seen[r[2][i]] = true; out[#out + 1] = r[2][i + 1] end
+  end
+until cursor == '0' or #out >= limit
 return out
 """
 
 # ARGV[5..]: "sid@gen" fields
 _CONFIRM = r"""
-local n = 0
-for i = 5, #ARGV do n = n + redis.call('HDEL', P..'fq', ARGV[i]) end
+local n, gone = 0, 0
+for i = 5, #ARGV do
+  local ref = redis.call('HGET', P..'fq', ARGV[i])
+  if ref then
+    redis.call('HDEL', P..'fq', ARGV[i])
+    n, gone = n + 1, gone + cjson.decode(ref).nbytes
+  end
+end
+if gone > 0 and redis.call('HEXISTS', P..'meta', 'rb') == 1 then
+  redis.call('HINCRBY', P..'meta', 'rb', string.format('%d', -gone))
+end
 return n
 """
 
+# the counter (O(1)); seeded by one full sum on a ledger that has none yet
 _RESIDENT = r"""
+local rb = redis.call('HGET', P..'meta', 'rb')
+if rb then return rb end
 local total = 0
 for _, sid in ipairs(redis.call('SUNION', P..'live', P..'qs')) do
   local ref = redis.call('HGET', P..'s:'..sid, 'ref')
   if ref then total = total + cjson.decode(ref).nbytes end
 end
 for _, ref in ipairs(redis.call('HVALS', P..'fq')) do total = total + cjson.decode(ref).nbytes end
+redis.call('HSET', P..'meta', 'rb', string.format('%d', total))
 return string.format('%d', total)
 """
 
@@ -112,9 +162,10 @@ class RedisFreeQueue:
     _run: Any
 
     def pending_deletes(self, limit: int | None = None) -> list[SampleRef]:
-        refs = sorted((SampleRef.from_json(t) for t in self._run("pending_deletes", [])),
-                      key=lambda r: (r.sample_id, r.generation))
-        return refs if limit is None else refs[: int(limit)]
+        if limit is not None and int(limit) < 1:
+            return []
+        got = self._run("pending_deletes", ["" if limit is None else str(int(limit))])
+        return sorted((SampleRef.from_json(t) for t in got), key=lambda r: (r.sample_id, r.generation))
 
     def confirm_deleted(self, refs: Sequence[SampleRef]) -> int:
         if not refs:

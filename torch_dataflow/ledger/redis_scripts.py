@@ -7,6 +7,7 @@ key                        type        content
 =========================  ==========  ============================================
 ``P meta``                 hash        schema, attempt, epoch, seq, verifier,
                                        ``ep:<e>`` (epoch begun), nctr (nonces)
+                                       rb (resident bytes, see free_queue.py)
 ``P s:<sid>``              hash        catalog: g(gen) c(committed) t(tomb)
                                        st(status) ref q(seq) why(reason)
 ``P stat``                 hash        catalog counts by status, ``c`` = committed
@@ -127,6 +128,12 @@ local function istr(x) return string.format('%d', x) end
 local function queue_free(ref)
   local r = cjson.decode(ref)
   redis.call('HSET', P..'fq', r.sample_id..'@'..string.format('%d', r.generation), ref)
+end
+-- resident bytes (free_queue.py): meta field rb, kept only once resident_bytes() seeded it
+local RB
+local function count_committed(ref)
+  if RB == nil then RB = redis.call('HEXISTS', P..'meta', 'rb') == 1 end
+  if RB then cnt(P..'meta', 'rb', cjson.decode(ref).nbytes) end
 end
 local function dkey(e, sid) return P..'d:'..e..':'..sid end
 local function skey(sid) return P..'s:'..sid end
@@ -335,6 +342,7 @@ for _, x in ipairs(todo) do
   seq = seq + 1
   local q = istr(seq)
   redis.call('HSET', skey(sid), 'c', gen, 'ref', ref, 'q', q, 'st', '0')
+  count_committed(ref)
   if why then redis.call('HDEL', skey(sid), 'why') end
   restat(sid, st, '0')
   local had = false  -- a never-committed id has no delivery anywhere

@@ -262,6 +262,7 @@ class SQLiteLedger(SQLiteFreeQueue, SQLiteFencing, SQLiteProducers, SQLiteQuerie
                 [(epoch, s, g, P, q) for s, g, q in new_ids])
             self._set_meta(con, "seq", seq)
             self._queue_free(con, superseded)
+            self._count_committed(con, refs, new_ids)  # resident bytes (free_queue.py)
         return superseded
 
     def register_producer(self, name: str, info: dict[str, Any] | None = None) -> None:

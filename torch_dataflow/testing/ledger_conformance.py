@@ -22,6 +22,7 @@ import pytest
 from ..errors import AuthError, ConfigError, SampleAborted
 from ..ledger.base import Ledger, Plan
 from ..refs import SampleRef
+from .free_queue_conformance import FreeQueueConformance
 
 __all__ = ["LedgerConformance", "commit_ids", "fake_ref"]
 
@@ -42,7 +43,7 @@ def _ids(n: int, prefix: str = "s") -> list[str]:
     return [f"{prefix}{i:05d}" for i in range(n)]
 
 
-class LedgerConformance:
+class LedgerConformance(FreeQueueConformance):
     """Base class of the ledger conformance tests; override the two hooks."""
 
     def make_ledger(self, **kw: Any) -> Ledger:
