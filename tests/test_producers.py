@@ -125,6 +125,30 @@ def test_resume_put_returns_existing_ref_and_skips_trained() -> None:
     assert again.missing(["a0", "a5", "a9"]) == ["a9"]
 
 
+def test_resume_puts_again_what_the_store_lost_before_training(tmp_path: Path) -> None:
+    """Committed ids whose bytes vanished (Mooncake objects die with their writer's
+    segment) are missing for a resumed producer, unless already trained."""
+    store, ledger = f"file://{tmp_path}/feats", f"sqlite://{tmp_path}/l.db"
+    with FeatureWriter(store, ledger, name="gen") as w:
+        refs = [w.put(f"b{i}", {"x": torch.full((2,), float(i))}) for i in range(4)]
+    led = open_ledger(ledger)
+    [lease] = [x for x in led.lease("t", 4, ttl=30) if x.sample_id == "b0"] or [None]
+    led.ack([lease.lease_id], step=1)  # b0 trained (not yet durable), the rest given back by expiry below
+    led.fail([x.lease_id for x in led.leases() if x.sample_id != "b0"], retryable=True)
+    for r in refs[:3]:  # b0 (trained), b1, b2 lose their bytes; b3 keeps them
+        os.unlink(next((tmp_path / "feats").rglob(f"*{r.sample_id}*")))
+    again = FeatureWriter(store, ledger, name="gen", resume=True)
+    assert again.missing(["b0", "b1", "b2", "b3", "b4"]) == ["b1", "b2", "b4"]
+    assert again.put("b1", {"x": torch.full((2,), 1.0)}).generation == 2
+    assert [r.generation for r in again.put_many([(s, {"x": torch.ones(2)}) for s in ("b0", "b2", "b3")])] == [1, 2, 1]
+    again.close()
+    ds = FeatureStoreDataset(store, ledger, batch_size=1, idle_timeout=5)
+    got = sorted(b[SAMPLE_ID_KEY][0] for b in DataLoader(ds, batch_size=1))
+    assert got == ["b1", "b2", "b3"]  # b0 trained once already, the lost ones delivered, none quarantined
+    assert led.counts().quarantined == 0
+    led.close()
+
+
 def test_idle_timeout_names_remote_producer_and_close_stream_cli(tmp_path: Path,
                                                                  capsys: pytest.CaptureFixture[str]) -> None:
     store, ledger = f"file://{tmp_path}/store", f"sqlite://{tmp_path}/ledger.db"

@@ -353,8 +353,8 @@ def _gc(args: argparse.Namespace) -> int:
     verb = "would remove" if rep.dry_run else "removed"
     queued = f"{rep.queued_left} queued deletes pending" if rep.dry_run else \
         f"{rep.queued_deleted} queued deletes done, {rep.queued_left} still queued"
-    print(f"{queued}; {verb} {rep.orphans} orphaned generations ({rep.orphan_bytes} bytes); "
-          f"{rep.young} younger than --grace {args.grace:g}s kept")
+    print(f"{queued}; {verb} {rep.orphans} orphaned generations ({rep.orphan_bytes} bytes) and "
+          f"{rep.temp_files} temporary files of killed writers; {rep.young} younger than --grace {args.grace:g}s kept")
     for sid, gen in rep.removed:
         print(f"  {sid} generation {gen}")
     return 0

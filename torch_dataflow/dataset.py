@@ -480,17 +480,18 @@ class FeatureStoreDataset(SessionMember, IterableDataset):
         ``final`` (the run's last checkpoint, training is over), everything up to
         ``step`` is freed. Returns how many were freed."""
         freed = self.ledger.mark_durable(step, free=self.mode == "online", retain=not final, fence=self._fence)
-        self._drain(freed)
+        self._drain(freed, force=final)
         return len(freed)
 
-    def _drain(self, freed: Sequence[Any]) -> None:
-        """Delete what the ledger queued (these refs, and any a crashed process left queued)."""
+    def _drain(self, freed: Sequence[Any], *, force: bool = False) -> None:
+        """Delete what the ledger queued (these refs, and any a crashed process left queued);
+        ``force`` (the run's end): removals do not wait for read leases."""
         from .gc import drain_deletes
 
         if self.mode != "online":
             return
-        drain_deletes(self.ledger, self.store, freed)
-        drain_deletes(self.ledger, self.store, limit=1024)
+        drain_deletes(self.ledger, self.store, freed, force=force)
+        drain_deletes(self.ledger, self.store, limit=1024, force=force)
 
     def reconcile(self, resume_step: int | None, *, session: Mapping[str, Any] | None = None,
                   takeover: bool = False, strict: bool = True) -> Any:

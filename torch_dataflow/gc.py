@@ -41,9 +41,10 @@ log = logging.getLogger(__name__)
 
 
 def drain_deletes(ledger: Ledger, store: FeatureStore, refs: Iterable[SampleRef] | None = None, *,
-                  limit: int | None = None) -> tuple[int, int]:
+                  limit: int | None = None, force: bool = False) -> tuple[int, int]:
     """Delete queued refs (``refs``: just these, else the queue) and confirm each delete
-    that finished; a failed or parked one stays queued for the next drain.
+    that finished; a failed or parked one stays queued for the next drain (``force``:
+    removals are not parked behind read leases, see :meth:`FeatureStore.settle`).
     Never raises for a delete error. Returns ``(confirmed, still_queued)``."""
     todo = list(refs) if refs is not None else ledger.pending_deletes(limit)
     done, left = [], 0
@@ -52,7 +53,7 @@ def drain_deletes(ledger: Ledger, store: FeatureStore, refs: Iterable[SampleRef]
             left += 1  # written to another store (a mixed ledger): its own store's drain handles it
             continue
         try:
-            gone = store.settle(ref)
+            gone = store.settle(ref, force=force)
         except Exception as e:  # noqa: BLE001 - logged; the queue keeps it
             log.warning("delete of %s generation %d in %s failed (%s); it stays queued and is retried",
                         ref.sample_id, ref.generation, store.uri, e)
@@ -80,12 +81,13 @@ class GcReport:
     orphans: int = 0
     orphan_bytes: int = 0
     young: int = 0  # unneeded but younger than the grace period: kept for now
+    temp_files: int = 0  # temporary files of writers killed mid-write, older than the grace period
     removed: list[tuple[str, int]] = field(default_factory=list)
     dry_run: bool = False
 
     def as_dict(self) -> dict[str, Any]:
         return {"queued_deleted": self.queued_deleted, "queued_left": self.queued_left, "orphans": self.orphans,
-                "orphan_bytes": self.orphan_bytes, "young": self.young, "dry_run": self.dry_run}
+                "orphan_bytes": self.orphan_bytes, "young": self.young, "temp_files": self.temp_files, "dry_run": self.dry_run}
 
 
 def collect(store: str | FeatureStore, ledger: str | Ledger, *, grace_s: float = 3600.0,
@@ -107,7 +109,7 @@ def collect(store: str | FeatureStore, ledger: str | Ledger, *, grace_s: float =
     if dry_run:
         rep.queued_left = len(queue)
     else:
-        rep.queued_deleted, rep.queued_left = drain_deletes(led, st, queue)
+        rep.queued_deleted, rep.queued_left = drain_deletes(led, st, queue, force=True)
     keys = st.keys()
     needed = _needed(led, sorted({sid for sid, _ in keys}))
     now = time.time()
@@ -123,6 +125,9 @@ def collect(store: str | FeatureStore, ledger: str | Ledger, *, grace_s: float =
         if not dry_run:
             st.delete(SampleRef(sid, gen, st.uri, (), 0, ""))
         rep.removed.append((sid, gen))
+    sweep = getattr(st, "sweep_temp", None)  # file stores: half-written files of a killed writer
+    if sweep is not None:
+        rep.temp_files = sweep(older_than_s=grace_s, dry_run=dry_run)
     return rep
 
 

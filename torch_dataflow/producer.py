@@ -150,8 +150,38 @@ class FeatureWriter:
         """The ids not yet committed (in input order): what a resumed producer
         still has to generate. One ledger lookup for the batch."""
         ids = list(sample_ids)
-        done = self.ledger.committed_refs(ids)
+        done = self._kept(self.ledger.committed_refs(ids))
         return [s for s in ids if s not in done]
+
+    def _kept(self, committed: dict[str, SampleRef]) -> dict[str, SampleRef]:
+        """The committed refs a resumed producer may skip: all but those whose bytes
+        the store lost before they were trained (e.g. objects in the Mooncake segment
+        of a producer that died), which must be put again, else they never train."""
+        from .ledger.base import SampleStatus
+
+        if not committed:
+            return committed
+        statuses = self.ledger.sample_statuses(list(committed))
+        unread = (SampleStatus.LIVE, SampleStatus.QUARANTINED)  # FREED: trained, gone on purpose
+        gone = [sid for sid, ref in committed.items() if statuses.get(sid) in unread and not self._has(ref)]
+        if not gone:
+            return committed
+        trained = self.ledger.trained_steps()  # trained already: putting it again would train it twice
+        lost = {sid for sid in gone if sid not in trained}
+        if lost:
+            log.warning("%d committed samples of %s lost their bytes before training (first: %s); putting them "
+                        "again", len(lost), self.store.uri, sorted(lost)[0])
+        return {sid: ref for sid, ref in committed.items() if sid not in lost}
+
+    def _has(self, ref: SampleRef) -> bool:
+        from .gc import _same_store
+
+        if ref.store and ref.store != self.store.uri and not _same_store(ref, self.store):
+            return True  # another store's bytes (a mixed ledger): not this writer's to judge
+        try:
+            return self.store.readable(ref)
+        except Exception:  # noqa: BLE001 - unknown is not lost: never re-put on a doubt
+            return True
 
     def _over_budget(self, incoming: int) -> str | None:
         """Ask the store and ledger; on room, keep the margin as credit for later puts."""
@@ -239,7 +269,7 @@ class FeatureWriter:
         self._refuse_oversize(incoming)
         self._register()
         if self.resume if if_absent is None else if_absent:
-            existing = self.ledger.committed_refs([sample_id]).get(sample_id)
+            existing = self._kept(self.ledger.committed_refs([sample_id])).get(sample_id)
             if existing is not None:
                 self.skipped += 1
                 self._heartbeat()
@@ -278,7 +308,7 @@ class FeatureWriter:
         incoming = sum(sizes)
         self._register()
         if self.resume:
-            existing = self.ledger.committed_refs([sid for sid, _, _ in batch])
+            existing = self._kept(self.ledger.committed_refs([sid for sid, _, _ in batch]))
             if existing:
                 todo = [b for b in batch if b[0] not in existing]
                 self.skipped += len(batch) - len(todo)

@@ -122,6 +122,8 @@ class _Client:
     pending: dict[str, tuple[str, float]] = field(default_factory=dict)
     # transfer=staging: one registered arena per client, guarded by ``lock``.
     arena: Any = None
+    # A small registered buffer for readability probes (MooncakeStore.readable), guarded by ``lock``.
+    probe_buf: Any = None
 
     # ----------------------------------------------------------- connection
     def connect(self) -> Any:
@@ -192,6 +194,22 @@ class _Client:
                 self.arena = arena  # registered until the client closes
             return self.arena
 
+    def probe(self, key: str, nbytes: int = 16) -> int:
+        """Read the first ``nbytes`` of ``key`` into a small registered buffer: the
+        transfer's return code (``nbytes`` when the bytes are really readable)."""
+        with self.lock:
+            store = self.connect()
+            if self.probe_buf is None:
+                import torch
+
+                buf = torch.empty(4096, dtype=torch.uint8)
+                rc = store.register_buffer(buf.data_ptr(), buf.numel())
+                if rc != OK:
+                    raise BackendUnavailable(f"registering a probe buffer failed: {code_name(rc)}")
+                self.probe_buf = buf  # registered until the client closes
+            ptr = self.probe_buf.data_ptr()
+            return int(store.get_into_ranges([ptr], [[key]], [[[0]]], [[[0]]], [[[nbytes]]])[0][0][0])
+
     @contextmanager
     def registered(self, ranges: Sequence[tuple[int, int]]) -> Iterator[bool]:
         """Register ``ranges`` for the duration; yields ``False`` if any could not be."""
@@ -261,10 +279,12 @@ class _Client:
                 warnings.warn(msg, RuntimeWarning, stacklevel=2)
             store, self.store = self.store, None
             self.mounted = False
-            self.arena = None
+            kept = (self.arena, self.probe_buf)  # registered memory outlives the client using it
+            self.arena = self.probe_buf = None
             self.written.clear()
             self.pending.clear()
         store.close()
+        del kept
 
 
 _LOCK = threading.Lock()

@@ -170,10 +170,12 @@ class FeatureStore(ABC):
         self._check_auth()
         return self._delete(ref.sample_id, ref.generation)
 
-    def settle(self, ref: SampleRef) -> bool:
+    def settle(self, ref: SampleRef, *, force: bool = False) -> bool:
         """Delete ``ref``'s generation and say whether its bytes are really gone (or
         were never the store's to free): what the ledger's delete queue confirms.
-        ``False``: still there (an error, a removal parked behind a read lease)."""
+        ``False``: still there (an error, a removal parked behind a read lease).
+        ``force``: do not wait for read leases (the ledger freed ``ref``, so only a
+        stale reader can hold one); stores without leases ignore it."""
         self.delete(ref)
         return not self.exists(ref)
 
@@ -181,6 +183,11 @@ class FeatureStore(ABC):
         """Whether ``ref``'s generation is readable now."""
         self._check_auth()
         return self._exists(ref.sample_id, ref.generation)
+
+    def readable(self, ref: SampleRef) -> bool:
+        """Whether ``ref``'s bytes can really be read now, not only listed (a resumed
+        producer's check for bytes lost with a dead writer). Default: :meth:`exists`."""
+        return self.exists(ref)
 
     def keys(self) -> list[tuple[str, int]]:
         """Every ``(sample_id, generation)`` held (for gc, status and leak checks)."""

@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import os
 import time
-import uuid
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from typing import Any
 
@@ -58,7 +57,7 @@ _QUERY = {
 }
 _AUTH_KEY = ".auth"  # sample ids may not start with '.', so this never collides
 _NO_SECRET = "none"
-_ID_KEY = ".id"  # the store id object (see store_id)
+_REVERIFY_S = 1.0  # a client that found no auth verifier and could not record one looks again this often
 _PUT_ATTEMPTS = 6  # transfer failures retried with backoff for ~3 s in all
 
 
@@ -165,6 +164,7 @@ class MooncakeStore(FeatureStore):
         self._c: mc._Client | None = None
         self._pid = -1
         self._last_gc = 0.0
+        self._unverified_at: float | None = None  # no verifier found and none recordable (see _attach)
 
     @classmethod
     def from_uri(cls, uri: str, **overrides: Any) -> MooncakeStore:
@@ -199,34 +199,38 @@ class MooncakeStore(FeatureStore):
             recorded = bytes(store.get(key)).decode("utf-8")
             if not recorded and store.get_size(key) >= 0:
                 # Listed but unreadable: it lived in the segment of a client that died.
-                # Lost with it; the next client to attach records the namespace's secret again.
+                # Lost with it; the next client that holds a segment records it again.
                 mc.log.warning("the auth verifier of %s was lost with its holder; recording it again", self.uri)
                 store.remove(key, True)
-            if not recorded:
+            if not recorded and (client.mounted or self.cfg.segment_size > 0):
                 # The first client fixes the namespace's secret, or its absence ("none"),
                 # so a secret given to a store created without one is refused too.
                 client.ensure_segment()
                 mark = _NO_SECRET if self.secret is None else make_verifier(self.secret)
                 recorded = _put_first_wins(client, key, mark, f"the auth verifier of {self.uri}", strict=True)
-        verifier = None if recorded == _NO_SECRET else recorded
-        self._guard = SecretGuard.attach(self.secret, verifier, f"store {self.uri}")
+        if recorded:
+            verifier = None if recorded == _NO_SECRET else recorded
+            self._guard = SecretGuard.attach(self.secret, verifier, f"store {self.uri}")
+            self._unverified_at = None
+        else:
+            # A reader (no segment) before any writer, or after the verifier's holder died:
+            # it cannot hold the verifier, so it checks again until a writer has recorded it.
+            self._guard = SecretGuard(f"store {self.uri}", None, None)
+            self._unverified_at = time.monotonic()
         self._c, self._pid = client, os.getpid()
 
+    def _check_auth(self) -> None:
+        if self._unverified_at is not None and time.monotonic() - self._unverified_at >= _REVERIFY_S:
+            self._guard = None  # look for a verifier a writer recorded since
+        super()._check_auth()
+
     def store_id(self) -> str:
-        """``mooncake:<uuid>``, kept as the object ``<namespace>/.id`` (first client wins,
-        like the auth verifier). Like every object it lives in its writer's segment: if
-        that client dies the id is lost with its samples and the next one is new."""
-        c = self._client()
-        self._check_auth()
-        key, store = f"{self.namespace}/{_ID_KEY}", c.store
-        with c.lock:
-            recorded = bytes(store.get(key)).decode("utf-8")
-            if not recorded and store.get_size(key) >= 0:
-                store.remove(key, True)  # listed but unreadable: lost with its holder
-            if not recorded:
-                c.ensure_segment()
-                recorded = _put_first_wins(c, key, uuid.uuid4().hex, f"the store id of {self.uri}", strict=False)
-        return "mooncake:" + recorded
+        """``mooncake:<namespace>``: the namespace is the store (the master is reached
+        by address, so a mistyped one fails to connect). Derived, not kept as an object:
+        every object lives in its writer's segment, and an id lost with a dead producer
+        would make its restart look like another store."""
+        self._check_auth()  # the master answers and this client may use the namespace
+        return "mooncake:" + self.namespace
 
     def _staging(self, nbytes: int) -> torch.Tensor | None:
         """The client's registered arena when ``transfer=staging`` and the blob fits, else ``None``."""
@@ -441,15 +445,17 @@ class MooncakeStore(FeatureStore):
         self._maybe_gc()
         return removed
 
-    def settle(self, ref: SampleRef) -> bool:
+    def settle(self, ref: SampleRef, *, force: bool = False) -> bool:
         """Remove ``ref``'s object; ``True`` only once it is gone from the master (a removal
-        parked behind a read lease is not settled: the ledger keeps it queued)."""
+        parked behind a read lease is not settled: the ledger keeps it queued). ``force``
+        removes it under a read lease too (the end of a run, ``torch-dataflow gc``): the
+        ledger freed it, so a lease is a finished read's or a stale reader's."""
         self._check_auth()
         key = self._key(ref.sample_id, ref.generation)
         self._delete(ref.sample_id, ref.generation)
         c = self._client()
         if key in c.pending:
-            self.gc()
+            self.gc(force=force)
         return key not in c.pending and int(c.store.is_exist(key)) == 0
 
     def gc(self, *, force: bool = False) -> int:
@@ -468,6 +474,15 @@ class MooncakeStore(FeatureStore):
         if rc < 0:
             raise mc.status_error(rc, "is_exist", key)
         return rc == 1
+
+    def readable(self, ref: SampleRef) -> bool:
+        """Listed and really readable: after its writer's SIGKILL an object stays listed
+        (``is_exist`` 1) for the master's client TTL while every read fails, so this
+        reads its first bytes (a ranged read of 16 bytes, ``TRANSFER_FAIL`` if its segment died)."""
+        if not self.exists(ref):
+            return False
+        n = min(16, ref.nbytes) or 1
+        return self._client().probe(self._key(ref.sample_id, ref.generation), n) == n
 
     def _keys(self) -> Iterator[tuple[str, int]]:
         """Keys this process wrote and that still exist (freed ones are never listed).

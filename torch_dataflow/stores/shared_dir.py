@@ -372,8 +372,9 @@ class SharedDirStore(FeatureStore):
             count += 1
         return StoreHealth(resident_bytes=size, count=count)
 
-    def sweep_temp(self, older_than_s: float = 3600.0) -> int:
-        """Delete temporary files left by crashed writers; return how many.
+    def sweep_temp(self, older_than_s: float = 3600.0, *, dry_run: bool = False) -> int:
+        """Delete temporary files left by crashed writers; return how many
+        (with ``dry_run``: how many would go, deleting nothing).
 
         Only files older than ``older_than_s`` go, so a write in progress in
         another process is never removed from under it.
@@ -389,7 +390,8 @@ class SharedDirStore(FeatureStore):
                         continue
                     try:
                         if e.stat(follow_symlinks=False).st_mtime < cutoff:
-                            os.unlink(e.path)
+                            if not dry_run:
+                                os.unlink(e.path)
                             removed += 1
                     except FileNotFoundError:
                         continue

@@ -197,7 +197,7 @@ class SpecForgeDirStore(FeatureStore):
     def _delete(self, sample_id: str, generation: int) -> bool:
         return False  # the files are the directory owner's, never the ledger's to free
 
-    def settle(self, ref: SampleRef) -> bool:
+    def settle(self, ref: SampleRef, *, force: bool = False) -> bool:
         """Nothing to delete here (the files are the directory owner's): always settled."""
         self._check_auth()
         return True

@@ -58,9 +58,9 @@ def _kill_before_deletes(store_uri: str) -> None:
     cls = resolve_backend(store_uri, STORE_SCHEMES, "store")
     inner = cls.settle
 
-    def settle(self: Any, ref: Any) -> bool:
+    def settle(self: Any, ref: Any, **kw: Any) -> bool:
         tp.maybe_die("before_delete")
-        return bool(inner(self, ref))
+        return bool(inner(self, ref, **kw))
 
     cls.settle = settle
 
