@@ -97,6 +97,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--max-len", type=int, default=64)
     args = p.parse_args(argv)
+    args.workdir = args.workdir.resolve()  # a relative --workdir is fine: URIs get the absolute path
     if (args.workdir / "ledger.db").exists():
         raise SystemExit(f"{args.workdir} holds an earlier run: remove it or pick another --workdir")
     torch.set_num_threads(1)

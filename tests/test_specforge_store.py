@@ -326,6 +326,9 @@ def test_from_specforge_modes(tmp_path: Path) -> None:
     assert isinstance(in_place.store, SpecForgeDirStore) and len(in_place) == 6
     # copy=True (inferred for any other store): the imported pool, unchanged behaviour.
     copied_store, copied_ledger = f"file://{tmp_path / 'copy'}", f"sqlite://{tmp_path / 'copy.db'}"
+    # Before the import step: a clear refusal, not a pool of 6 that delivers nothing.
+    with pytest.raises(ConfigError, match="6 of 6 files .* not committed.*import_directory"):
+        FeaturePool.from_specforge(src, copied_store, copied_ledger)
     import_directory(src, copied_store, copied_ledger, progress=False)
     copied = FeaturePool.from_specforge(src, copied_store, copied_ledger)
     assert copied.store.uri == copied_store

@@ -79,6 +79,21 @@ class PoolIndex(int):
         return f"PoolIndex({int(self)}, lease_id={self.lease_id!r})"
 
 
+def _require_imported(root: Any, ids: Sequence[str], store: FeatureStore, ledger: Ledger) -> None:
+    """Refuse a copied pool whose files were never imported (it would list them and deliver nothing)."""
+    from .ledger.base import SampleStatus
+
+    statuses = ledger.sample_statuses(ids)
+    missing = [sid for sid in ids if statuses.get(sid, SampleStatus.RESERVED) == SampleStatus.RESERVED]
+    if missing:
+        raise ConfigError(
+            f"{len(missing)} of {len(ids)} files of {root} are not committed to {ledger.uri} "
+            f"(first: {missing[0]!r}): import the directory first, "
+            f"import_directory({str(root)!r}, {store.uri!r}, {ledger.uri!r}), or read it in place "
+            "with FeaturePool.from_specforge(directory, ledger=...)"
+        )
+
+
 class FeaturePool(SessionMember, Dataset):
     """Committed samples of a store + ledger as a map-style dataset.
 
@@ -186,7 +201,11 @@ class FeaturePool(SessionMember, Dataset):
             opened = in_place
         elif opened is None:
             raise ConfigError("copy=True needs the store the directory was imported into")
-        return cls(opened, ledger, sample_ids=[ds.sample_id(i) for i in range(len(ds))], zero_copy=zero_copy)
+        ids = [ds.sample_id(i) for i in range(len(ds))]
+        if copy:
+            ledger = open_ledger(ledger)
+            _require_imported(ds.root, ids, opened, ledger)
+        return cls(opened, ledger, sample_ids=ids, zero_copy=zero_copy)
 
     def _discover(self) -> list[str]:
         latest: dict[str, int] = {}
