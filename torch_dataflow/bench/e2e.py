@@ -65,7 +65,11 @@ def one_run(
     """
     store, ledger = f"file://{tmp}/{tag}-store", f"sqlite://{tmp}/{tag}-ledger.db"
     nbytes = s * (8 + 8 + 2 * h + 6 * h)  # payload bytes: int64 ids + mask, bf16 [S,H] + [S,3H]
-    budget = None if prefilled else max(4, 4 * batch) * nbytes
+    # The budget must exceed what the loader keeps in flight un-acked (each worker's
+    # prefetched batches, a partial batch per worker, the batch in the step), else an
+    # in-order DataLoader can wait on a worker that waits for room: a deadlock.
+    in_flight = (max(workers, 1) * 2 + 2) * batch
+    budget = None if prefilled else max(4, 4 * batch, in_flight + batch) * nbytes
     ctx = mp_context()
     ready, go, out = ctx.Event(), ctx.Event(), ctx.Queue()
     proc = ctx.Process(target=_producer, args=(store, ledger, n, s, h, budget, ready, go, out), daemon=True)
