@@ -13,6 +13,7 @@ $(STAMP): pyproject.toml
 	$(BIN)/pip install -q --upgrade pip
 	$(BIN)/pip install -q torch==2.13.0          # the CPU wheel first: unpinned torch pulls a 3 GB CUDA build
 	$(BIN)/pip install -q -e '.[dev]'
+	$(BIN)/pip install -q --no-deps specforge==0.2.0
 	touch $(STAMP)
 
 setup: $(STAMP)

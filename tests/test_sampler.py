@@ -61,12 +61,7 @@ def test_same_partition_as_distributed_sampler_without_shuffle(world: int, n: in
     ours = _ranks(pool, world, shuffle=False, drop_last=drop_last)
     theirs = [list(DistributedSampler(range(n), world, r, shuffle=False, drop_last=drop_last)) for r in range(world)]
     assert [len(x) for x in ours] == [len(x) for x in theirs]
-    padded = not drop_last and n % world
-    if not padded:
-        assert ours == theirs
-    else:  # the padded slot repeats the rank's own previous index (its lease is acked once)
-        assert [x[:-1] for x in ours] == [x[:-1] for x in theirs]
-        assert ours[0][-1] == theirs[0][-1] and ours[1][-1] == ours[1][-2]
+    assert ours == theirs  # padded slots too: the head of the global list, as DistributedSampler pads
 
 
 @pytest.mark.parametrize("world", [1, 2])
@@ -165,12 +160,12 @@ def test_indices_carry_leases_and_pool_reads_them() -> None:
     assert "__lease__" not in plain and int(plain["i"]) == 2 and int(pool[-1]["i"]) == 2
 
 
-def test_padding_repeats_own_lease_and_counts_once() -> None:
+def test_padding_repeats_the_head_without_a_lease_and_counts_once() -> None:
     pool = _memory_pool(5)
     samplers = [ReshardingSampler(pool, 2, r, shuffle=False, drop_last=False) for r in range(2)]
     out = [list(s) for s in samplers]
     assert [len(x) for x in out] == [3, 3]
-    assert out[1][-1] is out[1][-2]  # the pad is the rank's own previous index, same lease
+    assert int(out[1][-1]) == 0 and out[1][-1].lease_id == ""  # DistributedSampler's pad: the head, no lease
     for r, indices in enumerate(out):
         batch = [pool[i] for i in indices]
         assert pool.ack(batch, step=r + 1, strict=True) == []
@@ -204,7 +199,7 @@ def test_expired_slot_is_padded_so_ranks_stay_even() -> None:
 
 def test_reshard_2_to_3_mid_epoch_in_process() -> None:
     pool = _memory_pool(30)
-    its = [iter(ReshardingSampler(pool, 2, r, seed=1)) for r in range(2)]
+    its = [iter(ReshardingSampler(pool, 2, r, seed=1, drop_last=True)) for r in range(2)]
     done = []
     for step in range(1, 5):  # four steps of one sample per rank, acked
         batch = [pool[next(it)] for it in its]
@@ -212,7 +207,7 @@ def test_reshard_2_to_3_mid_epoch_in_process() -> None:
         done += [b["__sample_id__"] for b in batch]
     _prefetched = [next(it) for it in its]  # leased, never trained: the job dies here
     pool.reconcile(resume_step=4)
-    samplers = [ReshardingSampler(pool, 3, r, seed=1) for r in range(3)]
+    samplers = [ReshardingSampler(pool, 3, r, seed=1, drop_last=True) for r in range(3)]
     assert [s.remaining() for s in samplers] == [(30 - 8) // 3] * 3
     assert [len(s) for s in samplers] == [30 // 3] * 3  # len() stays the full epoch's share
     rest = [pool.sample_id(i) for s in samplers for i in s]

@@ -189,6 +189,9 @@ def _add_status(sub: Any) -> None:
     )
     p.add_argument("--limit", type=_positive_int, default=20, help="quarantined samples to list (default 20)")
     p.add_argument("--json", action="store_true", help="machine-readable output")
+    p.add_argument("--watch", action="store_true",
+                   help="a live view (needs rich), refreshed every --interval seconds (default 2); with --json, "
+                   "one JSON snapshot per line")
     p.set_defaults(func=_status)
 
 
@@ -197,6 +200,10 @@ def _status(args: argparse.Namespace) -> int:
 
     if args.interval < 0:
         raise DataflowError(f"--interval must be >= 0, got {args.interval}")
+    if args.watch:
+        from .status_watch import watch
+
+        return watch(args.ledger, args.store, interval=args.interval or 2.0, as_json=args.json)
     snap = collect_status(args.ledger, args.store, interval=args.interval, limit=args.limit)
     print(json.dumps(snap, indent=2) if args.json else format_status(snap))
     return 0

@@ -36,6 +36,8 @@ from .errors import ConfigError, CorruptSample, LeaseLost, ProducerSilent, Sampl
 from .ledger import Ledger, Plan, open_ledger
 from .ledger.base import check_step
 from .ledger.heartbeats import provably_dead, silent_message
+from .length_batching import FREE_ROUND, check_length_batching, order_plan
+from .metrics import _record as _metrics
 from .plan_tail import tail_step
 from .refs import Lease
 from .session import SessionMember
@@ -75,6 +77,7 @@ def ack_batch(ledger: Ledger, batch: Any, step: int, *, strict: bool = False, on
     step = check_step(step)
     ids = lease_ids_of(batch)
     lost = ledger.ack(ids, step) if ids else []
+    _metrics.acked(len(ids), len(lost))
     if lost and on_lost is not None:
         on_lost(lost)
     if lost:
@@ -139,6 +142,11 @@ class FeatureStoreDataset(SessionMember, IterableDataset):
             is provably gone (same host, no such pid) ends the wait early when
             every open producer is in that state.
         zero_copy: return views into store memory instead of owned tensors.
+        group_by_length: offline only: form each global step from samples of
+            similar length and balance its tokens across ranks (as the Hugging
+            Face ``Trainer`` option of that name; see :mod:`torch_dataflow.length_batching`).
+        length_key: where a sample's length is read from its committed ref: an
+            int in its metadata, else the element count of the tensor of that name.
     """
 
     def __init__(
@@ -157,6 +165,8 @@ class FeatureStoreDataset(SessionMember, IterableDataset):
         idle_timeout: float | None = 600.0,
         zero_copy: bool = False,
         producer_ttl: float = 60.0,
+        group_by_length: bool = False,
+        length_key: str = "input_ids",
     ) -> None:
         super().__init__()
         if mode not in ("online", "offline"):
@@ -180,6 +190,9 @@ class FeatureStoreDataset(SessionMember, IterableDataset):
         self.lease_ttl, self.poll, self.idle_timeout = lease_ttl, poll, idle_timeout
         self.zero_copy = zero_copy
         self.producer_ttl = producer_ttl
+        self.group_by_length, self.length_key = bool(group_by_length), str(length_key)
+        if self.group_by_length:
+            check_length_batching(self)
         self.epoch = 0
         self.drop_last = False  # FeatureLoader(drop_last=True) sets it: give partial tails back
         # One id for this dataset and all its DataLoader workers (pickled to them).
@@ -265,6 +278,9 @@ class FeatureStoreDataset(SessionMember, IterableDataset):
         if self.mode == "offline":
             self.ledger.begin_epoch(epoch, seed=self.seed, shuffle=self.shuffle)
         if world == 1:
+            if self.group_by_length:  # one worker orders what is pending; leases take it in that order
+                attempt = self.ledger.attempt() if self._fence is None else self._fence
+                order_plan(self, Plan(attempt, epoch, 1, self.batch_size, FREE_ROUND))
             yield from self._iter_free(f"{self.consumer_id}/w{worker}", epoch)
         else:
             yield from self._iter_plan(rank, world, worker, workers, epoch)
@@ -290,10 +306,13 @@ class FeatureStoreDataset(SessionMember, IterableDataset):
             open_ = [p for p in prods if not p["done"]]
             if open_ and all(provably_dead(p, self.producer_ttl) for p in open_):
                 raise ProducerSilent(silent_message(self.ledger, prods, waited, what, dead=True))
-        if waited - warned[0] > 60:
+        if waited >= self.STALL_AFTER and waited - warned[0] >= (60.0 if warned[0] else self.STALL_AFTER):
+            from .stall import report_stall  # one line saying why (torch_dataflow.stall), then every minute
+
             warned[0] = waited
-            log.warning("waiting %.0fs for samples (%s)", waited, what)
+            report_stall(self, waited, what)
         time.sleep(self.poll)
+        _metrics.waited(self.poll)
 
     def _iter_free(self, owner: str, epoch: int) -> Iterator[dict[str, Any]]:
         # Hand out whole batches: a DataLoader batches inside each worker, so a
@@ -304,8 +323,10 @@ class FeatureStoreDataset(SessionMember, IterableDataset):
         while True:
             self._verify_store()
             self._maybe_beat()
+            t0 = time.perf_counter()
             leases = self.ledger.lease(owner, self.batch_size - len(batch), self.lease_ttl, epoch=epoch,
                                        fence=self._fence)
+            _metrics.leased(len(leases), time.perf_counter() - t0)
             if leases:
                 since, warned = time.monotonic(), [0.0]
                 if not batch:
@@ -338,6 +359,7 @@ class FeatureStoreDataset(SessionMember, IterableDataset):
         attempt = self.ledger.attempt() if self._fence is None else self._fence
         online = self.mode == "online"
         plan = Plan(attempt, epoch, world, self.batch_size)
+        order_plan(self, plan)  # group_by_length: the plan's length-aware order, once (length_batching)
         step = worker
         owner = f"{plan.key}/r{rank}"
         since, warned = time.monotonic(), [0.0]
@@ -345,13 +367,16 @@ class FeatureStoreDataset(SessionMember, IterableDataset):
         while True:
             self._verify_store()
             self._maybe_beat()
+            t0 = time.perf_counter()
             claim = self.ledger.claim_step(plan, step, rank, self.lease_ttl, wait_for_stream=online,
                                            fence=self._fence)
+            _metrics.leased(len(claim.leases), time.perf_counter() - t0)
             if claim.status == "claimed":
                 if not first or plan.round >= _MAX_ROUNDS:
                     raise LeaseLost(f"step {step} of plan {plan.key} was claimed twice by rank {rank}: "
                                     "are two processes running as the same rank?")
                 plan = Plan(attempt, epoch, world, self.batch_size, plan.round + 1)
+                order_plan(self, plan)
                 continue
             first = False
             if claim.status == "wait":
@@ -399,13 +424,17 @@ class FeatureStoreDataset(SessionMember, IterableDataset):
     # given back; after MAX_UNAVAILABLE such deliveries in this process it is
     # quarantined (requeue_quarantined undoes it), so a lost sample never spins.
     READ_TRIES = 3
+    STALL_AFTER = 5.0  # seconds of waiting before the loader logs why (torch_dataflow.stall)
     READ_BACKOFF = 0.25
     MAX_UNAVAILABLE = 3
 
     def _get(self, lease: Lease) -> dict[str, torch.Tensor]:
         for attempt in range(self.READ_TRIES):
             try:
-                return self.store.get(lease.ref, zero_copy=self.zero_copy)
+                t0 = time.perf_counter()
+                got = self.store.get(lease.ref, zero_copy=self.zero_copy)
+                _metrics.got(time.perf_counter() - t0, lease.ref.nbytes)
+                return got
             except SampleUnavailable:
                 if attempt + 1 >= self.READ_TRIES:
                     raise
@@ -420,6 +449,7 @@ class FeatureStoreDataset(SessionMember, IterableDataset):
             log.error("quarantined %s: %s", lease.sample_id, e)
             self.ledger.fail([lease.lease_id], retryable=False, reason=f"corrupt: {e}")
             self.quarantined.append(lease.sample_id)
+            _metrics.quarantined()
             return None
         except SampleUnavailable as e:
             self._unavailable(lease, e)
@@ -449,10 +479,12 @@ class FeatureStoreDataset(SessionMember, IterableDataset):
                              reason=f"unavailable in {n} deliveries of {self.READ_TRIES} reads each: {e}")
             self.quarantined.append(lease.sample_id)
             self._misses.pop(key, None)
+            _metrics.quarantined()
         else:
             log.warning("sample %s unavailable (delivery %d of %d), given back: %s",
                         lease.sample_id, n, self.MAX_UNAVAILABLE, e)
             self.ledger.fail([lease.lease_id], retryable=True, reason=f"unavailable: {e}")
+            _metrics.redelivered()
 
     # ------------------------------------------------------------ acks
     def ack(self, batch: Any, step: int, *, strict: bool = False) -> list[str]:

@@ -67,6 +67,7 @@ from lightning.pytorch.plugins.io import CheckpointIO
 from .acking import Datasets, StepAcker
 from .errors import ConfigError
 from .lightning_epochs import align_restored_progress, checkpoint_epoch, set_source_epochs
+from .lightning_stats import TrainerStats
 
 __all__ = ["FeatureAckCallback"]
 
@@ -189,6 +190,9 @@ class FeatureAckCallback(Callback):
         strict: raise ``LeaseLost`` if a lease expired before its ack.
         renew_every: renew leases held across batches after this many seconds.
         fsync: ``fsync`` a local checkpoint file before marking durable.
+        log_stats: log ``dataflow/data_wait_s``, ``dataflow/data_wait_fraction``,
+            ``dataflow/samples_per_s`` and ``dataflow/ledger_lag`` with ``self.log``
+            every batch (:mod:`torch_dataflow.lightning_stats`); ``False`` turns it off.
         takeover: fence a trainer session still live on the ledger instead of
             refusing to start (:class:`~torch_dataflow.errors.SessionConflict`).
 
@@ -206,7 +210,8 @@ class FeatureAckCallback(Callback):
     """
 
     def __init__(self, datasets: Datasets, *, free: str = "checkpoint", strict: bool = False,
-                 renew_every: float | None = None, fsync: bool = True, takeover: bool = False) -> None:
+                 renew_every: float | None = None, fsync: bool = True, takeover: bool = False,
+                 log_stats: bool = True) -> None:
         super().__init__()
         self.acker = StepAcker(datasets, free=free, strict=strict, renew_every=renew_every, takeover=takeover)
         self.fsync = fsync
@@ -219,6 +224,8 @@ class FeatureAckCallback(Callback):
         self._written_steps: list[int] = []
         self._in_topk = False
         self.written: list[int] = []  # steps of checkpoints seen complete (rank 0)
+        first = next(iter(self.acker._by_ledger.values()))
+        self.stats = TrainerStats(first.ledger) if log_stats else None
 
     # ------------------------------------------------------------ setup / resume
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
@@ -294,12 +301,17 @@ class FeatureAckCallback(Callback):
                              batch_idx: int) -> None:
         self._drain()
         self.acker.add(batch)
+        if self.stats is not None:
+            self.stats.start(batch)
 
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any,
                            batch_idx: int) -> None:
         if not self._sync(trainer):
             self.acker.keep_alive()
         self._drain()
+        if self.stats is not None:
+            for name, value in self.stats.end().items():
+                pl_module.log(name, value, on_step=True, on_epoch=False, batch_size=1)
 
     def _sync(self, trainer: pl.Trainer) -> bool:
         """Ack what was collected if an optimizer step happened since the last ack."""

@@ -25,6 +25,7 @@ from .binding import bind_store
 from .errors import ConfigError, SampleAborted, StoreFull
 from .gc import drain_deletes
 from .ledger import Ledger, open_ledger
+from .metrics import _record as _metrics
 from .refs import SampleRef, validate_sample_id
 from .stores import FeatureStore, open_store
 
@@ -136,7 +137,8 @@ class FeatureWriter:
 
     def _register(self) -> None:
         if not self._registered:
-            self.ledger.register_producer(self.name)
+            budget = {"max_resident_bytes": self.max_resident_bytes} if self.max_resident_bytes else None
+            self.ledger.register_producer(self.name, budget)  # the budget: for stall diagnoses
             self._registered = True
             self._beat_at = time.monotonic()
 
@@ -240,11 +242,13 @@ class FeatureWriter:
                 drained = time.monotonic()
             if waited > self.put_timeout:
                 self.waited_s += waited
+                _metrics.backpressure(waited)
                 raise StoreFull(f"producer {self.name} waited {waited:.1f}s for room for {incoming} bytes "
                                 f"({samples} samples): {why}")
             self._heartbeat()  # waiting for room is not silence
             time.sleep(self.poll)
         self.waited_s += time.monotonic() - start
+        _metrics.backpressure(time.monotonic() - start)
 
     def put(
         self, sample_id: str, tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, Any] | None = None,
@@ -292,6 +296,7 @@ class FeatureWriter:
         self._charge(ref.nbytes, 1)
         self.written += 1
         self.bytes_written += ref.nbytes
+        _metrics.put(1, ref.nbytes)
         self._heartbeat()
         return ref
 
@@ -336,6 +341,7 @@ class FeatureWriter:
         self._charge(sum(r.nbytes for r in refs), len(refs))
         self.written += len(refs)
         self.bytes_written += sum(r.nbytes for r in refs)
+        _metrics.put(len(refs), sum(r.nbytes for r in refs))
         self._heartbeat()
         return refs
 

@@ -47,6 +47,7 @@ from torch.utils.data import DistributedSampler
 
 from .errors import ConfigError, LeaseLost
 from .ledger import Plan
+from .length_batching import check_sampler, order_sampler_plan
 from .pool import FeaturePool, PoolIndex
 from .refs import Lease
 
@@ -110,15 +111,15 @@ class ReshardingSampler(DistributedSampler):
     before any rank acks a sample of the epoch, which DDP guarantees (an
     optimizer step needs every rank's batch).
 
-    **Padding** (``drop_last=False`` only). The last row has ``R % world``
-    real samples, as in ``DistributedSampler``; ranks ``>= R % world`` repeat
-    their own previous sample *with its lease*, so the ledger counts it once
-    (acking it twice is a no-op) while its gradient counts twice, as with
-    ``DistributedSampler``. Unlike ``DistributedSampler``, which repeats the
-    epoch's first indices, the repeat is the rank's own last index; a rank
-    with no sample of its own in the pass repeats index ``rank - R % world``
-    under no lease (``"__lease__" == ""``, skipped by ``FeaturePool.ack``).
-    ``drop_last=True`` (the default, unlike ``DistributedSampler``) never
+    **Padding** (``drop_last=False``, the default, as in ``DistributedSampler``).
+    The last row has ``R % world`` real samples; rank ``r >= R % world``
+    repeats the epoch order's ``(r - R % world)``-th index (wrapping), the
+    head of the global list, exactly as ``DistributedSampler`` pads. A padded
+    slot carries no lease (``"__lease__" == ""``, skipped by
+    ``FeaturePool.ack``): the ledger counts the sample once while its
+    gradient counts twice, as with ``DistributedSampler``. The epoch order is
+    the pool's index order (``shuffle=False``) or the ledger's seeded hash
+    order of the pool's ids (``shuffle=True``). ``drop_last=True`` never
     repeats: every sample is trained exactly once.
 
     **Order.** ``shuffle=False``: the ledger's commit order, which equals the
@@ -143,10 +144,16 @@ class ReshardingSampler(DistributedSampler):
         rank: this rank (default: ``torch.distributed``'s, else 0, read then too).
         shuffle: seeded per-epoch shuffle.
         seed: shuffle seed; must be the same on every rank.
-        drop_last: drop the uneven tail (default) or pad (see above).
+        drop_last: drop the uneven tail, or pad (the default; see above).
         lease_ttl: seconds a handed-out index stays reserved for this rank:
             must exceed the DataLoader's prefetch depth plus the time to the
             optimizer step that acks it.
+        group_by_length: each global step (``num_replicas × batch_size``
+            indices) holds samples of similar length, tokens balanced across
+            ranks (see :mod:`torch_dataflow.length_batching`); needs ``batch_size``.
+        batch_size: the DataLoader's ``batch_size`` (``group_by_length`` only).
+        length_key: a sample's length: an int in its ref's metadata, else the
+            element count of the tensor of that name.
 
     Raises:
         TypeError: ``dataset`` is not a ``FeaturePool``.
@@ -169,9 +176,12 @@ class ReshardingSampler(DistributedSampler):
         rank: int | None = None,
         shuffle: bool = True,
         seed: int = 0,
-        drop_last: bool = True,
+        drop_last: bool = False,
         *,
         lease_ttl: float = 300.0,
+        group_by_length: bool = False,
+        batch_size: int | None = None,
+        length_key: str = "input_ids",
     ) -> None:
         if not isinstance(dataset, FeaturePool):
             raise TypeError(
@@ -194,6 +204,8 @@ class ReshardingSampler(DistributedSampler):
         self._resolved: tuple[int, int] | None = None
         self.shuffle, self.seed, self.drop_last = bool(shuffle), int(seed), bool(drop_last)
         self.lease_ttl = float(lease_ttl)
+        self.group_by_length, self.length_batch, self.length_key = check_sampler(dataset, group_by_length,
+                                                                                 batch_size, length_key)
         self.epoch = 0
         self._remaining: dict[tuple[int, int], tuple[int, int]] = {}  # (epoch, attempt) -> (R, E)
         self._passes: dict[tuple[int, int], int] = {}
@@ -296,6 +308,8 @@ class ReshardingSampler(DistributedSampler):
         step = 0
         while step < rows:
             plan = Plan(attempt, epoch, world, 1, _MAIN_ROUND + passes)
+            if step == 0 and self.group_by_length:  # this pass's length-aware order, once (length_batching)
+                order_sampler_plan(self, plan)
             claim = self.dataset.ledger.claim_step(plan, step, rank, self.lease_ttl, wait_for_stream=False,
                                                   fence=getattr(self.dataset, "fence", None))
             if claim.status == "claimed":
@@ -348,7 +362,25 @@ class ReshardingSampler(DistributedSampler):
             log.warning(
                 "rank %d: no sample left for the last row of epoch %d (%s); repeating one", rank, epoch, claim.status
             )
-        return self._pad(last, rank, tail)
+            return self._pad(last, rank, tail)
+        return self._head_pad(rank - tail)
+
+    def _head_pad(self, position: int) -> PoolIndex:
+        """The epoch order's ``position``-th index (wrapping), under no lease:
+        ``DistributedSampler``'s padding from the head of the global list."""
+        pool = self.dataset
+        if not len(pool):
+            raise ConfigError("cannot pad from an empty pool: its sample_ids do not match the ledger")
+        position %= len(pool)
+        if not self.shuffle:
+            return pool.padding_index(position)
+        import heapq
+
+        from .ledger._sqlite_schema import _td_ord  # the ledgers' shuffle key
+
+        ids = pool.sample_ids
+        keyed = heapq.nsmallest(position + 1, range(len(ids)), key=lambda i: _td_ord(self.seed, self.epoch, ids[i]))
+        return pool.padding_index(keyed[position])
 
     def _index(self, lease: Lease) -> PoolIndex:
         return self.dataset.leased_index(lease)

@@ -27,6 +27,7 @@ from typing import Any
 from .errors import ConfigError
 from .ledger import Ledger, open_ledger
 from .ledger.heartbeats import describe, provably_dead
+from .stall import diagnose
 from .stores import open_store
 
 __all__ = ["collect_status", "format_status"]
@@ -159,6 +160,8 @@ def collect_status(
             "store": None,
         }
         snap.update(_producers(ledger.producers(), producer_ttl, c.closed))
+        snap["stall"] = diagnose(ledger, producer_ttl=producer_ttl).as_dict()  # why a loader would wait now
+        snap["delete_queue"] = len(ledger.pending_deletes(limit=10_000))  # capped: a count, not a listing
     finally:
         ledger.close()
     if store_uri is not None:
@@ -214,6 +217,9 @@ def format_status(snap: dict[str, Any]) -> str:
     done = [p["name"] for p in snap.get("producers", []) if p["done"]]
     if done:
         lines.append(f"producers done: {', '.join(done)}")
+    stall = snap.get("stall")
+    if stall:
+        lines.append(f"a loader now: [{stall['reason']}] {stall['message']}")
     lines.append("")
     owners = snap["owners"]
     if owners:

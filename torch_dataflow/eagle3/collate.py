@@ -96,8 +96,8 @@ class Eagle3Collator:
     """A ``collate_fn`` producing SpecForge's offline EAGLE3 training batch.
 
     Attributes:
-        max_len: truncate every sample to this many tokens (SpecForge's
-            ``--max-length``); ``None`` keeps full length.
+        max_len: truncate every sample to this many tokens (default 2048,
+            SpecForge's ``--max-length`` default); ``None`` keeps full length.
         with_position_ids: add ``position_ids`` = ``arange(S)`` per sample,
             zero-padded like the other ``[B, N]`` keys.
         pad_to_multiple_of: round the batch length up to a multiple of this
@@ -110,7 +110,7 @@ class Eagle3Collator:
         >>> loader = DataLoader([], batch_size=4, collate_fn=collate)
     """
 
-    max_len: int | None = None
+    max_len: int | None = 2048
     with_position_ids: bool = False
     pad_to_multiple_of: int = 1
     num_aux_layers: int = 3
@@ -219,7 +219,7 @@ class Eagle3Collator:
 
 
 def eagle3_collate(
-    samples: Sequence[Mapping[str, Any]], max_len: int | None = None, with_position_ids: bool = False
+    samples: Sequence[Mapping[str, Any]], max_len: int | None = 2048, with_position_ids: bool = False
 ) -> dict[str, Any]:
     """Collate EAGLE3 feature samples into SpecForge's offline training batch.
 
@@ -228,7 +228,8 @@ def eagle3_collate(
 
     Args:
         samples: feature samples (see the module docstring).
-        max_len: truncate each sample to this many tokens before padding.
+        max_len: truncate each sample to this many tokens before padding
+            (SpecForge's ``--max-length`` default, 2048; ``None`` keeps full length).
         with_position_ids: also return ``position_ids`` ([B, N] int64).
 
     Returns:

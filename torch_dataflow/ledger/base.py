@@ -460,6 +460,18 @@ class Ledger(ABC):
         (e.g. the epoch a dataset's persistent DataLoader workers must iterate)."""
         raise NotImplementedError(f"{type(self).__name__} does not implement set_meta")
 
+    # ------------------------------------------------------------ issue 13 (length-aware plans, ordering.py)
+    def pending_refs(self, epoch: int) -> list[SampleRef]:
+        """The committed refs of ``epoch``'s PENDING deliveries, in the epoch's order."""
+        raise NotImplementedError(f"{type(self).__name__} does not implement pending_refs")
+
+    def order_pending(self, epoch: int, sample_ids: Sequence[str], once: str) -> str:
+        """Atomically give ``epoch``'s PENDING deliveries the order ``sample_ids``, the
+        first time only for key ``once``. Returns ``"ordered"``, ``"done"`` (``once``
+        was used already) or ``"stale"`` (``sample_ids`` is not exactly the pending
+        set); nothing changes unless ``"ordered"``."""
+        raise NotImplementedError(f"{type(self).__name__} does not implement order_pending")
+
 
 def check_step(step: Any) -> int:
     """An optimizer step as acks take it: an ``int >= 0`` (``bool``, ``float``, ``str``

@@ -56,6 +56,7 @@ from .base import (
 from .fencing import DEFAULT_SESSION_TTL
 from .free_queue import RedisFreeQueue
 from .heartbeats import RedisProducers, pid_gone
+from .ordering import RedisOrdering
 from .redis_scripts import SCRIPTS
 
 __all__ = ["INSTALL_HINT", "RedisLedger"]
@@ -75,7 +76,7 @@ def _refs(text: str) -> list[SampleRef]:
     return [_ref(t) for t in text.split("\n")] if text else []
 
 
-class RedisLedger(RedisFreeQueue, RedisProducers, Ledger):
+class RedisLedger(RedisFreeQueue, RedisProducers, RedisOrdering, Ledger):
     """The ledger in a Redis database (see module docs). Thread-safe; fork-safe.
 
     Args:

@@ -50,6 +50,7 @@ from .base import (
 from .fencing import DEFAULT_SESSION_TTL
 from .free_queue import FREEQ_DDL, SQLiteFreeQueue
 from .heartbeats import BEATS_DDL, SQLiteProducers
+from .ordering import SQLiteOrdering
 
 __all__ = ["SQLiteLedger"]
 
@@ -85,7 +86,7 @@ def _after_fork() -> None:
 os.register_at_fork(before=_before_fork, after_in_parent=_after_fork, after_in_child=_after_fork)
 
 
-class SQLiteLedger(SQLiteFreeQueue, SQLiteFencing, SQLiteProducers, SQLiteQueries, Ledger):
+class SQLiteLedger(SQLiteFreeQueue, SQLiteFencing, SQLiteProducers, SQLiteQueries, SQLiteOrdering, Ledger):
     """The ledger in one SQLite file (see module docs). Thread-safe within a process."""
 
     _closes_at_fork = True  # file-backed: never carried into a child (see _before_fork)
