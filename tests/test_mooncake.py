@@ -415,6 +415,8 @@ if __name__ == "__main__":
     print(repr(fork_read(store, ref_json)))   # forked before this process connected
     print(repr(store.get(SampleRef.from_json(ref_json))["input_ids"].tolist()))
     print(repr(fork_read(store, ref_json)))   # forked after
+    type(store).close_clients()
+    print(repr(fork_read(store, ref_json)))   # forked after the parent closed its client: still refused
 """
 
 
@@ -430,11 +432,37 @@ def test_fork_before_and_after_connect(master: Any, tmp_path: Any) -> None:
     uri = f"{master.uri}?namespace={s.namespace}"
     out = subprocess.run([sys.executable, str(script), uri, ref.to_json()], capture_output=True, text=True, timeout=240)
     assert out.returncode == 0, out.stderr[-3000:]
-    before, parent, after = out.stdout.strip().splitlines()[-3:]
+    before, parent, after, closed = out.stdout.strip().splitlines()[-4:]
     want = repr(t["input_ids"].tolist())
     assert before == want and parent == want
     assert after.lstrip("'\"").startswith("ConfigError") and "spawn" in after
+    assert closed.lstrip("'\"").startswith("ConfigError"), closed  # it used to hang here
     s.close()
+
+
+@pytest.mark.slow
+@pytest.mark.allow_leaks  # multiprocessing's forkserver lives on, as it does for users
+def test_feature_loader_workers_after_the_parent_used_the_store(master: Any, tmp_path: Any) -> None:
+    """A resumed online run drains deletes in the main process (this pytest process has used
+    Mooncake clients too) before the loader starts its workers: FeatureLoader then starts them
+    with forkserver, so 2 workers deliver every sample once instead of failing to connect."""
+    from torch_dataflow import FeatureLoader, FeatureStoreDataset, FeatureWriter
+
+    s = _store(master)
+    uri, led = f"{master.uri}?namespace={s.namespace}&segment_size=0", f"sqlite://{tmp_path}/l.db"
+    with FeatureWriter(uri, led, name="p") as w:
+        for i in range(12):
+            w.put(f"s{i}", {"x": torch.full((4,), float(i))})
+    ds = FeatureStoreDataset(uri, led, mode="online", idle_timeout=5)
+    ds.reconcile(None)  # the main process drains (and so uses the store) before any worker exists
+    assert ds.store.get(ds.ledger.committed_refs(["s0"])["s0"])["x"][0] == 0  # used here, for sure
+    loader = FeatureLoader(ds, batch_size=4, num_workers=2)
+    assert loader.multiprocessing_context is not None  # chosen for the user: fork would fail
+    seen = []
+    for step, batch in enumerate(loader, 1):
+        seen += list(batch["__sample_id__"])
+        ds.ack(batch, step, strict=True)
+    assert sorted(seen) == sorted(f"s{i}" for i in range(12))
 
 
 def test_delete_queue_on_a_real_master(master: Any, tmp_path: Any, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -3,7 +3,10 @@
 ``torch.utils.data.DataLoader`` rejects ``shuffle=True`` for an
 ``IterableDataset``; :class:`FeatureLoader` hands ``batch_size`` and
 ``shuffle`` to the dataset (which shuffles and balances through the ledger)
-and calls the base class with ``shuffle=None``.
+and calls the base class with ``shuffle=None``. With workers over a store whose
+client does not survive ``fork()`` (Mooncake: a resumed run's drain already used
+it in this process), the workers start with ``forkserver`` unless
+``multiprocessing_context`` is given.
 
 Example:
     >>> from torch_dataflow import FeatureLoader, FeatureStoreDataset
@@ -39,6 +42,11 @@ class FeatureLoader(DataLoader):
             collate = default_convert if batch_size is None else default_collate
         if not isinstance(collate, GuardedCollate):
             collate = GuardedCollate(collate, dataset.ledger)
+        if (kwargs.get("num_workers") or 0) > 0 and kwargs.get("multiprocessing_context") is None \
+                and not getattr(dataset.store, "fork_safe", True):
+            # A resumed run's drain or an earlier epoch used the store in this process: forked
+            # workers could not start a client of their own (Mooncake), forkserver ones can.
+            kwargs["multiprocessing_context"] = "forkserver"
         super().__init__(dataset, batch_size=batch_size, shuffle=None, collate_fn=collate, **kwargs)
 
     def set_epoch(self, epoch: int) -> None:

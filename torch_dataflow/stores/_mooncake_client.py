@@ -141,6 +141,8 @@ class _Client:
                 socket.create_connection((host, int(port)), timeout=self.cfg.connect_timeout).close()
             except (OSError, ValueError) as e:
                 raise BackendUnavailable(f"mooncake master {self.cfg.master} is not reachable: {e}") from e
+            global _NATIVE_PID
+            _NATIVE_PID = os.getpid()  # Mooncake's native state now lives in this process (see get_client)
             store = MooncakeDistributedStore()
             # Readers contribute no memory: the segment is mounted on the first put.
             rc = store.setup(
@@ -291,6 +293,8 @@ _LOCK = threading.Lock()
 _CLIENTS: dict[MooncakeConfig, _Client] = {}
 _PID = os.getpid()
 _INHERITED: list[_Client] = []  # a forked child's copies of the parent's clients: never closed
+# The pid that started Mooncake's native client state (a fork copies the value, not the state).
+_NATIVE_PID: int | None = None
 
 
 def get_client(cfg: MooncakeConfig) -> _Client:
@@ -301,11 +305,12 @@ def get_client(cfg: MooncakeConfig) -> _Client:
             _INHERITED.extend(_CLIENTS.values())
             _CLIENTS.clear()
             _PID = os.getpid()
-        if any(c.store is not None for c in _INHERITED):
-            # Measured: a client set up after fork() deadlocks in Mooncake's native
-            # state inherited from the parent's client. Fail loudly instead of hanging.
+        if _NATIVE_PID is not None and _NATIVE_PID != os.getpid():
+            # Measured: a client set up after fork() deadlocks in Mooncake's native state
+            # inherited from the parent, even when the parent closed its client before
+            # forking (mooncake-transfer-engine 0.3.x). Fail loudly instead of hanging.
             raise ConfigError(
-                "this process was forked from one with a live Mooncake client, and Mooncake cannot start "
+                "this process was forked from one that used a Mooncake client, and Mooncake cannot start "
                 "another one here (it deadlocks): start DataLoader workers with "
                 "multiprocessing_context='spawn' or 'forkserver', or fork before the parent uses the store"
             )

@@ -59,6 +59,9 @@ class FeatureStore(ABC):
 
     uri: str
     _guard: SecretGuard | None = None
+    # False: a process forked after this backend's client ran cannot start another one
+    # (Mooncake), so loaders start their workers with forkserver (FeatureLoader does).
+    fork_safe: bool = True
 
     def _check_auth(self) -> None:
         """Check this client's credential (constant time); attach first if needed."""

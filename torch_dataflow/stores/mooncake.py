@@ -509,6 +509,7 @@ class MooncakeStore(FeatureStore):
             keys = [k[len(prefix) :] for k, (ns, _) in c.pending.items() if ns == self.namespace]
         return sorted((sid, int(gen)) for sid, _, gen in (k.rpartition("@") for k in keys))
 
+    fork_safe = False  # Mooncake's native client state does not survive fork() (_mooncake_client.get_client)
     health_is_local = True  # health() counts this process's writes: FeatureWriter asks the ledger instead
 
     def health(self) -> StoreHealth:
