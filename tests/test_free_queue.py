@@ -65,7 +65,7 @@ def test_sqlite_queue_and_free_are_one_transaction(tmp_path: Path, monkeypatch: 
     leases = led.lease("t", 2, ttl=30)
     led.ack([x.lease_id for x in leases], step=1)
 
-    def crash(con: sqlite3.Connection, refs: object) -> None:
+    def crash(con: sqlite3.Connection, refs: object, texts: object = None) -> None:
         raise KeyboardInterrupt  # as if the process were interrupted between the two writes
 
     monkeypatch.setattr(SQLiteFreeQueue, "_queue_free", staticmethod(crash))

@@ -34,9 +34,12 @@ class SQLiteFreeQueue:
     _tx: Any
 
     @staticmethod
-    def _queue_free(con: sqlite3.Connection, refs: Sequence[SampleRef]) -> None:
+    def _queue_free(con: sqlite3.Connection, refs: Sequence[SampleRef], texts: Sequence[str] | None = None) -> None:
+        """Queue ``refs`` for deletion; ``texts``: their JSON as the ledger stores it, when at hand."""
+        if texts is None:
+            texts = [r.to_json() for r in refs]
         con.executemany("INSERT OR IGNORE INTO free_queue VALUES (?, ?, ?, ?)",
-                        [(r.sample_id, r.generation, r.to_json(), int(r.nbytes)) for r in refs])
+                        [(r.sample_id, r.generation, t, int(r.nbytes)) for r, t in zip(refs, texts, strict=True)])
 
     def pending_deletes(self, limit: int | None = None) -> list[SampleRef]:
         """Refs whose bytes no ledger entry needs and whose delete is not confirmed yet."""

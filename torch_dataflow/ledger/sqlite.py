@@ -460,21 +460,17 @@ class SQLiteLedger(SQLiteFreeQueue, SQLiteFencing, SQLiteProducers, SQLiteQuerie
         horizon = self._meta(con, "horizon")
         if free and upto is not None and (horizon is None or upto > int(horizon)):
             # DURABLE deliveries trained in (horizon, upto]: the retention rule of retention.py.
-            cand = [r[0] for r in con.execute(
-                "SELECT DISTINCT d.sample_id FROM deliveries d JOIN samples s ON s.sample_id=d.sample_id "
-                f"WHERE d.state={D} AND d.step<=? AND d.step>? AND s.status=?",
-                (upto, -(1 << 62) if horizon is None else int(horizon), int(SampleStatus.LIVE)))]
+            # ... whose sample no other delivery still needs (none below DURABLE, any epoch): one query.
+            texts = [r[0] for r in con.execute(
+                "SELECT s.ref FROM samples s WHERE s.status=? AND s.ref IS NOT NULL AND s.sample_id IN ("
+                f"SELECT d.sample_id FROM deliveries d WHERE d.state={D} AND d.step<=? AND d.step>?) "
+                f"AND NOT EXISTS (SELECT 1 FROM deliveries o WHERE o.sample_id=s.sample_id AND o.state<{D})",
+                (int(SampleStatus.LIVE), upto, -(1 << 62) if horizon is None else int(horizon)))]
             self._set_meta(con, "horizon", upto)
-            for s in cand:
-                if con.execute(f"SELECT 1 FROM deliveries WHERE sample_id=? AND state<{D} LIMIT 1", (s,)).fetchone():
-                    continue
-                row = con.execute("SELECT ref FROM samples WHERE sample_id=? AND status=?",
-                                  (s, int(SampleStatus.LIVE))).fetchone()
-                if row:
-                    freed.append(SampleRef.from_json(row[0]))
+            freed = [SampleRef.from_json(t) for t in texts]
             con.executemany("UPDATE samples SET status=? WHERE sample_id=?",
                             [(int(SampleStatus.FREED), r.sample_id) for r in freed])
-            self._queue_free(con, freed)
+            self._queue_free(con, freed, texts)
         return len(ids), freed
 
     def mark_durable(self, step: int, *, free: bool = True, retain: bool = True,
