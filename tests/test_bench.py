@@ -98,6 +98,19 @@ def test_end_to_end_reports_rate_bound_and_wait(quick: tuple[int, dict[str, Any]
     assert len({r["pool"] for r in scaling["pool_sizes"]}) >= 2
 
 
+def test_length_reports_padding_balance_and_ordering_cost(quick: tuple[int, dict[str, Any], Path]) -> None:
+    _, res, _ = quick
+    rows = res["scenarios"]["length"]["rows"]
+    for world in {r["world"] for r in rows["delivery"]}:
+        rnd, lng = (next(r for r in rows["delivery"] if r["world"] == world and r["mode"] == m)
+                    for m in ("random", "by_length"))
+        assert 0 <= lng["padding"] < rnd["padding"] < 1  # deterministic given the seed, not a timing
+        for r in (rnd, lng):
+            assert r["delivered_tokens_per_s"] >= r["trained_tokens_per_s"] > 0
+            assert r["worst_max_min"] >= r["median_max_min"] >= 1
+    assert {r["ledger"] for r in rows["ordering"]} >= {"(plan_order alone)", "sqlite"}
+    assert all(r["ms"] > 0 for r in rows["ordering"])
+
 def test_plot_is_a_png(quick: tuple[int, dict[str, Any], Path]) -> None:
     _, _, out = quick
     png = (out / "bench.png").read_bytes()

@@ -5,7 +5,9 @@ I/O and the torch.save path), ``mooncake`` (our Mooncake store vs raw
 ``put_from``/``get_into``), ``ledger`` (life cycle per ledger at batch 1, 64,
 1024), ``e2e`` (a producer process feeding a DataLoader, the EAGLE3 collator
 and a no-op step) and ``scaling`` (1-4 consumer processes; ledger cost at
-growing pool sizes). Every figure is a median over repeats, next to its
+growing pool sizes) and ``length`` (random vs length-aware batching: padding, tokens/s,
+per-rank balance, ordering cost).
+Every figure is a median over repeats, next to its
 baseline measured in the same run as a ratio. Missed targets are reported as
 MISSED; nothing here is a pass/fail timing test.
 
@@ -35,7 +37,7 @@ from ._util import Settings, forkserver_pid, machine, stop_forkserver
 
 __all__ = ["SCENARIOS", "main", "run"]
 
-SCENARIOS = ("store", "mooncake", "ledger", "e2e", "scaling")
+SCENARIOS = ("store", "mooncake", "ledger", "e2e", "scaling", "length")
 ROOT = Path(__file__).resolve().parents[2]
 DOC = ROOT / "docs" / "benchmarks.md"
 PNG = ROOT / "docs" / "benchmarks.png"

@@ -16,6 +16,7 @@ _HEADINGS = {
     "ledger": "Ledger life cycle",
     "e2e": "End to end: can the loader keep a trainer fed?",
     "scaling": "Scaling",
+    "length": "Length-aware batching",
 }
 
 
@@ -122,7 +123,7 @@ def write_docs(results: dict[str, Any], doc: str | Path, png: str | Path | None,
         "python -m benchmarks.bench_store | bench_ledger | bench_mooncake          # one scenario each",
         "```",
         "",
-        "Options: `--scenarios store,mooncake,ledger,e2e,scaling`, `--repeats N`, `--json FILE`, `--plot FILE`, "
+        "Options: `--scenarios store,mooncake,ledger,e2e,scaling,length`, `--repeats N`, `--json FILE`, `--plot FILE`, "
         "`--write-docs`. `tests/test_bench.py` runs `--quick` on every scenario in CI so the harness cannot rot.",
         "",
         "## Targets",
