@@ -52,7 +52,7 @@ import xxhash
 from .errors import ConfigError, CorruptSample
 from .refs import FeatureSpec
 
-__all__ = ["DTYPES", "Encoded", "decode", "encode", "read_header"]
+__all__ = ["DTYPES", "Encoded", "LandingHash", "check_landed", "decode", "encode", "header_size", "read_header"]
 
 FORMAT_VERSION = "1"
 MAX_HEADER_BYTES = 100 * 2**20  # same bound as safetensors: a header past it is hostile
@@ -243,13 +243,17 @@ def _is_int(v: object) -> bool:
     return isinstance(v, int) and not isinstance(v, bool) and v >= 0
 
 
-def _parse(view: memoryview, what: str) -> tuple[list[_Entry], dict[str, str], int, bytes]:
-    """Validate the header against the buffer; return entries, metadata, data offset, raw header."""
-    if len(view) < 8:
-        raise _corrupt(what, f"{len(view)} bytes is shorter than the 8-byte header length")
+def _parse(view: memoryview, what: str, size: int | None = None) -> tuple[list[_Entry], dict[str, str], int, bytes]:
+    """Validate the header against the buffer; return entries, metadata, data offset, raw header.
+
+    ``size``: the whole blob's length when ``view`` holds only its leading bytes
+    (a batch-direct read lands the data elsewhere; see :func:`check_landed`)."""
+    size = len(view) if size is None else size
+    if size < 8 or len(view) < 8:
+        raise _corrupt(what, f"{min(size, len(view))} bytes is shorter than the 8-byte header length")
     (n,) = struct.unpack_from("<Q", view, 0)
-    if n > min(len(view) - 8, MAX_HEADER_BYTES) or n < 2:
-        raise _corrupt(what, f"header length {n} does not fit a {len(view)}-byte blob (truncated?)")
+    if n > min(size - 8, MAX_HEADER_BYTES) or n < 2 or 8 + n > len(view):
+        raise _corrupt(what, f"header length {n} does not fit a {size}-byte blob (truncated?)")
     raw = bytes(view[: 8 + n])
     try:
         doc = json.loads(raw[8:].decode("utf-8"), object_pairs_hook=_no_duplicates)
@@ -283,9 +287,134 @@ def _parse(view: memoryview, what: str) -> tuple[list[_Entry], dict[str, str], i
         if e.start != pos:
             raise _corrupt(what, f"entry {e.name!r} starts at {e.start}, expected {pos} (overlap or hole)")
         pos = e.end
-    if 8 + n + pos != len(view):
-        raise _corrupt(what, f"data region is {len(view) - 8 - n} bytes, header describes {pos} (truncated?)")
+    if 8 + n + pos != size:
+        raise _corrupt(what, f"data region is {size - 8 - n} bytes, header describes {pos} (truncated?)")
     return entries, meta, 8 + n, raw
+
+
+def _zeroed(raw: bytes | bytearray) -> bytes:
+    """The header as the checksum covers it: its ``td.checksum`` hex replaced by zeros."""
+    m = _CHECKSUM_RE.search(raw)
+    return bytes(raw) if m is None else bytes(raw[: m.start(1)]) + _ZERO_HEX.encode() + bytes(raw[m.end(1) :])
+
+
+class LandingHash:
+    """xxh3 of a blob fed piece by piece as it lands, header first: a batch-direct
+    read hashes each chunk right after the kernel wrote it (still in cache) instead
+    of reading the whole batch back from memory. Pass it to :func:`check_landed`.
+
+    Example:
+        >>> import torch
+        >>> enc = encode({"x": torch.arange(4)})
+        >>> h = LandingHash(len(enc.header))
+        >>> for part in enc.parts():
+        ...     h.update(part)
+        >>> h.hexdigest() == enc.checksum
+        True
+    """
+
+    def __init__(self, header_size: int) -> None:
+        self._need = int(header_size)
+        self._head = bytearray()
+        self._h: Any = None
+
+    def update(self, piece: bytes | bytearray | memoryview) -> None:
+        """Feed the next bytes of the blob."""
+        view = memoryview(piece).cast("B")
+        if self._h is None:
+            take = view[: self._need - len(self._head)]
+            self._head += take
+            view = view[len(take) :]
+            if len(self._head) < self._need:
+                return
+            self._h = xxhash.xxh3_64(_zeroed(self._head))
+        if len(view):
+            self._h.update(view)
+
+    def hexdigest(self) -> str:
+        """The checksum of everything fed (the header alone, or nothing, if that is all)."""
+        return (self._h or xxhash.xxh3_64(_zeroed(self._head))).hexdigest()
+
+
+def _verify(raw: bytes, meta: dict[str, str], data: memoryview | list[memoryview] | None, what: str,
+            actual: str | None = None) -> None:
+    """Check the format version and ``td.checksum`` over the header and ``data`` (in blob order),
+    or against ``actual``, a digest computed as the bytes landed."""
+    stored = meta.get("td.checksum")
+    if meta.get("td.format") != FORMAT_VERSION:
+        raise _corrupt(what, f"td.format {meta.get('td.format')!r} is not {FORMAT_VERSION!r}")
+    found = list(_CHECKSUM_RE.finditer(raw))
+    if stored is None or len(found) != 1 or found[0].group(1).decode() != stored:
+        raise _corrupt(what, "header has no single td.checksum field")
+    if actual is None:
+        assert data is not None
+        zeroed = raw[: found[0].start(1)] + _ZERO_HEX.encode() + raw[found[0].end(1) :]
+        actual = _checksum(zeroed, data)
+    if actual != stored:
+        raise _corrupt(what, f"checksum mismatch (stored {stored}, computed {actual})")
+
+
+def header_size(nbytes: int, specs: tuple[FeatureSpec, ...] | list[FeatureSpec]) -> int:
+    """Bytes before the data region of a blob of ``nbytes`` holding ``specs`` (from its ref).
+
+    Example:
+        >>> import torch
+        >>> enc = encode({"x": torch.zeros(4)})
+        >>> header_size(enc.nbytes, enc.specs) == len(enc.header)
+        True
+    """
+    return int(nbytes) - sum(s.nbytes for s in specs)
+
+
+def check_landed(
+    header: bytes | bytearray | memoryview,
+    data: list[memoryview],
+    *,
+    size: int,
+    specs: tuple[FeatureSpec, ...] | list[FeatureSpec],
+    expected_checksum: str,
+    what: str = "blob",
+    landed: LandingHash | None = None,
+) -> None:
+    """Verify a blob whose data region was read straight into caller buffers.
+
+    A batch-direct read (:mod:`torch_dataflow.batch_read`) lands each tensor's
+    bytes in its batch row instead of one blob: this checks what ``decode``
+    checks, over the bytes where they landed. ``header`` is the blob's first
+    :func:`header_size` bytes, ``data`` the data region's bytes in blob order
+    (rows and any scratch for truncated tails), ``size`` the stored blob's
+    length, ``specs`` and ``expected_checksum`` the committed ref's; ``landed``:
+    the :class:`LandingHash` fed while the bytes landed (else ``data`` is hashed).
+
+    Raises:
+        CorruptSample: a header that does not describe ``specs`` at these
+            offsets, a length or checksum mismatch, or another blob's checksum.
+
+    Example:
+        >>> import torch
+        >>> enc = encode({"x": torch.arange(4)})
+        >>> out = torch.empty(4, dtype=torch.int64)
+        >>> dest = memoryview(out.numpy()).cast("B")
+        >>> dest[:] = enc.buffers[0]
+        >>> check_landed(enc.header, [dest], size=enc.nbytes, specs=enc.specs, expected_checksum=enc.checksum)
+    """
+    view = memoryview(header).cast("B")
+    entries, meta, data_offset, raw = _parse(view, what, size)
+    if data_offset != len(view):
+        raise _corrupt(what, f"header is {data_offset} bytes, its ref says {len(view)} (not the ref's blob)")
+    stored = meta.get("td.checksum")
+    if stored != expected_checksum:
+        raise _corrupt(what, f"checksum {stored!r} is not the expected {expected_checksum!r} (wrong blob)")
+    got = {e.name: (_dtype_name(e.dtype), e.shape, e.start, e.end) for e in entries}
+    want, pos = {}, 0
+    for s in specs:
+        want[s.name] = (s.dtype, tuple(s.shape), pos, pos + s.nbytes)
+        pos += s.nbytes
+    if got != want:
+        raise _corrupt(what, "header does not describe the tensors its committed ref lists (not the ref's blob)")
+    if sum(len(d) for d in data) != size - data_offset:
+        raise _corrupt(what, f"{sum(len(d) for d in data)} data bytes landed, the blob holds {size - data_offset}")
+    _verify(raw, meta, data, what, None if landed is None else landed.hexdigest())
 
 
 def read_header(
@@ -335,15 +464,7 @@ def decode(
     if expected_checksum is not None and stored != expected_checksum:
         raise _corrupt(what, f"checksum {stored!r} is not the expected {expected_checksum!r} (wrong blob)")
     if verify:
-        if meta.get("td.format") != FORMAT_VERSION:
-            raise _corrupt(what, f"td.format {meta.get('td.format')!r} is not {FORMAT_VERSION!r}")
-        found = list(_CHECKSUM_RE.finditer(raw))
-        if stored is None or len(found) != 1 or found[0].group(1).decode() != stored:
-            raise _corrupt(what, "header has no single td.checksum field")
-        zeroed = raw[: found[0].start(1)] + _ZERO_HEX.encode() + raw[found[0].end(1) :]
-        actual = _checksum(zeroed, view[data_offset:])
-        if actual != stored:
-            raise _corrupt(what, f"checksum mismatch (stored {stored}, computed {actual})")
+        _verify(raw, meta, view[data_offset:], what)
 
     out: dict[str, torch.Tensor] = {}
     # frombuffer warns for read-only buffers (bytes, mmap.ACCESS_READ): the

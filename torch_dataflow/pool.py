@@ -220,6 +220,7 @@ class FeaturePool(SessionMember, Dataset):
 
     # ------------------------------------------------------------ index space
     def __len__(self) -> int:
+        """Number of committed samples in the pool (the map-style index space)."""
         return len(self._ids)
 
     @property
@@ -267,6 +268,35 @@ class FeaturePool(SessionMember, Dataset):
             SampleUnavailable: the bytes are gone (freed, aborted, superseded).
             CorruptSample: the bytes fail their checksum (the lease is quarantined).
         """
+        ref, lease_id = self._resolve(key)
+        self._verify_store()  # once per DataLoader worker
+        try:
+            tensors = self._read(ref)
+        except (CorruptSample, SampleUnavailable) as e:
+            self._unreadable(ref, lease_id, e)
+            raise
+        sample: dict[str, Any] = dict(tensors)
+        if lease_id is not None:
+            sample[LEASE_KEY] = lease_id
+        sample[SAMPLE_ID_KEY] = ref.sample_id
+        return sample
+
+    def __getitems__(self, keys: Sequence[Any]) -> Any:
+        """The samples of one DataLoader batch as a :class:`~torch_dataflow.batch_read.LazyBatch`:
+        a plain ``collate_fn`` reads it as the list of ``pool[k]``; a collator that declares
+        its layout (``Eagle3Collator``) reads the whole batch straight into its rows."""
+        from .batch_read import LazyBatch
+
+        return LazyBatch(self, keys)
+
+    def _unreadable(self, ref: SampleRef, lease_id: str | None, e: Exception) -> None:
+        if lease_id:
+            # Invariant 7: never train on it, never deliver it again; report it.
+            self.ledger.fail([lease_id], retryable=False, reason=f"unreadable in worker {os.getpid()}: {e}")
+            log.error("quarantined %s: %s", ref.sample_id, e)
+
+    def _resolve(self, key: Any) -> tuple[SampleRef, str | None]:
+        """The committed ref and lease id (``None``: not leased) a pool key names."""
         if isinstance(key, PoolIndex):
             ref, lease_id = SampleRef.from_json(key.ref_json), key.lease_id
         elif isinstance(key, str):
@@ -282,20 +312,7 @@ class FeaturePool(SessionMember, Dataset):
             ref, lease_id = self._ref(self._ids[index]), None
         else:
             raise TypeError(f"a pool index is an int, a PoolIndex or a lease id, got {type(key).__name__}")
-        self._verify_store()  # once per DataLoader worker
-        try:
-            tensors = self._read(ref)
-        except (CorruptSample, SampleUnavailable) as e:
-            if lease_id:
-                # Invariant 7: never train on it, never deliver it again; report it.
-                self.ledger.fail([lease_id], retryable=False, reason=f"unreadable in worker {os.getpid()}: {e}")
-                log.error("quarantined %s: %s", ref.sample_id, e)
-            raise
-        sample: dict[str, Any] = dict(tensors)
-        if lease_id is not None:
-            sample[LEASE_KEY] = lease_id
-        sample[SAMPLE_ID_KEY] = ref.sample_id
-        return sample
+        return ref, lease_id
 
     def _verify_store(self) -> None:
         """The store is the one the ledger's samples were committed to (once per process)."""

@@ -6,7 +6,8 @@ I/O and the torch.save path), ``mooncake`` (our Mooncake store vs raw
 1024), ``e2e`` (a producer process feeding a DataLoader, the EAGLE3 collator
 and a no-op step) and ``scaling`` (1-4 consumer processes; ledger cost at
 growing pool sizes) and ``length`` (random vs length-aware batching: padding, tokens/s,
-per-rank balance, ordering cost).
+per-rank balance, ordering cost) and ``peers`` (our
+consumer path vs the floors, SpecForge's loaders and litdata, 0 and 2 workers, peak RSS).
 Every figure is a median over repeats, next to its
 baseline measured in the same run as a ratio. Missed targets are reported as
 MISSED; nothing here is a pass/fail timing test.
@@ -37,7 +38,7 @@ from ._util import Settings, forkserver_pid, machine, stop_forkserver
 
 __all__ = ["SCENARIOS", "main", "run"]
 
-SCENARIOS = ("store", "mooncake", "ledger", "e2e", "scaling", "length")
+SCENARIOS = ("store", "mooncake", "ledger", "e2e", "scaling", "length", "peers")
 ROOT = Path(__file__).resolve().parents[2]
 DOC = ROOT / "docs" / "benchmarks.md"
 PNG = ROOT / "docs" / "benchmarks.png"

@@ -20,6 +20,7 @@ __all__ = [
     "forkserver_pid",
     "machine",
     "median_s",
+    "medians_of",
     "memcpy_s",
     "mp_context",
     "ratio_entry",
@@ -112,6 +113,17 @@ def median_s(
         if cleanup:
             cleanup(i)
     return statistics.median(times)
+
+
+def medians_of(n: int, what: str = "run", *, capital: bool = False) -> str:
+    """How a table's figures were taken, singular when they were: ``"median of 1 run"``, ``"medians of 3 runs"``.
+
+    Example:
+        >>> medians_of(1), medians_of(3, "epoch", capital=True)
+        ('median of 1 run', 'Medians of 3 epochs')
+    """
+    text = f"median of 1 {what}" if n == 1 else f"medians of {n} {what}s"
+    return text[0].upper() + text[1:] if capital else text
 
 
 def memcpy_s(nbytes: int, reps: int) -> float:

@@ -17,6 +17,7 @@ _HEADINGS = {
     "e2e": "End to end: can the loader keep a trainer fed?",
     "scaling": "Scaling",
     "length": "Length-aware batching",
+    "peers": "Peers and floors: the consumer path side by side",
 }
 
 
@@ -123,7 +124,7 @@ def write_docs(results: dict[str, Any], doc: str | Path, png: str | Path | None,
         "python -m benchmarks.bench_store | bench_ledger | bench_mooncake          # one scenario each",
         "```",
         "",
-        "Options: `--scenarios store,mooncake,ledger,e2e,scaling,length`, `--repeats N`, `--json FILE`, `--plot FILE`, "
+        "Options: `--scenarios store,mooncake,ledger,e2e,scaling,length,peers`, `--repeats N`, `--json FILE`, `--plot FILE`, "
         "`--write-docs`. `tests/test_bench.py` runs `--quick` on every scenario in CI so the harness cannot rot.",
         "",
         "## Targets",

@@ -84,6 +84,22 @@ def _states(t: Any, name: str, where: str) -> torch.Tensor:
     return t
 
 
+def _spec_shape(spec: Any, dims: int) -> tuple[int, ...] | None:
+    """A stored tensor's shape without its leading batch dim of 1 (as ``_tokens`` / ``_states``
+    drop it); ``None`` unless that leaves ``dims`` dims."""
+    shape = tuple(spec.shape)
+    if len(shape) == dims + 1 and shape[0] == 1:
+        shape = shape[1:]
+    return shape if len(shape) == dims else None
+
+
+def _torch_dtype(name: str) -> torch.dtype | None:
+    from ..codec import DTYPES
+
+    d = getattr(torch, name, None)
+    return d if isinstance(d, torch.dtype) and d in DTYPES else None
+
+
 def _pad_right(t: torch.Tensor, length: int) -> torch.Tensor:
     """Zero-pad dim 0 of ``t`` up to ``length`` (a new tensor, never a view of ``t``)."""
     out = t.new_zeros((length, *t.shape[1:]))
@@ -181,7 +197,92 @@ class Eagle3Collator:
         """
         from ..collate_guard import collate_or_release
 
+        direct = getattr(samples, "collate_direct", None)  # a FeaturePool batch (torch_dataflow.batch_read)
+        if direct is not None:
+            batch = direct(self)
+            if batch is not None:
+                return batch
+            samples = list(samples)  # read here, not inside the guard: a read error stays a read error
         return collate_or_release(self._collate, samples, self.ledger)
+
+    # ---------------------------------------------------- batch-direct layout
+    def plan_batch(self, specs: Sequence[tuple[Any, ...]]) -> Any:
+        """This collator's batch layout from the samples' committed specs (see
+        :class:`torch_dataflow.batch_read.BatchLayout`): rows of ``max_len``-truncated
+        tokens and states, padded like :meth:`__call__`. ``None`` for anything
+        :meth:`process` would refuse, so the per-sample path raises its usual error.
+
+        Example:
+            >>> import torch
+            >>> from torch_dataflow import codec
+            >>> enc = codec.encode({"input_ids": torch.arange(5), "loss_mask": torch.ones(5, dtype=torch.long),
+            ...                     "hidden_state": torch.zeros(1, 5, 4), "aux_hidden_state": torch.zeros(1, 5, 12)})
+            >>> plan = Eagle3Collator(max_len=3).plan_batch([enc.specs])
+            >>> plan.shapes["hidden_state"][1], plan.lengths
+            ((1, 3, 12), [3])
+        """
+        from ..batch_read import BatchPlan
+
+        rows: list[dict[str, tuple[str, int]]] = []
+        lengths: list[int] = []
+        kinds: tuple[Any, ...] | None = None
+        for sample in specs:
+            by = {s.name: s for s in sample}
+            if any(k not in by for k in FEATURE_KEYS):
+                return None
+            ids, lm, hs, aux = (by[k] for k in FEATURE_KEYS)
+            shapes = [_spec_shape(ids, 1), _spec_shape(lm, 1), _spec_shape(hs, 2), _spec_shape(aux, 2)]
+            if any(sh is None for sh in shapes):
+                return None
+            seq = {sh[0] for sh in shapes if sh is not None}
+            if len(seq) != 1 or 0 in seq:
+                return None
+            width, aux_width = shapes[2][-1], shapes[3][-1]  # type: ignore[index]
+            if aux_width != self.num_aux_layers * width:
+                return None
+            dtypes = tuple(_torch_dtype(s.dtype) for s in (ids, lm, hs, aux))
+            if any(d is None for d in dtypes) or (kinds is not None and kinds != (*dtypes, width)):
+                return None
+            kinds = (*dtypes, width)
+            full = seq.pop()
+            n = full if self.max_len is None else min(full, int(self.max_len))
+            rows.append({
+                "input_ids": ("input_ids", n * ids.nbytes // full),
+                "loss_mask": ("loss_mask", n * lm.nbytes // full),
+                "aux_hidden_state": ("hidden_state", n * aux.nbytes // full),
+                "hidden_state": ("target", n * hs.nbytes // full),
+            })
+            lengths.append(n)
+        if kinds is None:
+            return None
+        d_ids, d_lm, d_hs, d_aux, width = kinds
+        m = int(self.pad_to_multiple_of)
+        b, length = len(rows), -(-max(lengths) // m) * m
+        shapes_out: dict[str, tuple[torch.dtype, tuple[int, ...]]] = {
+            "input_ids": (d_ids, (b, length)),
+            "attention_mask": (torch.long, (b, length)),
+            "loss_mask": (d_lm, (b, length)),
+            "hidden_state": (d_aux, (b, length, self.num_aux_layers * width)),
+            "target": (d_hs, (b, length, width)),
+        }
+        if self.with_position_ids:
+            shapes_out["position_ids"] = (torch.long, (b, length))
+        return BatchPlan(shapes=shapes_out, rows=rows, lengths=lengths)
+
+    def finish_batch(self, batch: dict[str, torch.Tensor], plan: Any) -> dict[str, Any]:
+        """Masks and positions of a batch read by :meth:`plan_batch`'s layout (SpecForge's
+        order: the last *kept* loss position is zeroed)."""
+        mask = batch["attention_mask"]
+        mask.zero_()
+        for i, n in enumerate(plan.lengths):
+            batch["loss_mask"][i, n - 1] = 0
+            mask[i, :n] = 1
+        if "position_ids" in batch:
+            pos = batch["position_ids"]
+            pos.zero_()
+            for i, n in enumerate(plan.lengths):
+                pos[i, :n] = torch.arange(n)
+        return batch
 
     def _collate(self, samples: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
         if len(samples) == 0:

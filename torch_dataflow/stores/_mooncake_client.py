@@ -132,6 +132,9 @@ class _Client:
         with self.lock:
             if self.store is not None:
                 return self.store
+            # Quiet by default: Mooncake writes ~16 INFO lines per client through glog, at the level
+            # MC_LOG_LEVEL names when its native module loads. MC_LOG_LEVEL=INFO brings them back.
+            os.environ.setdefault("MC_LOG_LEVEL", "ERROR")
             try:
                 from mooncake.store import MooncakeDistributedStore, ReplicateConfig
             except ImportError as e:
@@ -305,7 +308,7 @@ def get_client(cfg: MooncakeConfig) -> _Client:
             _INHERITED.extend(_CLIENTS.values())
             _CLIENTS.clear()
             _PID = os.getpid()
-        if _NATIVE_PID is not None and _NATIVE_PID != os.getpid():
+        if _NATIVE_PID is not None and os.getpid() != _NATIVE_PID:
             # Measured: a client set up after fork() deadlocks in Mooncake's native state
             # inherited from the parent, even when the parent closed its client before
             # forking (mooncake-transfer-engine 0.3.x). Fail loudly instead of hanging.

@@ -59,6 +59,9 @@ class FeatureStore(ABC):
 
     uri: str
     _guard: SecretGuard | None = None
+    # True: blobs are codec blobs and ``read_blob_into`` lands them without a private
+    # copy, so torch_dataflow.batch_read may read a batch straight into its rows.
+    direct_reads: bool = False
     # False: a process forked after this backend's client ran cannot start another one
     # (Mooncake), so loaders start their workers with forkserver (FeatureLoader does).
     fork_safe: bool = True
@@ -167,6 +170,30 @@ class FeatureStore(ABC):
         self._check_auth()
         blob = self._read(ref.sample_id, ref.generation)
         return codec.decode(blob, copy=not zero_copy, expected_checksum=ref.checksum, what=self._what(ref))
+
+    def read_blob_into(self, ref: SampleRef, views: Sequence[memoryview], feed: Any = None) -> int:
+        """Fill ``views`` in order with the leading bytes of ``ref``'s blob; return the
+        blob's stored length (a batch-direct read's primitive: the caller verifies
+        with :func:`~torch_dataflow.codec.check_landed`; views past a short blob
+        stay as they were). ``feed``: called with each landed piece, in blob order
+        (a :class:`~torch_dataflow.codec.LandingHash`'s ``update``). The default reads
+        the blob with ``_read`` and copies it; a backend may land the bytes directly
+        (the shared-dir store uses ``preadv``, in cache-sized chunks).
+
+        Raises:
+            SampleUnavailable: absent, freed, aborted or superseded generation.
+            AuthError: wrong or missing secret.
+        """
+        self._check_auth()
+        blob = memoryview(self._read(ref.sample_id, ref.generation)).cast("B")
+        pos = 0
+        for v in views:
+            n = max(0, min(len(v), len(blob) - pos))
+            v[:n] = blob[pos : pos + n]
+            if feed is not None:
+                feed(v[:n])
+            pos += n
+        return len(blob)
 
     def delete(self, ref: SampleRef) -> bool:
         """Free exactly ``ref``'s generation; never a newer one. Idempotent."""

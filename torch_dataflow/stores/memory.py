@@ -62,6 +62,8 @@ class MemoryStore(FeatureStore):
         >>> MemoryStore.destroy("doc-mem")
     """
 
+    direct_reads = True  # the default read_blob_into copies straight out of the stored bytes
+
     def __init__(self, name: str = "", *, secret: str | None = None, max_bytes: int | str | None = None,
                  _home_pid: int | None = None) -> None:
         if not isinstance(name, str) or "?" in name or "#" in name:

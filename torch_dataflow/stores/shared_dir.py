@@ -108,6 +108,10 @@ def _write_all(fd: int, parts: Sequence[Buffer]) -> int:
     return total
 
 
+_IOV_MAX = os.sysconf("SC_IOV_MAX") if hasattr(os, "sysconf") else 1024
+_CHUNK = 256 << 10  # fits L2 on this class of machine: hashed before it leaves the cache
+
+
 class SharedDirStore(FeatureStore):
     """Sample bytes as files in a directory that many processes share.
 
@@ -126,6 +130,8 @@ class SharedDirStore(FeatureStore):
         >>> store.get(ref)["x"].tolist()
         [0, 1, 2]
     """
+
+    direct_reads = True  # read_blob_into: preadv straight into the caller's rows
 
     def __init__(
         self,
@@ -317,6 +323,40 @@ class SharedDirStore(FeatureStore):
         finally:
             os.close(fd)
         return view[:pos]
+
+    def read_blob_into(self, ref: SampleRef, views: Sequence[memoryview], feed: Any = None) -> int:
+        """Land the blob's leading bytes in ``views`` with ``preadv`` (one copy, page
+        cache to the caller's memory); return the file's length (see
+        :meth:`FeatureStore.read_blob_into`). With ``feed``, the read goes in chunks
+        of ``_CHUNK`` bytes and each is fed while it is still in the CPU cache."""
+        self._check_auth()
+        try:
+            fd = os.open(self.path_of(ref.sample_id, ref.generation), os.O_RDONLY | os.O_CLOEXEC)
+        except FileNotFoundError:
+            raise self._missing(ref.sample_id, ref.generation, self.uri) from None
+        try:
+            size = os.fstat(fd).st_size
+            todo = [v for v in views if len(v)]
+            if feed is not None:  # cache-sized pieces: hash each right after it lands
+                todo = [v[i : i + _CHUNK] for v in todo for i in range(0, len(v), _CHUNK)]
+            pos = 0
+            while todo and pos < size:
+                n = os.preadv(fd, todo[:1] if feed is not None else todo[:_IOV_MAX], pos)
+                if n == 0:
+                    break  # shorter than fstat said: check_landed reports it as truncated
+                pos += n
+                while todo and n >= len(todo[0]):  # drop the filled views, trim a partly filled one
+                    n -= len(todo[0])
+                    done = todo.pop(0)
+                    if feed is not None:
+                        feed(done)
+                if n:
+                    if feed is not None:
+                        feed(todo[0][:n])
+                    todo[0] = todo[0][n:]
+        finally:
+            os.close(fd)
+        return size
 
     def _map(self, sample_id: str, generation: int) -> Buffer:
         try:
