@@ -181,6 +181,7 @@ class StepAcker:
     # ------------------------------------------------------------ collecting
     @property
     def datasets(self) -> list[FeatureStoreDataset]:
+        """The datasets (or pools) this acker routes acks to, as it was given them."""
         return list(self._routes.values())
 
     def pending(self) -> list[str]:

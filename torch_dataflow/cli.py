@@ -271,7 +271,7 @@ _PASSTHROUGH = {"mooncake-master": _mooncake_master, "bench": _bench}
 def _add_close_stream(sub: Any) -> None:
     p = sub.add_parser(
         "close-stream",
-        help="mark a dead producer done so online consumers finish (see `status`)",
+        help="mark a dead producer done so online consumers finish (see 'torch-dataflow status')",
         description="Mark producer NAME (default: every open producer) done, as its FeatureWriter.close() "
         "would have: consumers stop waiting once every producer is done.",
     )
@@ -304,7 +304,7 @@ def _add_requeue(sub: Any) -> None:
         "requeue",
         help="undo quarantines: deliver quarantined samples again",
         description="Put QUARANTINED samples (default: all of them) back in delivery: LIVE again, pending "
-        "in the current epoch and in every begun epoch that lacks them. `status` lists the quarantined.",
+        "in the current epoch and in every begun epoch that lacks them. 'torch-dataflow status' lists the quarantined.",
     )
     p.add_argument("ledger", metavar="LEDGER", help="ledger URI: sqlite:///path/ledger.db, redis://host:port/db")
     p.add_argument("--ids", metavar="SAMPLE_ID", nargs="+", help="only these sample ids")
@@ -384,9 +384,9 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_parser(
         "mooncake-master",
         add_help=False,
-        help="run a Mooncake master on 127.0.0.1 (see `torch-dataflow mooncake-master --help`)",
+        help="run a Mooncake master on 127.0.0.1 (see 'torch-dataflow mooncake-master --help')",
     )
-    sub.add_parser("bench", add_help=False, help="run the benchmarks (see `torch-dataflow bench --help`)")
+    sub.add_parser("bench", add_help=False, help="run the benchmarks (see 'torch-dataflow bench --help')")
     return p
 
 

@@ -270,6 +270,8 @@ class FeatureStoreDataset(SessionMember, IterableDataset):
 
     # ------------------------------------------------------------ iteration
     def __iter__(self) -> Iterator[dict[str, Any]]:
+        """Lease and yield this rank's and this DataLoader worker's share, one sample dict at a time
+        (its ``__lease__`` travels with it so the main process can ack it)."""
         rank, world = self.rank_world()
         info = get_worker_info()
         worker, workers = (info.id, info.num_workers) if info is not None else (0, 1)

@@ -33,6 +33,7 @@ from typing import Any
 
 from .acking import Datasets, StepAcker
 from .ledger import ReconcileReport
+from .lightning_stats import TrainerStats
 
 __all__ = ["FabricFeatureAck"]
 
@@ -49,6 +50,11 @@ class FabricFeatureAck:
         free: ``"checkpoint"`` or ``"step"`` (see ``StepAcker``).
         strict: raise ``LeaseLost`` if a lease expired before its ack.
         renew_every: renew leases held across batches after this many seconds.
+        log_stats: at each optimizer step, log ``dataflow/data_wait_s`` (the wait for
+            the step's first batch), ``dataflow/data_wait_fraction``,
+            ``dataflow/samples_per_s`` and ``dataflow/ledger_lag`` with
+            ``fabric.log_dict`` (any Fabric logger; the Fabric given to
+            :meth:`begin` or :meth:`load`). ``False`` turns it off.
 
     Example:
         >>> from torch_dataflow import FeatureStoreDataset
@@ -58,8 +64,11 @@ class FabricFeatureAck:
     """
 
     def __init__(self, datasets: Datasets, *, free: str = "checkpoint", strict: bool = False,
-                 renew_every: float | None = None, takeover: bool = False) -> None:
+                 renew_every: float | None = None, takeover: bool = False, log_stats: bool = True) -> None:
         self.acker = StepAcker(datasets, free=free, strict=strict, renew_every=renew_every, takeover=takeover)
+        self.stats = TrainerStats(self.acker.datasets[0].ledger) if log_stats else None
+        self._fabric: Any = None
+        self._in_step = False  # a batch of the coming optimizer step was added
 
     @property
     def step(self) -> int:
@@ -69,11 +78,22 @@ class FabricFeatureAck:
     def add(self, batch: Any) -> int:
         """Collect the lease ids of a batch that goes into the next optimizer step."""
         self.acker.keep_alive()
+        if self.stats is not None:
+            if self._in_step:
+                self.stats.more(batch)
+            else:
+                self.stats.start(batch)  # the step's first batch: its wait is the step's data wait
+                self._in_step = True
         return self.acker.add(batch)
 
     def on_after_optimizer_step(self, strategy: Any = None, optimizer: Any = None) -> None:
-        """Fabric's hook: the step happened; ack what was collected."""
+        """Fabric's hook: the step happened; ack what was collected (and log the step's stats)."""
         self.acker.after_step()
+        if self.stats is not None and self._in_step:
+            self._in_step = False
+            values = self.stats.end()
+            if self._fabric is not None:
+                self._fabric.log_dict(values, step=self.step)
 
     # ------------------------------------------------------------ checkpoints
     def state_dict(self) -> dict[str, Any]:
@@ -107,6 +127,7 @@ class FabricFeatureAck:
         ``reconcile(step)`` (``None`` when not resumed), every rank waits."""
         self.acker.rank = fabric.global_rank
         self.acker.barrier = fabric.barrier
+        self._fabric = fabric
         return self.acker.resume(self.acker.step if resumed else None)
 
     def finish(self) -> int:

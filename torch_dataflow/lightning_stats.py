@@ -11,6 +11,7 @@ Example:
 
 from __future__ import annotations
 
+import contextlib
 import time
 from typing import Any
 
@@ -49,6 +50,13 @@ class TrainerStats:
             self._samples = len(lease_ids_of(batch))
         except Exception:  # a batch without leases (another loader): count nothing
             self._samples = 0
+
+    def more(self, batch: Any) -> None:
+        """Another batch of the same optimizer step (gradient accumulation under Fabric): count its samples."""
+        from .dataset import lease_ids_of
+
+        with contextlib.suppress(Exception):  # a batch without leases (another loader): count nothing
+            self._samples += len(lease_ids_of(batch))
 
     def end(self) -> dict[str, float]:
         now = time.perf_counter()

@@ -296,6 +296,7 @@ class ReshardingSampler(DistributedSampler):
 
     # ------------------------------------------------------------ iteration
     def __iter__(self) -> Iterator[int]:
+        """Claim this rank's steps of the epoch from the ledger and yield their pool indices."""
         world, rank = self._rank_world(freeze=True)
         remaining, attempt, _ = self._snapshot()
         epoch = self.epoch

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import os
 import time
+import urllib.parse
 from collections import Counter
 from typing import Any
 
@@ -38,9 +39,20 @@ _NO_RATES = (
 )
 
 
-def _open_existing(uri: str) -> Ledger:
-    """Open a ledger, refusing to create a new SQLite file for a mistyped path."""
-    ledger = open_ledger(uri)  # parses the backend's own query keys (secret=..., timeout=...)
+# A status look is a few short reads: a Redis port that accepts but never answers fails in
+# about 15 s instead of the trainer-grade default (30 s per command, 10 retries: minutes).
+# The URI's own keys (?socket_timeout=...&retries=...) still win.
+_LOOK = {"socket_timeout": 5.0, "retries": 2}
+
+
+def _open_existing(uri: str, *, look: bool = False) -> Ledger:
+    """Open a ledger, refusing to create a new SQLite file for a mistyped path
+    (``look``: short Redis timeouts for a one-off status read)."""
+    overrides: dict[str, Any] = {}
+    if look and uri.startswith(("redis:", "rediss:")):
+        given = urllib.parse.parse_qs(urllib.parse.urlsplit(uri).query)
+        overrides = {k: v for k, v in _LOOK.items() if k not in given}
+    ledger = open_ledger(uri, **overrides)  # parses the backend's own query keys (secret=..., timeout=...)
     path = getattr(ledger, "path", None)
     if uri.startswith("sqlite:") and path and not os.path.exists(path):
         raise ConfigError(f"no ledger at {path} (a typo? `status` never creates one)")
@@ -130,7 +142,7 @@ def collect_status(
         ConfigError: bad URI or missing SQLite file.
         BackendUnavailable: the ledger or store cannot be reached.
     """
-    ledger = _open_existing(ledger_uri)
+    ledger = _open_existing(ledger_uri, look=True)
     try:
         now = time.time()
         c = ledger.counts()

@@ -6,7 +6,7 @@ I/O and the torch.save path), ``mooncake`` (our Mooncake store vs raw
 1024), ``e2e`` (a producer process feeding a DataLoader, the EAGLE3 collator
 and a no-op step) and ``scaling`` (1-4 consumer processes; ledger cost at
 growing pool sizes) and ``length`` (random vs length-aware batching: padding, tokens/s,
-per-rank balance, ordering cost) and ``peers`` (our
+per-rank balance, ordering cost) and ``metrics`` (loader throughput, Prometheus metrics on vs off) and ``peers`` (our
 consumer path vs the floors, SpecForge's loaders and litdata, 0 and 2 workers, peak RSS).
 Every figure is a median over repeats, next to its
 baseline measured in the same run as a ratio. Missed targets are reported as
@@ -38,14 +38,14 @@ from ._util import Settings, forkserver_pid, machine, stop_forkserver
 
 __all__ = ["SCENARIOS", "main", "run"]
 
-SCENARIOS = ("store", "mooncake", "ledger", "e2e", "scaling", "length", "peers")
+SCENARIOS = ("store", "mooncake", "ledger", "e2e", "scaling", "length", "peers", "metrics")
 ROOT = Path(__file__).resolve().parents[2]
 DOC = ROOT / "docs" / "benchmarks.md"
 PNG = ROOT / "docs" / "benchmarks.png"
 
 
 def _parser(prog: str) -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog=prog, description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(prog=prog, description=__doc__.splitlines()[0].replace("``", ""))
     p.add_argument("--quick", action="store_true", help="the CI setting: small H and S, few repeats (seconds)")
     p.add_argument(
         "--scenarios",

@@ -31,7 +31,7 @@ from torch.utils.data import DataLoader
 from ..dataset import FeatureStoreDataset
 from ..eagle3 import eagle3_collate
 from ..producer import FeatureWriter
-from ._util import Settings, eagle3_sample, memcpy_s, mp_context, ratio_entry, sample_nbytes
+from ._util import Settings, eagle3_sample, medians_of, memcpy_s, mp_context, ratio_entry, sample_nbytes
 
 TITLE = "End to end: producer process -> store -> DataLoader -> eagle3_collate -> no-op step"
 
@@ -204,6 +204,6 @@ def render(res: dict[str, Any]) -> str:
         "producer's own put loop time in the same run (in concurrent mode it includes waits for its budget). "
         f"Store: `file://` in {st['tmp']} (page cache, no fsync); ledger: SQLite. The no-op step checks the "
         "batch shape, acks, and marks the step durable (which frees the bytes). "
-        f"Medians of {st['reps']} repeats.",
+        f"{medians_of(st['reps'], capital=True)}.",
     ]
     return "\n".join(lines)

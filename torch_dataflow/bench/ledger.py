@@ -22,7 +22,7 @@ from typing import Any
 from ..ledger import open_ledger
 from ..ledger.base import Ledger
 from ..testing.ledger_conformance import fake_ref
-from ._util import Settings, ratio_entry, target
+from ._util import Settings, medians_of, ratio_entry, target
 
 TITLE = "Ledger life cycle (reserve+commit -> lease -> ack -> mark_durable)"
 TARGET = 20_000.0  # samples/s at batch 64
@@ -239,7 +239,7 @@ def render(res: dict[str, Any]) -> str:
         f"(SQLite {st['sqlite']}{', redis-py ' + st['redis-py'] if 'redis-py' in st else ''}). "
         "*bare* = the same four steps per batch with no library code (four SQLite transactions, four Lua "
         "scripts); x/bare is the share of the bare engine's rate the ledger keeps. "
-        f"Medians of {st['repeats']} repeats.",
+        f"{medians_of(st['repeats'], capital=True)}.",
     ]
     for k, why in res.get("skipped", {}).items():
         lines.append(f"Skipped {k}: {why}.")

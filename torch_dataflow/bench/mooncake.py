@@ -163,6 +163,6 @@ def render(res: dict[str, Any]) -> str:
         "ours/raw = raw time / our time (target >= 90%). *raw*: `put_from`/`get_into` on one "
         "pre-registered buffer; *ours*: `MooncakeStore.put`/`get` of one tensor (encode + xxh3, zero-copy "
         "transfer, verified decode into fresh memory); *staging*: `transfer=staging` instead of the default "
-        "`direct`. memcpy = one copy of the same size in the same run. Medians of *reps* repeats.",
+        "`direct`. memcpy = one copy of the same size in the same run. Each figure is the median of *reps* runs.",
     ]
     return "\n".join(lines)

@@ -17,6 +17,7 @@ _HEADINGS = {
     "e2e": "End to end: can the loader keep a trainer fed?",
     "scaling": "Scaling",
     "length": "Length-aware batching",
+    "metrics": "Metrics cost",
     "peers": "Peers and floors: the consumer path side by side",
 }
 

@@ -32,7 +32,7 @@ from ..ledger import open_ledger
 from ..ledger.base import Ledger
 from ..producer import FeatureWriter
 from ..testing.ledger_conformance import fake_ref
-from ._util import Settings, eagle3_sample, mp_context, ratio_entry, target
+from ._util import Settings, eagle3_sample, medians_of, mp_context, ratio_entry, target
 from .ledger import redis_servers, redis_unavailable
 
 TITLE = "Scaling: consumer processes and pool size"
@@ -281,7 +281,7 @@ def render(res: dict[str, Any]) -> str:
         f"### {res['title']}",
         "",
         f"**Consumer processes** (loader + eagle3_collate + ack; pool of {c0['pool']} samples, S={c0['S']}, "
-        f"H={c0['H']}, batch {c0['batch']} per rank; medians of {c0['reps']} epochs after a warm-up epoch)",
+        f"H={c0['H']}, batch {c0['batch']} per rank; {medians_of(c0['reps'], 'epoch')} after a warm-up epoch)",
         "",
         "| ledger | processes | samples/s | GB/s | vs 1 process |",
         "|---|---|---|---|---|",
@@ -294,7 +294,7 @@ def render(res: dict[str, Any]) -> str:
     lines += [
         "",
         f"**Control plane alone** (K processes lease {p0['batch']} + ack from one pool of {p0['pool']:,}; "
-        f"medians of {p0['reps']})",
+        f"{medians_of(p0['reps'])})",
         "",
         "| ledger | processes | samples/s | vs 1 process |",
         "|---|---|---|---|",

@@ -27,7 +27,7 @@ import torch
 from .. import codec
 from ..stores.memory import MemoryStore
 from ..stores.shared_dir import SharedDirStore
-from ._util import Settings, eagle3_sample, median_s, ratio_entry, target
+from ._util import Settings, eagle3_sample, median_s, medians_of, ratio_entry, target
 
 TITLE = "Store round trip (put -> get), one EAGLE3 sample"
 METHODS = ("shared_dir", "memory", "raw_file", "raw_file_fresh", "torch_save", "memcpy")
@@ -198,6 +198,7 @@ def render(res: dict[str, Any]) -> str:
         "bound no store reaches while handing out fresh memory); *raw file, fresh buf* reads into a new "
         "bytearray each time; *raw file/torch.save* is the ceiling of ours/torch.save for any store that "
         "writes and reads a file; *memcpy* is one copy (a round trip makes at least two). "
-        f"Files in {st['tmp']} (page cache; no fsync). Medians of {st['reps']} repeats, torch with 1 intra-op thread.",
+        f"Files in {st['tmp']} (page cache; no fsync). {medians_of(st['reps'], capital=True)}, "
+        "torch with 1 intra-op thread.",
     ]
     return "\n".join(lines)

@@ -65,6 +65,8 @@ class _Progress:
             total=cfg.samples, desc="trained ", unit="sample", position=1, disable=not cfg.progress, dynamic_ncols=True
         )
         self._offset = 0
+        self._post: dict[str, str] = {}
+        self._dirty = False
         self.ema: float | None = None
         self.heldout: float | None = None
         self.crashed_at: int | None = None
@@ -87,20 +89,34 @@ class _Progress:
             elif e["ev"] == "crash":
                 self.crashed_at = e["step"]
 
-    def update(self, ledger: Any) -> None:
+    def update(self, ledger: Any, *, final: bool = False) -> None:
+        """Move the bars to the ledger's counts; ``final``: no trainer restart can follow,
+        so a full bar is done and ends now (its last line keeps the rate it finished at)."""
         c = ledger.counts()
         self._tail()
-        for bar, n in ((self.produced, c.committed), (self.trained, c.trained + c.durable)):
-            if bar.n != n:
-                bar.n = n  # may go back: a restart replays what its checkpoint did not keep
-                bar.refresh()
         post = {}
         if self.ema is not None:
             post["loss(ema)"] = f"{self.ema:.3f}"
         if self.heldout is not None:
             post["held-out"] = f"{self.heldout:.3f}"
-        if post:
-            self.trained.set_postfix(post, refresh=True)
+        if post and post != self._post and not self._done(self.trained):
+            self._post = post
+            self.trained.set_postfix(post, refresh=False)
+            self._dirty = True
+        for bar, n, ends in ((self.produced, c.committed, True), (self.trained, c.trained + c.durable, final)):
+            if self._done(bar):
+                continue
+            if ends and n >= self.cfg.samples:
+                bar.n = n
+                bar.close()  # draws the final line once; nothing refreshes it after, so its rate stays
+            elif bar.n != n or (bar is self.trained and self._dirty):
+                bar.n = n  # may go back: a restart replays what its checkpoint did not keep
+                bar.refresh()
+        self._dirty = False
+
+    @staticmethod
+    def _done(bar: Any) -> bool:
+        return bool(bar.disable)  # tqdm sets it on close (and it is set for --no-progress)
 
     def write(self, msg: str) -> None:
         (self.trained.write if self.cfg.progress else print)(msg, file=sys.stderr)
@@ -142,7 +158,8 @@ def run_demo(cfg: DemoConfig) -> dict[str, Any]:
         trainer.start()
         while True:
             time.sleep(_POLL)
-            progress.update(ledger)
+            # Only a --crash-at-step run can restart the trainer (and move its bar back), once.
+            progress.update(ledger, final=cfg.crash_at_step is None or attempt > 0)
             if producer.exitcode not in (None, 0):
                 raise DataflowError(f"the producer process failed (exit code {producer.exitcode}); see its error above")
             if trainer.exitcode is None:
@@ -159,7 +176,7 @@ def run_demo(cfg: DemoConfig) -> dict[str, Any]:
                 trainer.start()
                 continue
             raise DataflowError(f"the trainer process failed (exit code {trainer.exitcode}); see its error above")
-        progress.update(ledger)
+        progress.update(ledger, final=True)
         stop.set()
         producer.join(60)
     finally:

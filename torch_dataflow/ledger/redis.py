@@ -203,6 +203,9 @@ class RedisLedger(RedisFreeQueue, RedisProducers, RedisOrdering, Ledger):
             if str(e).startswith(("NOAUTH", "WRONGPASS", "NOPERM")):
                 raise AuthError(f"redis refused ledger {self.uri}: {e}") from e
             raise BackendUnavailable(f"ledger {self.uri} failed: {e}") from e
+        except err.InvalidResponse as e:  # something answers on the port, but not in Redis's protocol
+            raise ConfigError(f"{self.host}:{self.port} of ledger {self.uri} does not answer as a Redis server "
+                              f"({e}): check the URI's host and port") from e
 
     def _run(self, name: str, args: Sequence[Any], *, cache: bool = False) -> Any:
         """Run script ``name``; ``cache``: answer a retry from the reply cache."""

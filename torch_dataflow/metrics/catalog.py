@@ -24,7 +24,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-__all__ = ["METRICS", "STALL_REASONS", "Metric", "names"]
+__all__ = ["METRICS", "STALL_REASONS", "Metric", "markdown_table", "names"]
 
 
 @dataclass(frozen=True)
@@ -100,3 +100,19 @@ def names() -> set[str]:
         else:
             out.add(m.name)
     return out
+
+
+def markdown_table() -> str:
+    """The metric table of ``docs/observability.md`` (a test keeps the page equal to it).
+
+    Example:
+        >>> markdown_table().splitlines()[0]
+        '| metric | type | labels | read from | meaning |'
+    """
+    where = {"ledger": "the ledger, at scrape time", "process": "every process, summed"}
+    lines = ["| metric | type | labels | read from | meaning |", "|---|---|---|---|---|"]
+    for m in _ALL:
+        kind = "histogram (`_bucket`, `_sum`, `_count`)" if m.kind == "histogram" else m.kind
+        labels = ", ".join(f"`{label}`" for label in m.labels) or "-"
+        lines.append(f"| `{m.name}` | {kind} | {labels} | {where[m.source]} | {m.help} |")
+    return "\n".join(lines)

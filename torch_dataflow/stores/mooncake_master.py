@@ -250,7 +250,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     Example:
         ``torch-dataflow mooncake-master --port 50051 --lease-ttl-ms 5000``
     """
-    p = argparse.ArgumentParser(prog="torch-dataflow mooncake-master", description=main.__doc__)
+    p = argparse.ArgumentParser(
+        prog="torch-dataflow mooncake-master", description="Run a Mooncake master in the foreground until Ctrl-C.",
+        epilog="example: torch-dataflow mooncake-master --port 50051 --lease-ttl-ms 5000")
     p.add_argument("--host", default="127.0.0.1", help="bind address (default: loopback only)")
     p.add_argument("--port", type=int, default=50051, help="RPC port (0: pick a free one)")
     p.add_argument("--metrics-port", type=int, default=0, help="HTTP metrics port (0: pick a free one)")
