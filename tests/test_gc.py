@@ -139,15 +139,28 @@ def test_gc_removes_orphans_after_grace_and_refuses_another_store(tmp_path: Path
     led.commit([st.put("s0", g2, {"x": torch.ones(64)})])
     led.confirm_deleted(led.pending_deletes())  # as if the queue had been lost too: only orphan search finds it
     assert sorted(st.keys()) == [("s0", 1), ("s0", 2), ("s1", 1), ("s2", 1), ("s9", 1)]
-    r = _gc(store, ledger)  # default grace (1 h): fresh files are kept
-    assert r.returncode == 0 and "2 younger" in r.stdout and len(st.keys()) == 5
-    r = _gc(store, ledger, "--grace", "0", "--dry-run")
-    assert r.returncode == 0 and "would remove 2" in r.stdout and len(st.keys()) == 5
+    r = _gc(store, ledger, "--dry-run")  # default grace (1 h): the fresh uncommitted s9@1 is kept
+    assert r.returncode == 0 and "1 younger" in r.stdout and "would remove 1" in r.stdout, r.stdout
+    assert len(st.keys()) == 5
+    r = _gc(store, ledger)  # s0@1 is older than s0's committed generation: no commit of it can come, no grace
+    assert r.returncode == 0 and "1 younger" in r.stdout and "removed 1" in r.stdout, r.stdout
+    assert sorted(st.keys()) == [("s0", 2), ("s1", 1), ("s2", 1), ("s9", 1)]
     r = _gc(store, ledger, "--grace", "0")
-    assert r.returncode == 0 and "removed 2" in r.stdout, r.stdout
+    assert r.returncode == 0 and "removed 1" in r.stdout, r.stdout
     assert sorted(st.keys()) == [("s0", 2), ("s1", 1), ("s2", 1)]
     # The bytes the ledger needs are intact.
     assert {s["__sample_id__"] for s in FeatureStoreDataset(store, ledger, idle_timeout=5)} == {"s0", "s1", "s2"}
+    # Killed between the put and the commit of s5@1, then resumed: s5@2 is committed and the
+    # default gc removes s5@1 at once (it used to keep it for the whole grace hour).
+    [g5] = led.reserve(["s5"])
+    st.put("s5", g5, {"x": torch.ones(64)})
+    with FeatureWriter(store, ledger, name="p", resume=True) as w:
+        assert w.missing(["s5"]) == ["s5"]
+        w.put("s5", {"x": torch.ones(64)})
+    assert ("s5", 1) in st.keys() and ("s5", 2) in st.keys()
+    r = _gc(store, ledger)
+    assert r.returncode == 0 and "removed 1" in r.stdout, r.stdout
+    assert sorted(st.keys()) == [("s0", 2), ("s1", 1), ("s2", 1), ("s5", 2)]
     # Another store (a mistyped path to another run's store): refused, nothing deleted.
     other = f"file://{tmp_path / 'other'}"
     _produce(other, f"sqlite://{tmp_path / 'l2.db'}", 2)

@@ -95,7 +95,9 @@ def collect(store: str | FeatureStore, ledger: str | Ledger, *, grace_s: float =
     """Drain the delete queue, then remove every stored generation the ledger does not
     need (not the committed LIVE/QUARANTINED generation of its id) that is older than
     ``grace_s`` seconds (file stores: the file's mtime; stores without ages: only
-    with ``grace_s=0``).
+    with ``grace_s=0``). A generation older than its id's committed one (a writer
+    killed between its put and its commit, then resumed) goes at once: no commit of
+    it can succeed any more.
 
     Raises:
         ConfigError: the store is not the ledger's store (nothing is deleted).
@@ -111,13 +113,18 @@ def collect(store: str | FeatureStore, ledger: str | Ledger, *, grace_s: float =
     else:
         rep.queued_deleted, rep.queued_left = drain_deletes(led, st, queue, force=True)
     keys = st.keys()
-    needed = _needed(led, sorted({sid for sid, _ in keys}))
+    ids = sorted({sid for sid, _ in keys})
+    committed = led.committed_refs(ids)
+    needed = _needed(led, ids, committed)
     now = time.time()
     for sid, gen in keys:
         if needed.get(sid) == gen:
             continue
+        # Older than its id's committed generation: a writer killed before its commit (the
+        # ledger would refuse that commit as stale now), so no grace is needed.
+        superseded = sid in committed and gen < committed[sid].generation
         age = _age(st, sid, gen, now)
-        if grace_s > 0 and (age is None or age < grace_s):
+        if grace_s > 0 and not superseded and (age is None or age < grace_s):
             rep.young += 1
             continue
         rep.orphans += 1
@@ -131,11 +138,12 @@ def collect(store: str | FeatureStore, ledger: str | Ledger, *, grace_s: float =
     return rep
 
 
-def _needed(ledger: Ledger, ids: list[str]) -> dict[str, int]:
+def _needed(ledger: Ledger, ids: list[str], committed: dict[str, SampleRef] | None = None) -> dict[str, int]:
     """``sample_id -> generation`` whose bytes the ledger needs (LIVE or QUARANTINED)."""
     keep = (SampleStatus.LIVE, SampleStatus.QUARANTINED)
     status = ledger.sample_statuses(ids)
-    return {sid: ref.generation for sid, ref in ledger.committed_refs(ids).items() if status.get(sid) in keep}
+    refs = ledger.committed_refs(ids) if committed is None else committed
+    return {sid: ref.generation for sid, ref in refs.items() if status.get(sid) in keep}
 
 
 def _age(store: FeatureStore, sid: str, gen: int, now: float) -> float | None:
