@@ -150,17 +150,24 @@ def test_gc_removes_orphans_after_grace_and_refuses_another_store(tmp_path: Path
     assert sorted(st.keys()) == [("s0", 2), ("s1", 1), ("s2", 1)]
     # The bytes the ledger needs are intact.
     assert {s["__sample_id__"] for s in FeatureStoreDataset(store, ledger, idle_timeout=5)} == {"s0", "s1", "s2"}
-    # Killed between the put and the commit of s5@1, then resumed: s5@2 is committed and the
-    # default gc removes s5@1 at once (it used to keep it for the whole grace hour).
-    [g5] = led.reserve(["s5"])
-    st.put("s5", g5, {"x": torch.ones(64)})
+    # Killed between the put and the commit of s5@1 (twice), then resumed: the resumed writer
+    # commits s5@3 and removes s5@1 and s5@2 itself; gc has nothing left to do.
+    for _ in range(2):
+        [g5] = led.reserve(["s5"])
+        st.put("s5", g5, {"x": torch.ones(64)})
+    assert {("s5", 1), ("s5", 2)} <= set(st.keys())
     with FeatureWriter(store, ledger, name="p", resume=True) as w:
         assert w.missing(["s5"]) == ["s5"]
         w.put("s5", {"x": torch.ones(64)})
-    assert ("s5", 1) in st.keys() and ("s5", 2) in st.keys()
-    r = _gc(store, ledger)
-    assert r.returncode == 0 and "removed 1" in r.stdout, r.stdout
-    assert sorted(st.keys()) == [("s0", 2), ("s1", 1), ("s2", 1), ("s5", 2)]
+    assert sorted(st.keys()) == [("s0", 2), ("s1", 1), ("s2", 1), ("s5", 3)]
+    r = _gc(store, ledger, "--grace", "0")
+    assert r.returncode == 0 and sorted(st.keys()) == [("s0", 2), ("s1", 1), ("s2", 1), ("s5", 3)], r.stdout
+    # The same with put_many.
+    [g6] = led.reserve(["s6"])
+    st.put("s6", g6, {"x": torch.ones(64)})
+    with FeatureWriter(store, ledger, name="p", resume=True) as w:
+        w.put_many([("s6", {"x": torch.ones(64)}), ("s7", {"x": torch.ones(64)})])
+    assert sorted(st.keys()) == [("s0", 2), ("s1", 1), ("s2", 1), ("s5", 3), ("s6", 2), ("s7", 1)]
     # Another store (a mistyped path to another run's store): refused, nothing deleted.
     other = f"file://{tmp_path / 'other'}"
     _produce(other, f"sqlite://{tmp_path / 'l2.db'}", 2)

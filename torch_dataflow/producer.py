@@ -16,7 +16,7 @@ import os
 import secrets
 import socket
 import time
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 import torch
@@ -293,6 +293,7 @@ class FeatureWriter:
         # committed ref without them.
         if superseded:
             drain_deletes(self.ledger, self.store, superseded)
+        self._drop_orphans([ref], superseded)
         self._charge(ref.nbytes, 1)
         self.written += 1
         self.bytes_written += ref.nbytes
@@ -338,12 +339,29 @@ class FeatureWriter:
             raise
         if superseded:
             drain_deletes(self.ledger, self.store, superseded)
+        self._drop_orphans(refs, superseded)
         self._charge(sum(r.nbytes for r in refs), len(refs))
         self.written += len(refs)
         self.bytes_written += sum(r.nbytes for r in refs)
         _metrics.put(len(refs), sum(r.nbytes for r in refs))
         self._heartbeat()
         return refs
+
+    ORPHAN_SCAN = 8  # generations below a re-put's own that it looks for (a writer's crashes in a row)
+
+    def _drop_orphans(self, refs: Sequence[SampleRef], superseded: Sequence[SampleRef]) -> None:
+        """Delete older generations of just-committed ids that were written but never
+        committed (a writer killed between its put and its commit): no commit of them
+        can succeed after ours, and nothing else would remove them before ``gc``."""
+        done = {r.key for r in superseded}
+        for ref in refs:
+            for gen in range(max(1, ref.generation - self.ORPHAN_SCAN), ref.generation):
+                if (ref.sample_id, gen) in done:
+                    continue
+                try:
+                    self.store.delete(SampleRef(ref.sample_id, gen, self.store.uri, (), 0, ""))
+                except Exception as e:  # noqa: BLE001 - best effort: gc finds what is left
+                    log.debug("could not drop orphan %s@%d: %s", ref.sample_id, gen, e)
 
     def abort(self, sample_ids: Iterable[str]) -> int:
         """Tombstone sample ids and free their bytes; returns how many were freed."""
