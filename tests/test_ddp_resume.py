@@ -239,3 +239,23 @@ def test_training_md_plain_loop_recipes_are_python_on_the_real_api() -> None:
     # The barrier every rank passes after its ack, before rank 0 writes; one before finish().
     assert ddp.index("acker.stepping()") < ddp.index("dist.barrier()") < ddp.index("save_atomically")
     assert ddp.rindex("dist.barrier()") < ddp.index("acker.finish()")
+
+
+# ---------------------------------------------------------------- (h) a checkpoint of another run's ledger
+def test_resuming_a_checkpoint_of_another_ledger_is_refused(tmp_path: Path) -> None:
+    """A stale relative ckpt_path (a checkpoint of an earlier run on another ledger) used to be
+    accepted: the acker took its step and the run skipped or retrained samples silently."""
+    from torch_dataflow.acking import StepAcker
+    from torch_dataflow.errors import ConfigError
+
+    def ds(name: str) -> FeatureStoreDataset:
+        return FeatureStoreDataset(f"memory://{name}-{tmp_path.name}", f"sqlite://{tmp_path}/{name}.db")
+
+    first = StepAcker(ds("a"))
+    state = first.state_dict()
+    assert len(state["ledgers"]) == 1
+    StepAcker(ds("a")).load_state_dict(state)  # the same ledger (another process opens the file): fine
+    with pytest.raises(ConfigError, match="another ledger"):
+        StepAcker(ds("b")).resume(from_state={**state, "step": 2})
+    old = {k: v for k, v in state.items() if k != "ledgers"}  # a checkpoint written before run ids existed
+    StepAcker(ds("b")).load_state_dict(old)

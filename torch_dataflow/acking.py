@@ -49,6 +49,7 @@ import logging
 import os
 import socket
 import time
+import uuid
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from typing import Any
@@ -290,12 +291,28 @@ class StepAcker:
     # ------------------------------------------------------------ checkpoints
     def state_dict(self) -> dict[str, Any]:
         """What a checkpoint must carry: the step its model state covers."""
-        return {"version": _STATE_VERSION, "step": self.step, "free": self.free, "acked": self.acked}
+        return {"version": _STATE_VERSION, "step": self.step, "free": self.free, "acked": self.acked,
+                "ledgers": self._ledger_ids()}
+
+    def _ledger_ids(self) -> list[str]:
+        """The run ids of this acker's ledgers (claimed once per ledger, then cached)."""
+        cache = self.__dict__.setdefault("_ids", {})
+        for key, ds in self._by_ledger.items():
+            if key not in cache:
+                cache[key] = ds.ledger.claim_meta("ledger_run_id", uuid.uuid4().hex)
+        return sorted(cache[k] for k in self._by_ledger)
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         """Restore :attr:`step` from a checkpoint (does not reconcile: see :meth:`resume`)."""
         if int(state.get("version", 0)) != _STATE_VERSION:
             raise ConfigError(f"acker state version {state.get('version')!r} is not {_STATE_VERSION}")
+        theirs = state.get("ledgers")
+        if theirs is not None and sorted(theirs) != self._ledger_ids():
+            uris = ", ".join(ds.ledger.uri for ds in self._by_ledger.values())
+            raise ConfigError(
+                f"this checkpoint was written by a run on another ledger (run ids {sorted(theirs)}), not on {uris} "
+                f"(run ids {self._ledger_ids()}): resuming it here would skip or retrain samples. Point the run at "
+                "the checkpoint's ledger, or start without this checkpoint (e.g. a stale relative ckpt_path)")
         self.step = int(state["step"])
         self.acked = int(state.get("acked", 0))
 
