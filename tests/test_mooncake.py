@@ -552,3 +552,41 @@ def test_backpressure_sees_frees_made_by_another_process(master: Any, tmp_path: 
     assert prod.returncode == 0 and f"produced {n}" in out, out
     led = __import__("torch_dataflow").open_ledger(ledger)
     assert led.resident_bytes() == 0 and led.pending_deletes() == []
+
+
+@pytest.mark.slow
+def test_mooncake_master_cli_stops_its_children_on_sigterm(tmp_path: Any) -> None:
+    """`kill PID` (or `timeout`) of `torch-dataflow mooncake-master` used to leave the
+    mooncake_master child running under pid 1."""
+    problem = _mooncake_problem()
+    if problem:
+        if IN_CI:
+            pytest.fail(problem)
+        pytest.skip(problem)
+    import signal as _signal
+
+    from torch_dataflow.stores.mooncake_master import free_port
+
+    cli = subprocess.Popen([sys.executable, "-m", "torch_dataflow.cli", "mooncake-master", "--port", str(free_port())],
+                           stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    try:
+        line = cli.stdout.readline()  # type: ignore[union-attr]
+        assert "listening" in line, line
+        child = int(line.split("mooncake_master pid ", 1)[1].split()[0])
+        os.kill(child, 0)  # running
+        cli.send_signal(_signal.SIGTERM)
+        assert cli.wait(timeout=30) == 0
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            try:
+                os.kill(child, 0)
+            except ProcessLookupError:
+                break
+            time.sleep(0.1)
+        else:
+            os.kill(child, _signal.SIGKILL)
+            pytest.fail(f"mooncake_master {child} outlived the CLI's SIGTERM")
+    finally:
+        if cli.poll() is None:
+            cli.kill()
+            cli.wait()

@@ -25,6 +25,7 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 from types import TracebackType
+from typing import Any
 
 from ..errors import BackendUnavailable, ConfigError
 
@@ -270,14 +271,18 @@ def main(argv: Sequence[str] | None = None) -> int:
         extra_args=args.extra,
         segment_size=args.segment_size,
     )
-    try:
-        master.start()
-    except (ConfigError, BackendUnavailable) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
-    served = f"; store server pid {master.server.pid} holds {master.segment_size} bytes" if master.server else ""
-    print(f"mooncake_master pid {master.pid} listening{served}; store URI: {master.uri}", flush=True)
-    try:
+    def _terminate(signum: int, frame: Any) -> None:  # kill/timeout/systemd stop: stop the children too
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, _terminate)
+    try:  # from here on, Ctrl-C and SIGTERM stop whatever was started
+        try:
+            master.start()
+        except (ConfigError, BackendUnavailable) as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 1
+        served = f"; store server pid {master.server.pid} holds {master.segment_size} bytes" if master.server else ""
+        print(f"mooncake_master pid {master.pid} listening{served}; store URI: {master.uri}", flush=True)
         assert master.proc is not None
         return master.proc.wait()
     except KeyboardInterrupt:
