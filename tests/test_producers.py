@@ -162,3 +162,24 @@ def test_idle_timeout_names_remote_producer_and_close_stream_cli(tmp_path: Path,
     assert "closed producer remote-7" in capsys.readouterr().out and led.is_closed()
     assert FeatureStoreDataset(store, ledger).idle_timeout == 600.0
     led.close()
+
+
+def test_resumed_producer_on_another_store_is_refused_before_skipping(tmp_path: Path) -> None:
+    """A resumed producer pointed at the wrong store used to print `written 0` and exit 0 when
+    every id was committed already (the store check came only with the first put)."""
+    from torch_dataflow.errors import ConfigError
+
+    ledger = f"sqlite://{tmp_path}/l.db"
+    ids = [f"s{i}" for i in range(4)]
+    with FeatureWriter(f"file://{tmp_path}/a", ledger, name="p") as w:
+        for sid in ids:
+            w.put(sid, {"x": torch.ones(2)})
+    with FeatureWriter(f"file://{tmp_path}/b", ledger, name="p", resume=True) as w:
+        with pytest.raises(ConfigError, match="is not the store of ledger"):
+            w.missing(ids)
+        with pytest.raises(ConfigError, match="is not the store of ledger"):
+            w.put("s0", {"x": torch.ones(2)})
+        with pytest.raises(ConfigError, match="is not the store of ledger"):
+            w.put_many([("s1", {"x": torch.ones(2)})])
+    with FeatureWriter(f"file://{tmp_path}/a", ledger, name="p", resume=True) as w:
+        assert w.missing(ids) == []  # the right store: nothing to do

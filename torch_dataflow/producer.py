@@ -152,6 +152,7 @@ class FeatureWriter:
         """The ids not yet committed (in input order): what a resumed producer
         still has to generate. One ledger lookup for the batch."""
         ids = list(sample_ids)
+        self._bind()  # a store other than the ledger's is refused here, not only at the first put
         done = self._kept(self.ledger.committed_refs(ids))
         return [s for s in ids if s not in done]
 
@@ -273,6 +274,7 @@ class FeatureWriter:
         self._refuse_oversize(incoming)
         self._register()
         if self.resume if if_absent is None else if_absent:
+            self._bind()
             existing = self._kept(self.ledger.committed_refs([sample_id])).get(sample_id)
             if existing is not None:
                 self.skipped += 1
@@ -314,6 +316,7 @@ class FeatureWriter:
         incoming = sum(sizes)
         self._register()
         if self.resume:
+            self._bind()
             existing = self._kept(self.ledger.committed_refs([sid for sid, _, _ in batch]))
             if existing:
                 todo = [b for b in batch if b[0] not in existing]
