@@ -55,7 +55,7 @@ def _open_existing(uri: str, *, look: bool = False) -> Ledger:
     ledger = open_ledger(uri, **overrides)  # parses the backend's own query keys (secret=..., timeout=...)
     path = getattr(ledger, "path", None)
     if uri.startswith("sqlite:") and path and not os.path.exists(path):
-        raise ConfigError(f"no ledger at {path} (a typo? `status` never creates one)")
+        raise ConfigError(f"no ledger at {path} (a typo? this command never creates a ledger)")
     return ledger
 
 
