@@ -435,8 +435,8 @@ def test_fork_before_and_after_connect(master: Any, tmp_path: Any) -> None:
     before, parent, after, closed = out.stdout.strip().splitlines()[-4:]
     want = repr(t["input_ids"].tolist())
     assert before == want and parent == want
-    assert after.lstrip("'\"").startswith("ConfigError") and "spawn" in after
-    assert closed.lstrip("'\"").startswith("ConfigError"), closed  # it used to hang here
+    assert after.lstrip("'\"").startswith("ForkedClient") and "spawn" in after  # a ConfigError subclass
+    assert closed.lstrip("'\"").startswith("ForkedClient"), closed  # it used to hang here
     s.close()
 
 
@@ -456,6 +456,13 @@ def test_feature_loader_workers_after_the_parent_used_the_store(master: Any, tmp
     ds = FeatureStoreDataset(uri, led, mode="online", idle_timeout=5)
     ds.reconcile(None)  # the main process drains (and so uses the store) before any worker exists
     assert ds.store.get(ds.ledger.committed_refs(["s0"])["s0"])["x"][0] == 0  # used here, for sure
+    from torch.utils.data import DataLoader
+
+    from torch_dataflow.errors import ForkedClient
+
+    with pytest.raises(ForkedClient) as got:  # a plain DataLoader forks: the error says what to do
+        next(iter(DataLoader(ds, batch_size=4, num_workers=1, multiprocessing_context="fork")))
+    assert "forkserver" in str(got.value) and "cannot serve ledger" not in str(got.value)  # not a path problem
     loader = FeatureLoader(ds, batch_size=4, num_workers=2)
     assert loader.multiprocessing_context is not None  # chosen for the user: fork would fail
     seen = []

@@ -23,7 +23,7 @@ Example:
 
 from __future__ import annotations
 
-from .errors import ConfigError
+from .errors import ConfigError, ForkedClient
 from .ledger import Ledger
 from .stores import FeatureStore, open_store
 from .stores.shared_dir import SharedDirStore
@@ -68,6 +68,8 @@ def check_store(store: FeatureStore, ledger: Ledger) -> bool:
     recorded = ledger.get_meta(STORE_ID_KEY)
     try:
         sid = store.store_id()
+    except ForkedClient:
+        raise  # not a path problem: its message says what to do
     except ConfigError as e:
         if recorded is None and not ledger.counts().committed:
             return False  # nothing committed: the producer may not have created the store yet

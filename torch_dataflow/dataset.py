@@ -268,6 +268,43 @@ class FeatureStoreDataset(SessionMember, IterableDataset):
         state["_dist"] = _dist_rank_world() or self._dist
         return self._session_state(state)
 
+    # ------------------------------------------------------------ length (offline)
+    def __len__(self) -> int:
+        """Offline: this rank's samples of the **whole** current epoch, also after a
+        restart (so ``len(DataLoader(ds, batch_size=B))`` is the epoch's batches, as
+        with ``DistributedSampler``); :meth:`remaining` is what an iteration still
+        yields. With several ranks it counts whole global steps (``world × batch_size``),
+        the padded last step included unless ``drop_last``. Exact with one DataLoader
+        worker or several ranks; with ``num_workers=W > 1`` on one rank each worker's
+        last batch may be partial, so an epoch may yield up to ``W - 1`` more batches.
+
+        Raises:
+            TypeError: online mode (a stream has no length; ``len()``'s usual error).
+        """
+        return self._share(done=True)
+
+    def remaining(self) -> int:
+        """Offline: this rank's samples of the current epoch not trained yet (what the
+        next iteration yields; ``len(self)`` in a fresh epoch).
+
+        Raises:
+            TypeError: online mode.
+        """
+        return self._share(done=False)
+
+    def _share(self, *, done: bool) -> int:
+        if self.mode != "offline":
+            raise TypeError("an online FeatureStoreDataset has no length (it streams until the producers close); "
+                            "use mode='offline' for a committed pool")
+        _rank, world = self.rank_world()
+        self.ledger.begin_epoch(self.epoch, seed=self.seed, shuffle=self.shuffle)
+        c = self.ledger.counts(epoch=self.epoch)
+        n = c.pending + c.leased + (c.trained + c.durable if done else 0)
+        if world == 1:
+            return n  # the DataLoader rounds by its own drop_last
+        step = world * self.batch_size
+        return (n // step if self.drop_last else -(-n // step)) * self.batch_size
+
     # ------------------------------------------------------------ iteration
     def __iter__(self) -> Iterator[dict[str, Any]]:
         """Lease and yield this rank's and this DataLoader worker's share, one sample dict at a time
@@ -333,7 +370,7 @@ class FeatureStoreDataset(SessionMember, IterableDataset):
                 since, warned = time.monotonic(), [0.0]
                 if not batch:
                     renewed = since
-                batch += [s for s in map(self._load, leases) if s is not None]
+                batch += self._load_all(leases, batch)
                 if len(batch) == self.batch_size:
                     yield from batch
                     batch = []
@@ -404,12 +441,12 @@ class FeatureStoreDataset(SessionMember, IterableDataset):
         a pending one if there is any, else by a repeat of a good sample of this
         batch with an empty lease (trained twice in this step, acked once — the
         padding rule of ``DistributedSampler``)."""
-        batch = [s for s in map(self._load, leases) if s is not None]
+        batch = self._load_all(leases)
         while len(batch) < self.batch_size:
             spare = self.ledger.lease(owner, self.batch_size - len(batch), self.lease_ttl, epoch=epoch)
             if not spare:
                 break
-            batch += [s for s in map(self._load, spare) if s is not None]
+            batch += self._load_all(spare, batch)
         if len(batch) < self.batch_size:
             if not batch:
                 log.error("rank %d step %d: no readable sample to fill the batch: this rank's batch count "
@@ -442,6 +479,20 @@ class FeatureStoreDataset(SessionMember, IterableDataset):
                     raise
                 time.sleep(self.READ_BACKOFF * 2**attempt)
         raise AssertionError("unreachable")
+
+    def _load_all(self, leases: Sequence[Lease], held: Sequence[dict[str, Any]] = ()) -> list[dict[str, Any]]:
+        """Read ``leases``; if reading fails in a way :meth:`_load` does not handle (a
+        misconfigured or unreachable store, a forked Mooncake client), give them back
+        with the not yet yielded samples ``held``, so nothing waits out its lease."""
+        try:
+            return [s for s in map(self._load, leases) if s is not None]
+        except BaseException as e:
+            ids = [x.lease_id for x in leases] + [s[LEASE_KEY] for s in held if s.get(LEASE_KEY)]
+            try:
+                self.ledger.fail(ids, retryable=True, reason=f"the reader failed: {type(e).__name__}: {e}")
+            except Exception as again:  # noqa: BLE001 - report the first failure, not this one
+                log.warning("could not give back %d leases after %s: %s", len(ids), type(e).__name__, again)
+            raise
 
     def _load(self, lease: Lease) -> dict[str, Any] | None:
         """Read a leased sample; quarantine it if corrupt, give it back if unreadable."""

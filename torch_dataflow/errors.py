@@ -18,6 +18,7 @@ __all__ = [
     "CorruptSample",
     "DataflowError",
     "Fenced",
+    "ForkedClient",
     "LeaseLost",
     "ProducerSilent",
     "SampleAborted",
@@ -83,6 +84,12 @@ class Fenced(LeaseLost):
     """This trainer's fence (the ledger's restart counter ``attempt``) is older than the
     ledger's: another trainer took the ledger over (or reconciled it). Its leases, acks
     and plans are no longer valid; stop this trainer."""
+
+
+class ForkedClient(ConfigError):
+    """A backend client cannot start in a process forked from one that used it
+    (Mooncake): start DataLoader workers with ``multiprocessing_context="spawn"``
+    or ``"forkserver"`` (``FeatureLoader`` does for such stores)."""
 
 
 class CheckpointTooOld(ConfigError):

@@ -27,7 +27,7 @@ from typing import Any
 
 import numpy as np
 
-from ..errors import BackendUnavailable, ConfigError, DataflowError, SampleUnavailable, StoreFull
+from ..errors import BackendUnavailable, ConfigError, DataflowError, ForkedClient, SampleUnavailable, StoreFull
 from .mooncake_master import INSTALL_HINT
 
 __all__ = ["MooncakeConfig", "get_client", "close_all", "status_error", "buffer_address"]
@@ -312,7 +312,7 @@ def get_client(cfg: MooncakeConfig) -> _Client:
             # Measured: a client set up after fork() deadlocks in Mooncake's native state
             # inherited from the parent, even when the parent closed its client before
             # forking (mooncake-transfer-engine 0.3.x). Fail loudly instead of hanging.
-            raise ConfigError(
+            raise ForkedClient(
                 "this process was forked from one that used a Mooncake client, and Mooncake cannot start "
                 "another one here (it deadlocks): start DataLoader workers with "
                 "multiprocessing_context='spawn' or 'forkserver', or fork before the parent uses the store"
