@@ -12,12 +12,18 @@ import torch
 from torch.utils.data import DataLoader, DistributedSampler
 
 from torch_dataflow import ConfigError, CorruptSample, FeatureStoreDataset, SampleUnavailable, open_ledger
-from torch_dataflow.eagle3 import SpecForgeDirectory, eagle3_collate, import_directory, write_specforge_directory
+from torch_dataflow.eagle3 import eagle3_collate
 from torch_dataflow.pool import FeaturePool
 from torch_dataflow.refs import SampleRef
 from torch_dataflow.sampler import ReshardingSampler
+from torch_dataflow.specforge import (
+    SpecForgeDirectory,
+    SpecForgeDirStore,
+    import_directory,
+    register_directory,
+    write_specforge_directory,
+)
 from torch_dataflow.stores import open_store
-from torch_dataflow.stores.specforge_dir import SpecForgeDirStore, register_directory
 from torch_dataflow.testing import assert_same_tensors
 
 VARIANTS = {

@@ -231,7 +231,7 @@ def _import(args: argparse.Namespace) -> int:
     if args.in_place:
         if args.store or args.trim_padding:
             raise ConfigError("--in-place serves the files as they are: drop --store and --trim-padding")
-        from .stores.specforge_dir import register_directory
+        from .specforge.store import register_directory
 
         n = register_directory(args.src, args.ledger, progress=not args.no_progress)
         src = os.path.abspath(args.src)
@@ -239,7 +239,7 @@ def _import(args: argparse.Namespace) -> int:
         return 0
     if not args.store:
         raise ConfigError("give --store URI to copy into, or --in-place to serve the files where they are")
-    from .eagle3.specforge import import_directory
+    from .specforge.directory import import_directory
 
     n = import_directory(
         args.src, args.store, args.ledger, progress=not args.no_progress, trim_padding=args.trim_padding

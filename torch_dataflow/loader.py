@@ -3,7 +3,9 @@
 ``torch.utils.data.DataLoader`` rejects ``shuffle=True`` for an
 ``IterableDataset``; :class:`FeatureLoader` hands ``batch_size`` and
 ``shuffle`` to the dataset (which shuffles and balances through the ledger)
-and calls the base class with ``shuffle=None``. With workers over a store whose
+and calls the base class with ``shuffle=None``. Offline, ``len(loader)`` is
+the whole epoch's batches on this rank (also after a restart) and
+:meth:`FeatureLoader.remaining` what the epoch still yields. With workers over a store whose
 client does not survive ``fork()`` (Mooncake: a resumed run's drain already used
 it in this process), the workers start with ``forkserver`` unless
 ``multiprocessing_context`` is given.
@@ -12,8 +14,8 @@ Example:
     >>> from torch_dataflow import FeatureLoader, FeatureStoreDataset
     >>> ds = FeatureStoreDataset("memory://fl-doc", "memory://fl-doc", mode="offline")
     >>> loader = FeatureLoader(ds, batch_size=4, shuffle=True)
-    >>> ds.batch_size
-    4
+    >>> ds.batch_size, len(loader), loader.remaining()
+    (4, 0, 0)
 """
 
 from __future__ import annotations
@@ -48,6 +50,12 @@ class FeatureLoader(DataLoader):
             # workers could not start a client of their own (Mooncake), forkserver ones can.
             kwargs["multiprocessing_context"] = "forkserver"
         super().__init__(dataset, batch_size=batch_size, shuffle=None, collate_fn=collate, **kwargs)
+
+    def remaining(self) -> int:
+        """Offline: batches the current epoch still yields on this rank (``len(loader)``
+        is the whole epoch's, also after a restart; see ``FeatureStoreDataset.__len__``)."""
+        n, b = self.dataset.remaining(), self.batch_size or 1  # type: ignore[attr-defined]
+        return n // b if self.drop_last else -(-n // b)
 
     def set_epoch(self, epoch: int) -> None:
         """Forward to the dataset (Lightning and training loops call this per epoch)."""

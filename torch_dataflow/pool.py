@@ -160,7 +160,7 @@ class FeaturePool(SessionMember, Dataset):
 
         In place (``copy=False``; the default when ``store`` is ``None`` or a
         ``specforge://`` store): the files are registered in ``ledger`` with
-        :func:`~torch_dataflow.stores.specforge_dir.register_directory`
+        :func:`~torch_dataflow.specforge.register_directory`
         (idempotent, safe on every rank) and read where they are. Copied
         (``copy=True``; the default for any other ``store``): the directory was
         imported into ``store`` with :func:`~torch_dataflow.eagle3.import_directory`.
@@ -183,8 +183,8 @@ class FeaturePool(SessionMember, Dataset):
             >>> import_directory("/data/hs", "file:///data/feat", "sqlite:///data/l2.db")  # doctest: +SKIP
             >>> pool = FeaturePool.from_specforge("/data/hs", "file:///data/feat", "sqlite:///data/l2.db")  # doctest: +SKIP
         """
-        from .eagle3.specforge import SpecForgeDirectory
-        from .stores.specforge_dir import SpecForgeDirStore, register_directory
+        from .specforge.directory import SpecForgeDirectory
+        from .specforge.store import SpecForgeDirStore, register_directory
 
         if ledger is None:
             raise ConfigError("from_specforge needs a ledger (e.g. ledger='sqlite:///data/ledger.db')")

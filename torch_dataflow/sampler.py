@@ -118,15 +118,19 @@ class ReshardingSampler(DistributedSampler):
     slot carries no lease (``"__lease__" == ""``, skipped by
     ``FeaturePool.ack``): the ledger counts the sample once while its
     gradient counts twice, as with ``DistributedSampler``. The epoch order is
-    the pool's index order (``shuffle=False``) or the ledger's seeded hash
-    order of the pool's ids (``shuffle=True``). ``drop_last=True`` never
+    the pool's index order (``shuffle=False``) or ``DistributedSampler``'s
+    permutation of the pool's indices (``shuffle=True``). ``drop_last=True`` never
     repeats: every sample is trained exactly once.
 
     **Order.** ``shuffle=False``: the ledger's commit order, which equals the
     pool's index order when the pool's ``sample_ids`` are in commit order;
     then the partition is ``DistributedSampler``'s exactly. ``shuffle=True``:
-    a seeded order per epoch, identical on every rank (the ledger's hash of
-    ``(seed, epoch, sample_id)``), not ``torch.randperm``'s.
+    ``DistributedSampler``'s order, ``torch.randperm(len(pool))`` seeded with
+    ``seed + epoch``, given to each plan's pending samples once (so a fresh
+    epoch hands out exactly ``DistributedSampler``'s indices; a resumed or
+    resharded one, the rest of that permutation); with
+    ``group_by_length=True``, or a ledger that cannot reorder, the ledger's
+    seeded hash of ``(seed, epoch, sample_id)`` instead.
 
     **Leases.** Taken in the main process as the DataLoader asks for
     indices (at most its prefetch depth ahead), held for ``lease_ttl``
@@ -311,6 +315,8 @@ class ReshardingSampler(DistributedSampler):
             plan = Plan(attempt, epoch, world, 1, _MAIN_ROUND + passes)
             if step == 0 and self.group_by_length:  # this pass's length-aware order, once (length_batching)
                 order_sampler_plan(self, plan)
+            elif step == 0 and self.shuffle:  # DistributedSampler's permutation, once per plan
+                self._randperm_order(plan)
             claim = self.dataset.ledger.claim_step(plan, step, rank, self.lease_ttl, wait_for_stream=False,
                                                   fence=getattr(self.dataset, "fence", None))
             if claim.status == "claimed":
@@ -375,13 +381,36 @@ class ReshardingSampler(DistributedSampler):
         position %= len(pool)
         if not self.shuffle:
             return pool.padding_index(position)
-        import heapq
+        return pool.padding_index(self._permutation()[position])
 
-        from .ledger._sqlite_schema import _td_ord  # the ledgers' shuffle key
+    def _permutation(self) -> list[int]:
+        """``DistributedSampler``'s shuffled order of the pool's indices for this epoch."""
+        g = torch.Generator()
+        g.manual_seed(self.seed + self.epoch)
+        return torch.randperm(len(self.dataset), generator=g).tolist()
 
-        ids = pool.sample_ids
-        keyed = heapq.nsmallest(position + 1, range(len(ids)), key=lambda i: _td_ord(self.seed, self.epoch, ids[i]))
-        return pool.padding_index(keyed[position])
+    def _randperm_order(self, plan: Plan) -> None:
+        """Give the plan's pending deliveries :meth:`_permutation`'s order (the first rank
+        to get here does; the ledger keeps it once per plan). A fresh epoch then hands
+        out ``DistributedSampler(shuffle=True)``'s indices exactly; a resumed or
+        resharded one, the rest of that permutation."""
+        ledger, once = self.dataset.ledger, f"randperm-order/{plan.key}"
+        try:
+            if ledger.get_meta(once) is not None:
+                return
+            ids, perm, got = self.dataset.sample_ids, self._permutation(), "stale"
+            for _ in range(5):
+                pending = [r.sample_id for r in ledger.pending_refs(plan.epoch)]
+                live = set(pending)
+                order = [ids[i] for i in perm if ids[i] in live]
+                placed = set(order)
+                order += [s for s in pending if s not in placed]  # committed after the pool was built: last
+                got = ledger.order_pending(plan.epoch, order, once)
+                if got != "stale":
+                    break
+            ledger.claim_meta(once, got)  # no rank reorders a plan another may be claiming from
+        except NotImplementedError:  # a ledger without ordering: its own seeded hash order
+            log.debug("%r cannot reorder pending deliveries; shuffle keeps the ledger's order", ledger)
 
     def _index(self, lease: Lease) -> PoolIndex:
         return self.dataset.leased_index(lease)

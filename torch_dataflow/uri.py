@@ -35,7 +35,7 @@ STORE_SCHEMES: dict[str, str] = {
     "memory": "torch_dataflow.stores.memory:MemoryStore",
     "file": "torch_dataflow.stores.shared_dir:SharedDirStore",
     "mooncake": "torch_dataflow.stores.mooncake:MooncakeStore",
-    "specforge": "torch_dataflow.stores.specforge_dir:SpecForgeDirStore",
+    "specforge": "torch_dataflow.specforge.store:SpecForgeDirStore",
 }
 LEDGER_SCHEMES: dict[str, str] = {
     "memory": "torch_dataflow.ledger.memory:MemoryLedger",
