@@ -36,7 +36,7 @@ def _need_specforge() -> None:
         import specforge.runtime.data_plane.feature_dataloader  # noqa: F401
         import specforge.training.controller  # noqa: F401
     except ImportError as e:
-        hint = f"SpecForge's runtime is needed: `make dev` or `pip install --no-deps specforge==0.2.0` ({e})"
+        hint = f"SpecForge's runtime is needed: `make setup` or `pip install --no-deps specforge==0.2.0` ({e})"
         if IN_CI:
             pytest.fail(hint)
         pytest.skip(hint)
