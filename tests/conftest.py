@@ -40,3 +40,16 @@ def no_leaked_threads_or_processes(request: pytest.FixtureRequest):
     if request.node.get_closest_marker("allow_leaks"):
         return
     pytest.fail(f"test leaked threads {new_threads} or child processes {sorted(new_children)}")
+
+
+@pytest.fixture(scope="module")
+def redis_uri():
+    """A real redis-server on 127.0.0.1 (a free port) for one test module; stopped by pid after it."""
+    import shutil
+
+    from torch_dataflow.ledger.redis_server import INSTALL_HINT, RedisServer
+
+    if shutil.which("redis-server") is None:
+        pytest.fail(f"redis-server is needed: {INSTALL_HINT}")
+    with RedisServer() as srv:
+        yield srv.uri

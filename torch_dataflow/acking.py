@@ -365,21 +365,47 @@ class StepAcker:
                 ds.join_session()
         return report
 
-    def finish(self) -> int:
+    def finish(self, *, saved: bool = False, warn: bool = True) -> int:
         """Training is over: free what was kept for a resume from an older checkpoint
-        (up to the newest checkpoint mark; samples trained after it stay for the next
-        run) and end the session, so the next trainer needs no takeover. Later
-        checkpoint marks free at once. Returns how many samples were freed."""
+        and end the session, so the next trainer needs no takeover. Later
+        checkpoint marks free at once. Returns how many samples were freed.
+
+        Samples trained after the newest checkpoint keep their bytes (a resume
+        from that checkpoint trains them again) unless ``saved``: this run's
+        final state is saved (the model exported after its last step), so they
+        become durable at :attr:`step` and are freed too. ``warn``: log how many
+        were kept and how to free them (:func:`~torch_dataflow.finish.finish_training`)."""
         self.finished = True
         freed = 0
         if self._rank() == 0:
             for ds in self._by_ledger.values():
                 marks = ds.ledger.checkpoints()
-                if marks:
-                    freed += ds.mark_durable(max(marks), final=True) or 0
+                top = max([*marks, self.step]) if saved else max(marks, default=None)
+                if top is not None:
+                    freed += ds.mark_durable(top, final=True) or 0
+            if warn:
+                self.warn_kept()
         for ds in self._routes.values():
             ds.close_session()
         return freed
+
+    def kept(self) -> int:
+        """Samples of online datasets trained after the newest checkpoint and still
+        holding their bytes for a replay (rank 0 after :meth:`finish`)."""
+        return sum(ds.ledger.counts().trained for ds in self._by_ledger.values()
+                   if getattr(ds, "mode", "offline") == "online")
+
+    def warn_kept(self) -> int:
+        """Log what :meth:`kept` counts, with the ways to free it; returns the count."""
+        n = self.kept()
+        if n:
+            ds = next(iter(self._by_ledger.values()))
+            log.warning(
+                "%d samples trained after the newest checkpoint keep their bytes in %s, so a resume from that "
+                "checkpoint can train them again. If this run's final state is saved, free them: write one more "
+                "checkpoint (Lightning: trainer.save_checkpoint(path) after fit), call finish(saved=True), or run "
+                "`torch-dataflow finish %s %s`", n, ds.store.uri, ds.store.uri, ds.ledger.uri)
+        return n
 
     def _world(self) -> int:
         import torch.distributed as dist

@@ -57,9 +57,10 @@ def bind_store(store: FeatureStore, ledger: Ledger) -> str:
     return sid
 
 
-def check_store(store: FeatureStore, ledger: Ledger) -> bool:
+def check_store(store: FeatureStore, ledger: Ledger, *, unchanged: str = "Nothing was leased") -> bool:
     """Whether ``store`` is the store ``ledger`` records: ``True`` (checked),
     ``False`` (nothing recorded yet: ask again before the next lease).
+    ``unchanged`` is the error's word on what the refusal left alone.
 
     Raises:
         ConfigError: the store is missing, not a torch_dataflow store, or another
@@ -74,12 +75,12 @@ def check_store(store: FeatureStore, ledger: Ledger) -> bool:
         if recorded is None and not ledger.counts().committed:
             return False  # nothing committed: the producer may not have created the store yet
         rec = f" (it records store id {recorded})" if recorded else ""
-        raise ConfigError(f"store {store.uri} cannot serve ledger {ledger.uri}{rec}: {e}. Nothing was leased; "
+        raise ConfigError(f"store {store.uri} cannot serve ledger {ledger.uri}{rec}: {e}. {unchanged}; "
                           "check the store path/URI") from e
     if recorded is None:
         return False  # a ledger without a binding (empty, or written before store ids): nothing to compare
     if sid != recorded:
         raise ConfigError(f"store {store.uri} cannot serve ledger {ledger.uri}: it is store id {sid}, the ledger's "
-                          f"samples were committed to store id {recorded}. Nothing was leased; check the store "
+                          f"samples were committed to store id {recorded}. {unchanged}; check the store "
                           "path/URI")
     return True

@@ -24,6 +24,7 @@ Example:
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib
 import importlib.util
 import json
@@ -367,6 +368,50 @@ def _gc(args: argparse.Namespace) -> int:
     return 0
 
 
+def _add_finish(sub: Any) -> None:
+    p = sub.add_parser(
+        "finish",
+        help="the run is over and its final state is saved: free what was kept for a replay",
+        description="Samples trained after a run's newest checkpoint keep their bytes, so a resume from that "
+        "checkpoint trains them again. Once the run is over and its final state is saved, nothing will: this "
+        "makes them DURABLE at the newest trained step and (online) deletes their bytes. After it, no older "
+        "checkpoint of the run is a resume point. Refused while a trainer session is live. "
+        "Example: torch-dataflow finish file:///data/features sqlite:///data/ledger.db",
+    )
+    p.add_argument("store", metavar="STORE", help="store URI: file:///path, mooncake://host:port")
+    p.add_argument("ledger", metavar="LEDGER", help="ledger URI: sqlite:///path/ledger.db, redis://host:port/db")
+    p.add_argument("--mode", choices=("online", "offline"),
+                   help="how the run consumed the ledger (default: what its consumer recorded); offline keeps bytes")
+    p.add_argument("--dry-run", action="store_true", help="report what would change; change nothing")
+    p.add_argument("--json", action="store_true", help="print the report as JSON")
+    p.set_defaults(func=_finish)
+
+
+def _finish(args: argparse.Namespace) -> int:
+    from .finish import finish_training
+    from .status import _open_existing
+
+    ledger = _open_existing(args.ledger)
+    try:
+        rep = finish_training(args.store, ledger, mode=args.mode, dry_run=args.dry_run)
+    finally:
+        ledger.close()
+    if args.json:
+        print(json.dumps(rep.as_dict()))
+    elif rep.step is None:
+        print(f"nothing was trained from {args.ledger}: nothing to finish")
+    elif not rep.made_durable:
+        print(f"every trained sample of {args.ledger} is already durable (newest step {rep.step}): nothing to finish")
+    elif args.dry_run:
+        print(f"would make {rep.made_durable} trained samples durable at step {rep.step} ({rep.mode})")
+    else:
+        kept = "; bytes kept (offline: read again next epoch)" if rep.mode == "offline" else \
+            f"; freed {rep.freed} samples' bytes" + (f", {rep.queued_left} deletes still queued (run gc)"
+                                                   if rep.queued_left else "")
+        print(f"{rep.made_durable} trained samples made durable at step {rep.step}{kept}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The ``torch-dataflow`` argument parser."""
     p = argparse.ArgumentParser(
@@ -380,6 +425,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_close_stream(sub)
     _add_requeue(sub)
     _add_gc(sub)
+    _add_finish(sub)
     _add_import(sub)
     sub.add_parser(
         "mooncake-master",
@@ -423,6 +469,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print(f"{PROG}: interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:  # `torch-dataflow status ... | head`: the reader is gone, which is not an error
+        with contextlib.suppress(OSError):
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
 
 
 if __name__ == "__main__":

@@ -130,6 +130,7 @@ class FabricFeatureAck:
         self._fabric = fabric
         return self.acker.resume(self.acker.step if resumed else None)
 
-    def finish(self) -> int:
-        """Training is over: see :meth:`~torch_dataflow.StepAcker.finish` (call on every rank)."""
-        return self.acker.finish()
+    def finish(self, *, saved: bool = False) -> int:
+        """Training is over: see :meth:`~torch_dataflow.StepAcker.finish` (call on every rank;
+        ``saved``: the final state is saved, so the steps after the newest checkpoint are freed too)."""
+        return self.acker.finish(saved=saved)

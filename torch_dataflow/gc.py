@@ -105,7 +105,7 @@ def collect(store: str | FeatureStore, ledger: str | Ledger, *, grace_s: float =
     st = store if isinstance(store, FeatureStore) else open_store(store, create=False) \
         if store.split("://", 1)[0] == "file" else open_store(store)
     led = ledger if isinstance(ledger, Ledger) else open_ledger(ledger)
-    check_store(st, led)  # a mistyped path deletes nothing
+    check_store(st, led, unchanged="Nothing was deleted")  # a mistyped path deletes nothing
     rep = GcReport(dry_run=dry_run)
     queue = led.pending_deletes()
     if dry_run:

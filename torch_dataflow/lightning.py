@@ -342,7 +342,10 @@ class FeatureAckCallback(Callback):
             log.info("gave back %d leases whose batches never reached an optimizer step", n)
         self._drain()
         trainer.strategy.barrier("torch_dataflow.finish")
-        self.acker.finish()  # free what was kept for a resume from an older checkpoint; end the session
+        # Free what was kept for a resume from an older checkpoint; end the session. What stays for a
+        # resume from the newest one is reported at teardown: ModelCheckpoint's own on_train_end (it runs
+        # after this callback) may still write a last checkpoint that frees it.
+        self.acker.finish(warn=False)
 
     # ------------------------------------------------------------ checkpoints
     def state_dict(self) -> dict[str, Any]:
@@ -405,3 +408,5 @@ class FeatureAckCallback(Callback):
 
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         self._drain()
+        if stage == "fit" and self.acker.finished and trainer.global_rank == 0:
+            self.acker.warn_kept()
