@@ -564,9 +564,17 @@ class FeatureStoreDataset(SessionMember, IterableDataset):
         what it lacks; see :mod:`torch_dataflow.ledger.retention`). With
         ``final`` (the run's last checkpoint, training is over), everything up to
         ``step`` is freed. Returns how many were freed."""
+        self._record_mode()
         freed = self.ledger.mark_durable(step, free=self.mode == "online", retain=not final, fence=self._fence)
         self._drain(freed, force=final)
         return len(freed)
+
+    def _record_mode(self) -> None:
+        if not self.__dict__.get("_mode_recorded"):
+            from .finish import record_mode
+
+            record_mode(self.ledger, self.mode)
+            self._mode_recorded = True
 
     def _drain(self, freed: Sequence[Any], *, force: bool = False) -> None:
         """Delete what the ledger queued (these refs, and any a crashed process left queued);
@@ -590,6 +598,7 @@ class FeatureStoreDataset(SessionMember, IterableDataset):
             SessionConflict: another trainer's session is live (``takeover=True`` fences it).
             CheckpointTooOld: ``resume_step`` is older than what the ledger freed.
         """
+        self._record_mode()
         report = self.ledger.reconcile(resume_step, free=self.mode == "online", strict=strict,
                                        session=None if session is None else dict(session), takeover=takeover,
                                        session_ttl=self.session_ttl)

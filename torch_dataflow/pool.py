@@ -364,13 +364,22 @@ class FeaturePool(SessionMember, Dataset):
         DURABLE. Bytes are kept: an offline pool is read again next epoch
         (``final`` is accepted for symmetry with the dataset and changes nothing)."""
         del final
+        self._record_mode()
         self.ledger.mark_durable(step, free=False, fence=self._fence)
+
+    def _record_mode(self) -> None:
+        if not self.__dict__.get("_mode_recorded"):
+            from .finish import record_mode
+
+            record_mode(self.ledger, "offline")  # a pool is read again every epoch: its bytes stay
+            self._mode_recorded = True
 
     def reconcile(self, resume_step: int | None, *, session: Mapping[str, Any] | None = None,
                   takeover: bool = False, strict: bool = True) -> ReconcileReport:
         """Restart rule, run by one process before any rank starts (see
         :meth:`~torch_dataflow.ledger.base.Ledger.reconcile`); keeps the bytes.
         ``session`` opens the ledger's trainer session (see :mod:`torch_dataflow.session`)."""
+        self._record_mode()
         report = self.ledger.reconcile(resume_step, free=False, strict=strict,
                                        session=None if session is None else dict(session), takeover=takeover,
                                        session_ttl=self.session_ttl)
