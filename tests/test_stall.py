@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from torch_dataflow import FeatureStoreDataset, FeatureWriter
-from torch_dataflow.errors import ProducerSilent
+from torch_dataflow.errors import ProducerSilent, StoreFull
 from torch_dataflow.ledger import open_ledger
 from torch_dataflow.stall import diagnose
 from torch_dataflow.status import collect_status, format_status
@@ -156,3 +156,46 @@ def test_stall_reason_is_a_metric_label(uris, monkeypatch):
         got = read(server.url)
     assert got['torch_dataflow_stall{reason="leased_elsewhere"}'] == 1
     assert sum(v for k, v in got.items() if k.startswith("torch_dataflow_stall{")) == 1
+
+
+def _fill(store: str, ledger: str, budget: int) -> tuple[FeatureWriter, int]:
+    """A live producer blocked by its byte budget; returns it and how many samples fit."""
+    w = FeatureWriter(store, ledger, name="p0", max_resident_bytes=budget, put_timeout=0.2)
+    n = 0
+    with pytest.raises(MemoryError):
+        for i in range(100):
+            w.put(f"s{i}", X)
+            n += 1
+    return w, n
+
+
+def test_a_budget_smaller_than_one_step_is_a_clear_error_and_gives_the_leases_back(uris, monkeypatch):
+    store, ledger = uris
+    w, n = _fill(store, ledger, 3 * 300)
+    assert 2 <= n < 8
+    monkeypatch.setattr(FeatureStoreDataset, "STALL_AFTER", 0.5)
+    ds = FeatureStoreDataset(store, ledger, batch_size=8, poll=0.05)
+    t0 = time.monotonic()
+    with pytest.raises(StoreFull, match="no step can ever form") as e:
+        next(iter(ds))
+    assert time.monotonic() - t0 < 30  # long before idle_timeout (600 s), and not ProducerSilent
+    assert "max_resident_bytes" in str(e.value) and f"holds about {n} samples" in str(e.value)
+    c = ds.ledger.counts()
+    assert (c.pending, c.leased) == (n, 0)  # the partial batch's leases were given back at once
+    w.close()
+
+
+def test_idle_timeout_while_the_store_is_full_blames_the_budget_not_the_producer(uris):
+    store, ledger = uris
+    w, n = _fill(store, ledger, 5 * 300)
+    assert n >= 3
+    ds = FeatureStoreDataset(store, ledger, batch_size=2, poll=0.05, idle_timeout=1.0)
+    got = []
+    with pytest.raises(StoreFull, match="checkpoint more often") as e:
+        for s in ds:
+            got.append(s)
+            if len(got) % 2 == 0:
+                ds.ledger.ack([x["__lease__"] for x in got[-2:]], step=len(got) // 2)  # trained, never checkpointed
+    assert not isinstance(e.value, ProducerSilent)
+    assert len(got) == n - n % 2  # whole batches were delivered, then the wait was diagnosed
+    w.close()

@@ -32,7 +32,7 @@ import torch
 from torch.utils.data import IterableDataset, get_worker_info
 
 from .binding import check_store, consumer_store
-from .errors import ConfigError, CorruptSample, LeaseLost, ProducerSilent, SampleUnavailable
+from .errors import ConfigError, CorruptSample, LeaseLost, ProducerSilent, SampleUnavailable, StoreFull
 from .ledger import Ledger, Plan, open_ledger
 from .ledger.base import check_step
 from .ledger.heartbeats import provably_dead, silent_message
@@ -334,6 +334,11 @@ class FeatureStoreDataset(SessionMember, IterableDataset):
     def _idle(self, since: float, warned: list[float], what: str) -> None:
         waited = time.monotonic() - since
         if self.idle_timeout is not None and waited > self.idle_timeout:
+            from .stall import report_stall
+
+            stall = report_stall(self, waited, what, quiet=True)
+            if stall.reason == "store_full":  # the producers are alive and wait for room, not silent
+                raise StoreFull(f"nothing to deliver for {waited:.0f}s ({what}): {stall.message}")
             raise ProducerSilent(silent_message(self.ledger, self.ledger.producers(), waited, what))
         # Every open producer provably dead (same host, pid gone, silent past the TTL): say so now.
         check_every = max(self.poll, min(5.0, self.producer_ttl / 2))
@@ -349,7 +354,9 @@ class FeatureStoreDataset(SessionMember, IterableDataset):
             from .stall import report_stall  # one line saying why (torch_dataflow.stall), then every minute
 
             warned[0] = waited
-            report_stall(self, waited, what)
+            stall = report_stall(self, waited, what)
+            if stall.details.get("deadlock"):
+                raise StoreFull(f"{what}: {stall.message}")
         time.sleep(self.poll)
         _metrics.waited(self.poll)
 
@@ -392,7 +399,11 @@ class FeatureStoreDataset(SessionMember, IterableDataset):
                 # Held while the batch fills: keep the leases alive.
                 self.ledger.renew([s[LEASE_KEY] for s in batch], self.lease_ttl)
                 renewed = time.monotonic()
-            self._idle(since, warned, f"ledger {self.ledger.uri}")
+            try:
+                self._idle(since, warned, f"ledger {self.ledger.uri}")
+            except BaseException as e:  # ProducerSilent, StoreFull, an interrupt: the held batch goes back now
+                self._give_back([s[LEASE_KEY] for s in batch if s.get(LEASE_KEY)], e)
+                raise
 
     def _iter_plan(self, rank: int, world: int, worker: int, workers: int, epoch: int) -> Iterator[dict[str, Any]]:
         attempt = self.ledger.attempt() if self._fence is None else self._fence
@@ -487,12 +498,17 @@ class FeatureStoreDataset(SessionMember, IterableDataset):
         try:
             return [s for s in map(self._load, leases) if s is not None]
         except BaseException as e:
-            ids = [x.lease_id for x in leases] + [s[LEASE_KEY] for s in held if s.get(LEASE_KEY)]
-            try:
-                self.ledger.fail(ids, retryable=True, reason=f"the reader failed: {type(e).__name__}: {e}")
-            except Exception as again:  # noqa: BLE001 - report the first failure, not this one
-                log.warning("could not give back %d leases after %s: %s", len(ids), type(e).__name__, again)
+            self._give_back([x.lease_id for x in leases] + [s[LEASE_KEY] for s in held if s.get(LEASE_KEY)], e)
             raise
+
+    def _give_back(self, ids: Sequence[str], e: BaseException) -> None:
+        """Return leases this reader holds but never yielded (it is failing with ``e``)."""
+        if not ids:
+            return
+        try:
+            self.ledger.fail(ids, retryable=True, reason=f"the reader failed: {type(e).__name__}: {e}")
+        except Exception as again:  # noqa: BLE001 - report the first failure, not this one
+            log.warning("could not give back %d leases after %s: %s", len(ids), type(e).__name__, again)
 
     def _load(self, lease: Lease) -> dict[str, Any] | None:
         """Read a leased sample; quarantine it if corrupt, give it back if unreadable."""

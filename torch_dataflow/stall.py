@@ -69,7 +69,9 @@ class Stall:
 
 
 def _mib(n: float) -> str:
-    return f"{n / 2**20:.1f} MiB"
+    from .status import _bytes
+
+    return _bytes(n)
 
 
 def _holders(leases: list[Any], now: float) -> list[dict[str, Any]]:
@@ -90,7 +92,7 @@ def _budget(prods: list[dict[str, Any]], budget: int | None) -> int | None:
 
 
 def diagnose(ledger: Any, *, mine: str = "", need: int = 1, producer_ttl: float = 60.0,
-             budget: int | None = None) -> Stall:
+             budget: int | None = None, batch: int | None = None) -> Stall:
     """Why a loader would wait on ``ledger`` now.
 
     Args:
@@ -101,6 +103,9 @@ def diagnose(ledger: Any, *, mine: str = "", need: int = 1, producer_ttl: float 
         producer_ttl: an open producer silent longer than this is silent.
         budget: the store's byte budget (default: the smallest ``max_resident_bytes``
             an open producer registered).
+        batch: samples one of the loader's steps holds before anything can be
+            trained (``batch_size`` x ranks): a budget that fits fewer can never
+            free room, which the diagnosis says (``details["deadlock"]``).
     """
     uri = getattr(ledger, "uri", str(ledger))
     try:
@@ -127,10 +132,18 @@ def diagnose(ledger: Any, *, mine: str = "", need: int = 1, producer_ttl: float 
     cap = _budget(prods, budget)
     live = max(1, c.committed - c.freed - c.aborted)
     if cap is not None and resident + resident / live > cap:
+        each = resident / live
+        details = {**base, "resident_bytes": resident, "budget_bytes": cap, "sample_bytes": round(each)}
+        fits = int(cap // each) if each else 0
+        if batch and fits < batch:
+            return Stall("store_full", f"store full, for good: the producers' budget of {_mib(cap)} holds about "
+                         f"{fits} samples of {_mib(each)}, and a step needs {batch} before anything is trained, "
+                         "checkpointed and freed, so no step can ever form. Raise max_resident_bytes to at least "
+                         f"{_mib(2 * batch * each)} (two steps), or lower batch_size",
+                         {**details, "deadlock": True, "fits": fits, "batch": batch})
         return Stall("store_full", f"store full: {_mib(resident)} resident of the producers' {_mib(cap)} budget; "
                      "producers wait for room, which comes when a checkpoint marks trained samples durable and "
-                     "frees them (checkpoint more often, or raise max_resident_bytes)",
-                     {**base, "resident_bytes": resident, "budget_bytes": cap})
+                     "frees them (checkpoint more often, or raise max_resident_bytes)", details)
     open_ = [p for p in prods if not p["done"]]
     if not open_:
         return Stall("producers_silent", f"nothing pending and no producer registered on {uri} yet: is the "
@@ -147,14 +160,17 @@ def diagnose(ledger: Any, *, mine: str = "", need: int = 1, producer_ttl: float 
                                                                       "holders": holders})
 
 
-def report_stall(ds: Any, waited: float, what: str) -> Stall:
-    """Log (one line) and count why the loader ``ds`` has waited ``waited`` seconds."""
+def report_stall(ds: Any, waited: float, what: str, *, quiet: bool = False) -> Stall:
+    """Log (one line) and count why the loader ``ds`` has waited ``waited`` seconds
+    (``quiet``: only diagnose)."""
     from .metrics import _record
 
     world = ds.rank_world()[1]
     budget = getattr(ds.store, "max_bytes", None)
     stall = diagnose(ds.ledger, mine=ds.consumer_id, need=ds.batch_size * world if world > 1 else 1,
-                     producer_ttl=ds.producer_ttl, budget=budget)
+                     producer_ttl=ds.producer_ttl, budget=budget, batch=ds.batch_size * world)
+    if quiet:
+        return stall
     log.warning("loader waiting %.0fs for samples (%s): [%s] %s", waited, what, stall.reason, stall.message)
     _record.stalled(stall.reason)
     return stall
