@@ -24,7 +24,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from torch_dataflow import FeatureStoreDataset, FeatureWriter
-from torch_dataflow.errors import ConfigError, StoreFull
+from torch_dataflow.errors import ConfigError, ProducerSilent, StoreFull
 from torch_dataflow.ledger import open_ledger
 from torch_dataflow.pool import FeaturePool
 from torch_dataflow.stores import open_store
@@ -134,6 +134,20 @@ def test_online_consumer_started_before_the_producer(tmp_path: Path) -> None:
     assert not t.is_alive() and sorted(got) == ["s000", "s001", "s002", "s003"]
 
 
+def test_mistyped_sqlite_ledger_path_is_named_at_once_and_in_the_stall(tmp_path: Path, caplog) -> None:
+    store, _ = _produce(tmp_path, 2)
+    typo = f"sqlite://{tmp_path / 'ledgr.db'}"
+    with caplog.at_level("WARNING", logger="torch_dataflow.binding"):
+        ds = FeatureStoreDataset(store, typo, batch_size=1, poll=0.01, idle_timeout=0.3)
+    assert any("does not exist" in r.getMessage() and "typo" in r.getMessage() for r in caplog.records)
+    with pytest.raises(ProducerSilent, match="mistyped ledger path"):
+        next(iter(ds))
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="torch_dataflow.binding"):
+        FeatureStoreDataset(store, typo)  # it exists now (empty): no second warning
+    assert not caplog.records
+
+
 def test_old_marker_gets_a_store_id_once(tmp_path: Path) -> None:
     root = tmp_path / "store"
     SharedDirStore(root).put("s", 1, {"x": torch.zeros(1)})
@@ -208,6 +222,11 @@ def test_requeue_cli(tmp_path: Path) -> None:
     assert r.returncode == 0 and "requeued 1 quarantined samples" in r.stdout, r.stderr
     r = cli(f"sqlite://{tmp_path / 'ledgre.db'}")
     assert r.returncode == 2 and "no ledger" in r.stderr and not (tmp_path / "ledgre.db").exists()
+    r = cli(ledger, "--ids", "s001", "nosuch")  # an unknown id is an error and nothing changes
+    assert r.returncode == 2 and "no sample nosuch" in r.stderr, (r.stdout, r.stderr)
+    assert led.counts().quarantined == 0
+    r = cli(ledger, "--ids", "s001")
+    assert r.returncode == 0 and "not quarantined, left as they are: s001 (live)" in r.stdout, r.stderr
     seen = _train(FeatureStoreDataset(store, ledger, batch_size=1))
     assert sorted(seen) == ["s000", "s001", "s002"]
     c = led.counts()

@@ -23,12 +23,17 @@ Example:
 
 from __future__ import annotations
 
+import logging
+import os
+
 from .errors import ConfigError, ForkedClient
-from .ledger import Ledger
+from .ledger import Ledger, open_ledger
 from .stores import FeatureStore, open_store
 from .stores.shared_dir import SharedDirStore
 
-__all__ = ["STORE_ID_KEY", "bind_store", "check_store", "consumer_store"]
+__all__ = ["STORE_ID_KEY", "bind_store", "check_store", "consumer_ledger", "consumer_store"]
+
+log = logging.getLogger(__name__)
 
 STORE_ID_KEY = "store_id"
 
@@ -41,6 +46,21 @@ def consumer_store(store: str | FeatureStore) -> FeatureStore:
     if isinstance(store, SharedDirStore) and store.create:
         return SharedDirStore(**{**store._config_state(), "create": False})
     return store
+
+
+def consumer_ledger(ledger: str | Ledger) -> Ledger:
+    """Open ``ledger`` for a consumer. A ``sqlite://`` file that does not exist yet is
+    created (a consumer may start before its producer), with a warning: a mistyped
+    path would otherwise wait quietly for a producer that writes elsewhere."""
+    if isinstance(ledger, str) and ledger.split("://", 1)[0].lower() == "sqlite":
+        opened = open_ledger(ledger)
+        path = getattr(opened, "path", None)
+        if path and not os.path.exists(path):
+            log.warning("ledger file %s does not exist: a new, empty ledger is created there and this consumer "
+                        "waits for a producer to register on it. If the path is a typo, stop and fix it: the "
+                        "producer's FeatureWriter on the right path is what fills a ledger", path)
+        return opened
+    return open_ledger(ledger)
 
 
 def bind_store(store: FeatureStore, ledger: Ledger) -> str:

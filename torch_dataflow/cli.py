@@ -313,10 +313,20 @@ def _add_requeue(sub: Any) -> None:
 
 
 def _requeue(args: argparse.Namespace) -> int:
+    from .ledger.base import SampleStatus
     from .status import _open_existing
 
     ledger = _open_existing(args.ledger)
     try:
+        if args.ids:
+            known = ledger.sample_statuses(args.ids)
+            unknown = [i for i in args.ids if i not in known]
+            if unknown:
+                raise DataflowError(f"no sample {', '.join(unknown)} in {ledger.uri}: nothing requeued (check the "
+                                    f"ids; `torch-dataflow status {ledger.uri}` lists the quarantined ones)")
+            other = [f"{i} ({known[i].name.lower()})" for i in args.ids if known[i] != SampleStatus.QUARANTINED]
+            if other:
+                print(f"not quarantined, left as they are: {', '.join(other)}")
         n = ledger.requeue_quarantined(args.ids)
         print(f"requeued {n} quarantined samples in {ledger.uri}")
     finally:

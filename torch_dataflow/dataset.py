@@ -31,9 +31,9 @@ from typing import Any
 import torch
 from torch.utils.data import IterableDataset, get_worker_info
 
-from .binding import check_store, consumer_store
+from .binding import check_store, consumer_ledger, consumer_store
 from .errors import ConfigError, CorruptSample, LeaseLost, ProducerSilent, SampleUnavailable, StoreFull
-from .ledger import Ledger, Plan, open_ledger
+from .ledger import Ledger, Plan
 from .ledger.base import check_step
 from .ledger.heartbeats import provably_dead, silent_message
 from .length_batching import FREE_ROUND, check_length_batching, order_plan
@@ -180,7 +180,7 @@ class FeatureStoreDataset(SessionMember, IterableDataset):
         if lease_ttl <= 0:
             raise ConfigError(f"lease_ttl must be > 0, got {lease_ttl}")
         self.store = consumer_store(store)  # a file:// directory is never created by a consumer
-        self.ledger = open_ledger(ledger)
+        self.ledger = consumer_ledger(ledger)  # a new sqlite file is created, with a warning (a typo?)
         self._store_checked = 0  # pid that checked the store against the ledger (check_store)
         self._misses: dict[tuple[str, int], int] = {}  # unavailable deliveries per sample generation
         self.mode = mode

@@ -147,7 +147,8 @@ def diagnose(ledger: Any, *, mine: str = "", need: int = 1, producer_ttl: float 
     open_ = [p for p in prods if not p["done"]]
     if not open_:
         return Stall("producers_silent", f"nothing pending and no producer registered on {uri} yet: is the "
-                     "producer running (and writing to this ledger)?", {**base, "producers": []})
+                     "producer running, and writing to this ledger? (a mistyped ledger path is a new, empty "
+                     "ledger)", {**base, "producers": []})
     silent = [p for p in open_ if p["age_s"] is None or p["age_s"] > producer_ttl]
     if len(silent) == len(open_):
         names = "; ".join(describe(p) for p in open_)

@@ -70,7 +70,8 @@ def silent_message(ledger: Any, prods: Sequence[Mapping[str, Any]], waited: floa
     why = "every open producer's process is gone" if dead else f"nothing to deliver for {waited:.0f}s"
     if not open_:
         return (f"{why} while the stream is open ({what}) and no producer registered yet; "
-                "is the producer running?")
+                "is the producer running, and writing to this ledger? (a mistyped ledger path is a new, "
+                "empty ledger)")
     names = "; ".join(describe(p) for p in open_)
     fix = " / ".join(f"torch-dataflow close-stream {uri} --producer {p['name']}" for p in open_)
     return (f"{why} while the stream is open ({what}); silent producer(s): {names}. Restart it under the "
