@@ -169,7 +169,14 @@ class FeatureWriter:
         gone = [sid for sid, ref in committed.items() if statuses.get(sid) in unread and not self._has(ref)]
         if not gone:
             return committed
-        trained = self.ledger.trained_steps()  # trained already: putting it again would train it twice
+        # Trained already: putting it again would train it twice. An offline pool is read again every
+        # epoch, so there only the current epoch counts: a sample trained in an earlier one needs its bytes.
+        from .finish import MODE_KEY
+
+        epoch = None
+        if self.ledger.get_meta(MODE_KEY) == "offline":
+            epoch = max(self.ledger.counts().extra.get("epochs") or [0])
+        trained = self.ledger.trained_steps(epoch)
         lost = {sid for sid in gone if sid not in trained}
         if lost:
             log.warning("%d committed samples of %s lost their bytes before training (first: %s); putting them "
