@@ -295,3 +295,17 @@ def test_specforge_directory_typo_is_refused(tmp_path: Path) -> None:
         FeaturePool(f"specforge://{tmp_path / 'sh'}", ledger)
     assert len(FeaturePool(f"specforge://{src}", ledger)) == 3
     assert open_ledger(ledger).counts().quarantined == 0
+
+
+def test_producer_restarted_without_resume_warns_once_that_it_rewrites(tmp_path: Path, caplog) -> None:
+    store, ledger = f"file://{tmp_path / 'store'}", f"sqlite://{tmp_path / 'ledger.db'}"
+    with caplog.at_level("WARNING", logger="torch_dataflow.producer"):
+        for _ in range(2):
+            with FeatureWriter(store, ledger, name="p") as w:
+                for i in range(3):
+                    w.put(f"s{i}", {"x": torch.zeros(2)})
+        first = [r.getMessage() for r in caplog.records]
+        with FeatureWriter(store, ledger, name="p", resume=True) as w:
+            assert w.put("s0", {"x": torch.zeros(2)}).generation == 2  # resume skips: no rewrite, no warning
+    assert len(first) == 1 and "'s0' was written before" in first[0] and "resume=True" in first[0]
+    assert [r.getMessage() for r in caplog.records] == first

@@ -290,6 +290,7 @@ class FeatureWriter:
         self.wait_for_room(incoming)
         self._bind()
         [gen] = self.ledger.reserve([sample_id])
+        self._warn_rewrite(sample_id, gen)
         ref = self.store.put(sample_id, gen, tensors, metadata)
         try:
             superseded = self.ledger.commit([ref])
@@ -340,6 +341,9 @@ class FeatureWriter:
         self.wait_for_room(incoming, len(batch))
         self._bind()
         gens = self.ledger.reserve([sid for sid, _, _ in batch])
+        if max(gens, default=0) > 1:
+            sid, g = next((sid, g) for (sid, _, _), g in zip(batch, gens, strict=True) if g > 1)
+            self._warn_rewrite(sid, g)
         refs = self.store.put_many([(sid, g, ts, meta) for (sid, ts, meta), g in zip(batch, gens, strict=True)])
         try:
             superseded = self.ledger.commit(refs)
@@ -356,6 +360,18 @@ class FeatureWriter:
         _metrics.put(len(refs), sum(r.nbytes for r in refs))
         self._heartbeat()
         return refs
+
+    def _warn_rewrite(self, sample_id: str, generation: int) -> bool:
+        """Once per writer without ``resume``: say that an id written before is written
+        (and so trained) again, which is what a restarted producer without
+        ``resume=True`` does by mistake. Returns whether it warned."""
+        if generation <= 1 or self.resume or self.__dict__.get("_rewrite_warned"):
+            return False
+        self._rewrite_warned = True
+        log.warning("producer %s: sample %r was written before (this is generation %d), so it is written and "
+                    "trained again; a restarted producer should pass resume=True to skip what is committed "
+                    "(this warning is logged once per writer)", self.name, sample_id, generation)
+        return True
 
     ORPHAN_SCAN = 8  # generations below a re-put's own that it looks for (a writer's crashes in a row)
 

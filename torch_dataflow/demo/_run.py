@@ -26,6 +26,7 @@ _POLL = 0.2
 def _prepare(cfg: DemoConfig) -> None:
     """Start from a clean slate: delete what an earlier run left in the work
     directory; refuse a user-given store or ledger that already holds samples."""
+    made = not cfg.root.exists()
     cfg.root.mkdir(parents=True, exist_ok=True)
     for path in cfg.owned_paths():
         if path.is_dir():
@@ -35,6 +36,10 @@ def _prepare(cfg: DemoConfig) -> None:
     ledger = open_ledger(cfg.ledger_uri)
     try:
         held = ledger.counts().committed
+    except BaseException:
+        if made and not any(cfg.root.iterdir()):
+            cfg.root.rmdir()  # an unreachable ledger: leave no empty work directory behind
+        raise
     finally:
         ledger.close()
     if held:
