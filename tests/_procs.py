@@ -28,16 +28,20 @@ def produce(store: str, ledger: str, ids: list[int], delay: float = 0.0, close: 
 
 
 def consume(store: str, ledger: str, out: str, ack: bool = True, hold: float = 0.0, lease_ttl: float = 60.0,
-            num_workers: int = 0, batch_size: int = 4) -> None:
-    """Consume everything; log each sample id to ``out`` (one JSON line per batch) before acking."""
+            num_workers: int = 0, batch_size: int = 4, ready: str | None = None) -> None:
+    """Consume everything; log each sample id to ``out`` (one JSON line per batch) before acking.
+    ``ready``: a file created once the loader (and its workers) runs."""
     from torch.utils.data import DataLoader
 
     from torch_dataflow import FeatureStoreDataset
 
     ds = FeatureStoreDataset(store, ledger, batch_size=batch_size, lease_ttl=lease_ttl, idle_timeout=120)
     loader = DataLoader(ds, batch_size=batch_size, num_workers=num_workers)
+    batches = iter(loader)  # starts the workers
+    if ready:
+        open(ready, "w").close()
     with open(out, "a") as f:
-        for step, batch in enumerate(loader, 1):
+        for step, batch in enumerate(batches, 1):
             f.write(json.dumps({"pid": os.getpid(), "ids": batch["__sample_id__"]}) + "\n")
             f.flush()
             if hold:

@@ -309,3 +309,58 @@ def test_producer_restarted_without_resume_warns_once_that_it_rewrites(tmp_path:
             assert w.put("s0", {"x": torch.zeros(2)}).generation == 2  # resume skips: no rewrite, no warning
     assert len(first) == 1 and "'s0' was written before" in first[0] and "resume=True" in first[0]
     assert [r.getMessage() for r in caplog.records] == first
+
+
+_SLOW_PRODUCER = """
+import sys, time, torch
+from torch_dataflow import FeatureWriter
+with FeatureWriter(sys.argv[1], sys.argv[2], name="producer-0", resume=True) as w:
+    for sid in w.missing([f"s{i}" for i in range(50)]):
+        w.put(sid, {"x": torch.zeros(4)})
+        print(sid, flush=True)
+        time.sleep(0.1)
+"""
+
+
+def test_a_producer_started_twice_is_refused_and_a_killed_one_restarts(tmp_path: Path) -> None:
+    from torch_dataflow.errors import SessionConflict
+
+    store, ledger = f"file://{tmp_path / 'store'}", f"sqlite://{tmp_path / 'ledger.db'}"
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    first = subprocess.Popen([sys.executable, "-c", _SLOW_PRODUCER, store, ledger], stdout=subprocess.PIPE,
+                             text=True, env=env)
+    try:
+        assert first.stdout.readline().strip() == "s0"  # registered and writing
+        with pytest.raises(SessionConflict, match="already running") as e:
+            with FeatureWriter(store, ledger, name="producer-0", resume=True) as w:
+                w.missing(["s0"])
+        assert f"pid {first.pid}" in str(e.value)
+        led = open_ledger(ledger)
+        assert not led.is_closed()  # the refused writer did not close the live producer's stream
+        first.kill()  # SIGKILL mid-run: a restart under the same name right away is no duplicate
+        first.wait(30)
+        with FeatureWriter(store, ledger, name="producer-0", resume=True) as w:
+            todo = w.missing([f"s{i}" for i in range(50)])
+            for sid in todo:
+                w.put(sid, {"x": torch.zeros(4)})
+        c = led.counts()
+        assert c.committed == 50 and c.pending == 50 and led.is_closed()
+        assert 0 < len(todo) < 50
+    finally:
+        if first.poll() is None:
+            first.kill()
+            first.wait(30)
+        first.stdout.close()
+
+
+def test_producer_takeover_starts_beside_a_live_holder(tmp_path: Path) -> None:
+    store, ledger = f"file://{tmp_path / 'store'}", f"sqlite://{tmp_path / 'ledger.db'}"
+    led = open_ledger(ledger)
+    led.register_producer("producer-0", {"host": "other-host", "pid": 1})  # live elsewhere: a fresh heartbeat
+    from torch_dataflow.errors import SessionConflict
+
+    with pytest.raises(SessionConflict):
+        FeatureWriter(store, ledger, name="producer-0").put("a", {"x": torch.zeros(1)})
+    with FeatureWriter(store, ledger, name="producer-0", takeover=True) as w:
+        w.put("a", {"x": torch.zeros(1)})
+    assert led.counts().committed == 1

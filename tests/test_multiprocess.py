@@ -43,10 +43,16 @@ def test_producer_and_two_consumers_exactly_once(tmp_path: Path) -> None:
     open_ledger(ledger).register_producer("announced")  # consumers must wait for the real producer
     log = tmp_path / "consumed.jsonl"
     producer = CTX.Process(target=_procs.produce, args=(store, ledger, list(range(120)), 0.03), name="producer")
-    consumers = [CTX.Process(target=_procs.consume, args=(store, ledger, str(log)), kwargs={"num_workers": nw},
-                             name=f"consumer{nw}") for nw in (0, 2)]
-    for p in [*consumers, producer]:
+    ready = [tmp_path / f"ready{nw}" for nw in (0, 2)]
+    consumers = [CTX.Process(target=_procs.consume, args=(store, ledger, str(log)),
+                             kwargs={"num_workers": nw, "ready": str(r)}, name=f"consumer{nw}")
+                 for nw, r in zip((0, 2), ready, strict=True)]
+    for p in consumers:
         p.start()
+    deadline = time.monotonic() + 120  # both consumers poll before the first sample: both take part
+    while not all(r.exists() for r in ready) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    producer.start()
     producer.join(120)
     open_ledger(ledger).producer_done("announced")
     _join([producer, *consumers])

@@ -83,6 +83,16 @@ class FeatureWriter:
         heartbeat_every: seconds between heartbeats sent on puts (and while
             waiting for room); consumers name a producer silent for longer
             than their ``producer_ttl``.
+        takeover: start even though a producer of the same ``name`` looks
+            alive (see below).
+
+    A producer started twice by mistake would write every sample twice, and the
+    second commit of a trained sample trains it again: a writer whose ``name``
+    is held by a live producer (on this host, its process runs; elsewhere, its
+    heartbeat is younger than 60 s) raises
+    :class:`~torch_dataflow.errors.SessionConflict` at its first
+    :meth:`missing` or put, naming the holder. ``takeover=True`` starts anyway
+    (the other one is known to be gone).
     """
 
     def __init__(
@@ -97,6 +107,7 @@ class FeatureWriter:
         poll: float = 0.05,
         resume: bool = False,
         heartbeat_every: float = 5.0,
+        takeover: bool = False,
     ) -> None:
         self.store = open_store(store)
         self.ledger = open_ledger(ledger)
@@ -117,6 +128,8 @@ class FeatureWriter:
         self.resume = resume
         self.heartbeat_every = heartbeat_every
         self.skipped = 0  # puts answered with an already committed ref (resume)
+        self.takeover = takeover
+        self._refused = False
         self._beat_at = 0.0
         self._bound = False
 
@@ -135,8 +148,34 @@ class FeatureWriter:
                             f"budget of {self.max_resident_bytes} bytes of store {self.store.uri}; it can never fit "
                             "(raise max_resident_bytes / max_bytes, or split the sample)")
 
+    HOLDER_TTL = 60.0  # a same-name producer on another host counts as live while its heartbeat is this young
+
+    def _check_name(self) -> None:
+        """Refuse to run beside a live producer of the same name (started twice by mistake)."""
+        if self._registered or self.takeover:
+            return
+        from .errors import SessionConflict
+        from .ledger.heartbeats import describe, pid_gone
+
+        for p in self.ledger.producers():
+            if p["name"] != self.name or p["done"]:
+                continue
+            here = p.get("host") == socket.gethostname()
+            if here and p.get("pid") == os.getpid():
+                continue  # an earlier writer of this process
+            live = not pid_gone(p.get("host"), p.get("pid")) if here and p.get("pid") else \
+                p.get("age_s") is not None and p["age_s"] <= self.HOLDER_TTL
+            if live:
+                self._refused = True
+                raise SessionConflict(
+                    f"producer {describe(p)} is already running on ledger {self.ledger.uri} under the name "
+                    f"{self.name!r}: two producers of one name would write every sample twice (a sample trained "
+                    "in between is trained again). Stop the other one, give this one its own name, or pass "
+                    "takeover=True if the other is known to be gone")
+
     def _register(self) -> None:
         if not self._registered:
+            self._check_name()
             budget = {"max_resident_bytes": self.max_resident_bytes} if self.max_resident_bytes else None
             self.ledger.register_producer(self.name, budget)  # the budget: for stall diagnoses
             self._registered = True
@@ -152,6 +191,7 @@ class FeatureWriter:
         """The ids not yet committed (in input order): what a resumed producer
         still has to generate. One ledger lookup for the batch."""
         ids = list(sample_ids)
+        self._check_name()  # a second producer of this name is refused before it plans any work
         self._bind()  # a store other than the ledger's is refused here, not only at the first put
         done = self._kept(self.ledger.committed_refs(ids))
         return [s for s in ids if s not in done]
@@ -398,7 +438,7 @@ class FeatureWriter:
     def close(self) -> None:
         """Mark this producer finished (consumers stop when all producers are) and
         release the connections it opened from URIs (they reopen if used again)."""
-        if not self._closed:
+        if not self._closed and not self._refused:  # a refused writer never closes the live holder's stream
             self._register()
             self.ledger.producer_done(self.name)
             self._closed = True
