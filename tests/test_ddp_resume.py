@@ -11,9 +11,7 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import socket
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -114,18 +112,6 @@ def test_lightning_pool_resumed_on_more_ranks_ends_the_epoch_when_the_ledger_doe
 
 
 # ---------------------------------------------------------------- (f) the last, partial global step
-@pytest.fixture(scope="module")
-def redis_uri() -> Iterator[str]:
-    from torch_dataflow.ledger.redis_server import INSTALL_HINT, RedisServer
-
-    if shutil.which("redis-server") is None:
-        if IN_CI:
-            pytest.fail(f"redis-server missing under CI: {INSTALL_HINT}")
-        pytest.skip(INSTALL_HINT)
-    with RedisServer() as srv:
-        yield srv.uri
-
-
 def _ranks(store: str, ledger: str, world: int, bs: int, *, step0: int = 0, nw: int = 0,
            stop_after: int | None = None) -> list[list[list[tuple[str, str]]]]:
     """Every rank's batches of one pass, ranks one after another (rank 0 first), each

@@ -14,7 +14,6 @@ changes nothing; ``finish()`` leaves zero bytes in the store.
 from __future__ import annotations
 
 import json
-import shutil
 import subprocess
 import sys
 import textwrap
@@ -28,18 +27,9 @@ import torch
 from torch_dataflow import FeatureStoreDataset, FeatureWriter, StepAcker
 from torch_dataflow.errors import CheckpointTooOld, SessionConflict
 from torch_dataflow.ledger import open_ledger
-from torch_dataflow.ledger.redis_server import RedisServer
 from torch_dataflow.stores import open_store
 
 N = 24
-
-
-@pytest.fixture(scope="module")
-def redis_uri() -> Iterator[str]:
-    if shutil.which("redis-server") is None:
-        pytest.fail("redis-server is needed (make sysdeps installs it)")
-    with RedisServer() as srv:
-        yield f"redis://127.0.0.1:{srv.port}/0"
 
 
 def _produce(store: str, ledger: str, n: int = N) -> None:

@@ -6,16 +6,13 @@ run by test_ledger.py and test_redis_ledger.py); these are backend specifics.
 
 from __future__ import annotations
 
-import shutil
 import sqlite3
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 from torch_dataflow.ledger import open_ledger
 from torch_dataflow.ledger.free_queue import RESIDENT_KEY, SQLiteFreeQueue
-from torch_dataflow.ledger.redis_server import RedisServer
 from torch_dataflow.refs import SampleRef
 
 
@@ -30,14 +27,6 @@ def _train_and_free(led) -> list[SampleRef]:  # type: ignore[no-untyped-def]
     leases = led.lease("t", 100, ttl=30)
     assert led.ack([x.lease_id for x in leases], step=1) == []
     return led.mark_durable(1, retain=False)
-
-
-@pytest.fixture(scope="module")
-def redis_uri() -> Iterator[str]:
-    if shutil.which("redis-server") is None:
-        pytest.fail("redis-server is needed (make sysdeps installs it)")
-    with RedisServer() as srv:
-        yield srv.uri
 
 
 def test_sqlite_ledger_made_before_the_queue_upgrades_in_place(tmp_path: Path) -> None:

@@ -13,12 +13,10 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import signal
 import subprocess
 import sys
 import textwrap
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -26,19 +24,10 @@ import torch
 
 from torch_dataflow import FeatureStoreDataset, FeatureWriter
 from torch_dataflow.ledger import open_ledger
-from torch_dataflow.ledger.redis_server import RedisServer
 from torch_dataflow.stores import open_store
 from torch_dataflow.stores.shared_dir import SharedDirStore
 
 N = 8
-
-
-@pytest.fixture(scope="module")
-def redis_uri() -> Iterator[str]:
-    if shutil.which("redis-server") is None:
-        pytest.fail("redis-server is needed (make sysdeps installs it)")
-    with RedisServer() as srv:
-        yield f"redis://127.0.0.1:{srv.port}/0"
 
 
 def _produce(store: str, ledger: str, n: int = N) -> None:

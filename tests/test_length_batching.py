@@ -29,13 +29,11 @@ from __future__ import annotations
 import itertools
 import json
 import random
-import shutil
 import signal
 import subprocess
 import sys
 import uuid
 from collections import Counter
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -44,7 +42,6 @@ import torch
 from torch.utils.data import DataLoader
 
 from torch_dataflow import ConfigError, FeatureStoreDataset, FeatureWriter, open_ledger
-from torch_dataflow.ledger.redis_server import RedisServer
 from torch_dataflow.length_batching import _within_longest, balance_step, plan_order, sample_length, step_stats
 from torch_dataflow.pool import FeaturePool
 from torch_dataflow.sampler import ReshardingSampler
@@ -57,14 +54,6 @@ def lognormal_lengths(n: int, seed: int = 0) -> dict[str, int]:
     """``n`` sample lengths, log-normal (median ~490 tokens), clipped to 64-4096."""
     rng = random.Random(seed)
     return {f"s{i:04d}": min(4096, max(64, round(rng.lognormvariate(6.2, 1.0)))) for i in range(n)}
-
-
-@pytest.fixture(scope="module")
-def redis_uri() -> Iterator[str]:
-    if shutil.which("redis-server") is None:
-        pytest.fail("redis-server is needed (make sysdeps installs it)")
-    with RedisServer() as srv:
-        yield srv.uri
 
 
 @pytest.fixture

@@ -331,9 +331,9 @@ def test_a_producer_started_twice_is_refused_and_a_killed_one_restarts(tmp_path:
                              text=True, env=env)
     try:
         assert first.stdout.readline().strip() == "s0"  # registered and writing
-        with pytest.raises(SessionConflict, match="already running") as e:
-            with FeatureWriter(store, ledger, name="producer-0", resume=True) as w:
-                w.missing(["s0"])
+        with pytest.raises(SessionConflict, match="already running") as e, \
+                FeatureWriter(store, ledger, name="producer-0", resume=True) as w:
+            w.missing(["s0"])
         assert f"pid {first.pid}" in str(e.value)
         led = open_ledger(ledger)
         assert not led.is_closed()  # the refused writer did not close the live producer's stream

@@ -186,18 +186,6 @@ def test_sampler_indices_equal_distributed_samplers(world: int, n: int, drop_las
             assert ours == theirs, (shuffle, epoch)
 
 
-@pytest.fixture(scope="module")
-def redis_uri() -> Any:
-    import shutil
-
-    from torch_dataflow.ledger.redis_server import RedisServer
-
-    if shutil.which("redis-server") is None:
-        pytest.fail("redis-server is needed (make sysdeps installs it)")
-    with RedisServer() as srv:
-        yield srv.uri
-
-
 @pytest.mark.parametrize("kind", ["sqlite", "redis"])
 def test_shuffled_indices_equal_distributed_samplers_on_shared_ledgers(kind: str, tmp_path: Path,
                                                                       redis_uri: str) -> None:
