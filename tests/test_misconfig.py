@@ -144,8 +144,23 @@ def test_mistyped_sqlite_ledger_path_is_named_at_once_and_in_the_stall(tmp_path:
         next(iter(ds))
     caplog.clear()
     with caplog.at_level("WARNING", logger="torch_dataflow.binding"):
-        FeatureStoreDataset(store, typo)  # it exists now (empty): no second warning
+        FeatureStoreDataset(store, typo)  # it exists now, but no producer ever registered there
+    assert [r.getMessage() for r in caplog.records if "has no producer and no sample yet" in r.getMessage()]
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="torch_dataflow.binding"):
+        FeatureStoreDataset(store, f"sqlite://{tmp_path / 'ledger.db'}")  # the right one: quiet
     assert not caplog.records
+
+
+def test_mistyped_redis_namespace_is_named_at_once(tmp_path: Path, redis_uri: str, caplog) -> None:
+    store = f"file://{tmp_path / 'store'}"
+    with FeatureWriter(store, f"{redis_uri}?namespace=run1") as w:
+        w.put("a", {"x": torch.zeros(1)})
+    with caplog.at_level("WARNING", logger="torch_dataflow.binding"):
+        FeatureStoreDataset(store, f"{redis_uri}?namespace=run1")
+        assert not caplog.records
+        FeatureStoreDataset(store, f"{redis_uri}?namespace=rnu1")
+    assert any("rnu1" in r.getMessage() and "typo" in r.getMessage() for r in caplog.records)
 
 
 def test_old_marker_gets_a_store_id_once(tmp_path: Path) -> None:

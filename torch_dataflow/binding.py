@@ -49,18 +49,28 @@ def consumer_store(store: str | FeatureStore) -> FeatureStore:
 
 
 def consumer_ledger(ledger: str | Ledger) -> Ledger:
-    """Open ``ledger`` for a consumer. A ``sqlite://`` file that does not exist yet is
-    created (a consumer may start before its producer), with a warning: a mistyped
-    path would otherwise wait quietly for a producer that writes elsewhere."""
-    if isinstance(ledger, str) and ledger.split("://", 1)[0].lower() == "sqlite":
-        opened = open_ledger(ledger)
-        path = getattr(opened, "path", None)
-        if path and not os.path.exists(path):
-            log.warning("ledger file %s does not exist: a new, empty ledger is created there and this consumer "
-                        "waits for a producer to register on it. If the path is a typo, stop and fix it: the "
-                        "producer's FeatureWriter on the right path is what fills a ledger", path)
+    """Open ``ledger`` for a consumer. A ledger no producer ever registered on is
+    served (a consumer may start before its producer) with a warning: a mistyped
+    path, Redis db or namespace would otherwise wait quietly for a producer that
+    writes elsewhere. A ``sqlite://`` file that does not exist yet is created."""
+    if not isinstance(ledger, str) or ledger.split("://", 1)[0].lower() == "memory":
+        return open_ledger(ledger)  # an instance is the caller's; a memory ledger cannot be mistyped elsewhere
+    opened = open_ledger(ledger)
+    path = getattr(opened, "path", None) if ledger.split("://", 1)[0].lower() == "sqlite" else None
+    if path and not os.path.exists(path):
+        log.warning("ledger file %s does not exist: a new, empty ledger is created there and this consumer "
+                    "waits for a producer to register on it. If the path is a typo, stop and fix it: the "
+                    "producer's FeatureWriter on the right path is what fills a ledger", path)
         return opened
-    return open_ledger(ledger)
+    try:
+        empty = not opened.producers() and not opened.counts().committed
+    except (ConnectionError, OSError):  # unreachable: the first lease says so, with the retries it makes
+        return opened
+    if empty:
+        log.warning("ledger %s has no producer and no sample yet: this consumer waits for a producer to register "
+                    "on it. If the URI is a typo (path, Redis db number, ?namespace=), stop and fix it",
+                    opened.uri)
+    return opened
 
 
 def bind_store(store: FeatureStore, ledger: Ledger) -> str:
