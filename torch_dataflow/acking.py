@@ -385,9 +385,26 @@ class StepAcker:
                     freed += ds.mark_durable(top, final=True) or 0
             if warn:
                 self.warn_kept()
+            self._report_quarantined()
         for ds in self._routes.values():
             ds.close_session()
         return freed
+
+    def _report_quarantined(self) -> int:
+        """Log, at the end of training, the samples that were quarantined and so never trained."""
+        total = 0
+        for ds in self._by_ledger.values():
+            q = ds.ledger.counts().quarantined
+            if not q:
+                continue
+            total += q
+            ref, reason = (ds.ledger.quarantined()[:1] or [(None, "")])[0]
+            first = f"{ref.sample_id}: {reason}" if ref is not None else reason
+            log.error("%d samples of %s are quarantined and were NOT trained (first: %s). See `torch-dataflow "
+                      "status %s`; fix the cause (a store whose producer exited, corrupt bytes) and run "
+                      "`torch-dataflow requeue %s` to train them", q, ds.ledger.uri, first, ds.ledger.uri,
+                      ds.ledger.uri)
+        return total
 
     def kept(self) -> int:
         """Samples of online datasets trained after the newest checkpoint and still

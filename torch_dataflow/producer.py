@@ -11,6 +11,7 @@ Example:
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import secrets
@@ -442,8 +443,58 @@ class FeatureWriter:
             self._register()
             self.ledger.producer_done(self.name)
             self._closed = True
+            self._warn_segment()
         for backend in self._owned:
             backend.close()
+
+    def _segment_bound(self) -> bool:
+        """Whether this writer's bytes live in its own process (a Mooncake segment) and die with it."""
+        cfg = getattr(self.store, "cfg", None)  # a Mooncake writer at segment_size=0 puts into a store server
+        return self.written > 0 and self.store.uri.split("://", 1)[0].lower() == "mooncake" and \
+            getattr(cfg, "segment_size", 1) > 0
+
+    def _unconsumed(self) -> tuple[int, bool]:
+        """``(samples pending or leased, a trainer session is live)`` on the ledger now."""
+        c = self.ledger.counts()
+        session = self.ledger.session()
+        return c.pending + c.leased, bool(session and session.get("live"))
+
+    def _warn_segment(self) -> None:
+        if not self._segment_bound() or self.__dict__.get("_quiet_close"):
+            return
+        with contextlib.suppress(Exception):  # a warning must never turn a clean close into an error
+            left, live = self._unconsumed()
+            if left or live:
+                log.warning(
+                    "producer %s closed while %d samples are not trained yet%s; their bytes live in this process's "
+                    "Mooncake segment of %s and become unreadable (quarantined) when it exits. Keep the producer "
+                    "running until they are trained: call wait_consumed() before the process ends", self.name,
+                    left, " and a trainer still runs" if live else "", self.store.uri)
+
+    def wait_consumed(self, timeout: float | None = None, poll: float = 1.0) -> bool:
+        """Close this writer (online consumers finish once the stream ends), then
+        wait until nothing is pending or leased on the ledger and no trainer
+        session is live: what a producer whose bytes die with it (a Mooncake
+        segment) must do before its process exits. Returns ``False`` on timeout.
+
+        Example:
+            >>> import tempfile, torch
+            >>> d = tempfile.mkdtemp()
+            >>> w = FeatureWriter(f"file://{d}/s", f"sqlite://{d}/l.db")
+            >>> w.wait_consumed(timeout=0)     # nothing was put: nothing to wait for
+            True
+        """
+        if not self._closed:
+            self._quiet_close = True  # waiting is what the close-time warning asks for
+            self.close()
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while True:
+            left, live = self._unconsumed()
+            if not left and not live:
+                return True
+            if deadline is not None and time.monotonic() >= deadline:
+                return False
+            time.sleep(poll)
 
     def __enter__(self) -> FeatureWriter:
         return self
