@@ -102,3 +102,22 @@ def test_status_of_a_port_that_never_answers_ends_with_one_line() -> None:
     assert r.returncode == 2, r.stderr
     assert len(r.stderr.strip().splitlines()) == 1 and "Traceback" not in r.stderr, r.stderr
     assert "unreachable after 2 retries" in r.stderr and "Timeout" in r.stderr
+
+
+def test_status_of_a_mistyped_redis_namespace_creates_nothing(redis_uri: str) -> None:
+    import redis
+
+    from torch_dataflow import FeatureWriter
+
+    with FeatureWriter("memory://status-ns", f"{redis_uri}?namespace=run1") as w:
+        w.put("a", {"x": __import__("torch").zeros(1)})
+    r = _status(f"{redis_uri}?namespace=run1")
+    assert r.returncode == 0 and "rnu1" not in r.stdout, r.stderr  # the right namespace: its status
+    r = _status(f"{redis_uri}?namespace=rnu1")
+    assert r.returncode == 2 and "no ledger in namespace 'rnu1'" in r.stderr, r.stderr
+    r = _status(redis_uri.rsplit("/", 1)[0] + "/3?namespace=run1")  # the wrong db number
+    assert r.returncode == 2 and "of db 3" in r.stderr, r.stderr
+    client = redis.Redis.from_url(redis_uri)
+    assert not client.keys("{rnu1}*")  # nothing was created for the typo
+    client.flushdb()
+    client.close()

@@ -56,7 +56,34 @@ def _open_existing(uri: str, *, look: bool = False) -> Ledger:
     path = getattr(ledger, "path", None)
     if uri.startswith("sqlite:") and path and not os.path.exists(path):
         raise ConfigError(f"no ledger at {path} (a typo? this command never creates a ledger)")
+    if uri.startswith(("redis:", "rediss:")) and not _redis_ledger_exists(ledger):
+        raise ConfigError(f"no ledger in namespace {ledger.namespace!r} of db {ledger.db} at {ledger.host}:"
+                          f"{ledger.port} (a typo in the db number or ?namespace=? this command never creates a "
+                          "ledger)")
     return ledger
+
+
+def _redis_ledger_exists(ledger: Any) -> bool:
+    """Whether a Redis ledger's namespace holds a ledger, asked without creating one
+    (opening the ledger itself initialises an empty namespace). Unreachable: ``True``,
+    so the ledger's own call reports the error with its retries."""
+    try:
+        import redis
+    except ImportError:
+        return True
+    kw: dict[str, Any] = {}
+    if ledger.ssl:
+        kw = {"ssl": True, "ssl_ca_certs": ledger.ssl_ca_certs, "ssl_certfile": ledger.ssl_certfile,
+              "ssl_keyfile": ledger.ssl_keyfile, "ssl_cert_reqs": ledger.ssl_cert_reqs}
+    client = redis.Redis(host=ledger.host, port=ledger.port, db=ledger.db, username=ledger.username,
+                         password=ledger._password, socket_timeout=ledger.connect_timeout,
+                         socket_connect_timeout=ledger.connect_timeout, **kw)
+    try:
+        return bool(client.exists("{" + ledger.namespace + "}:meta"))
+    except redis.exceptions.RedisError:
+        return True
+    finally:
+        client.close()
 
 
 def _owners(leases: list[Any], now: float) -> list[dict[str, Any]]:
