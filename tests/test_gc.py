@@ -96,6 +96,8 @@ def test_sigkill_between_the_free_and_the_deletes_converges(tmp_path: Path) -> N
     led = open_ledger(ledger)
     assert led.counts().freed == N and len(led.pending_deletes()) == N
     assert len(open_store(store).keys()) == N  # the bytes outlived the process that freed them
+    dry = json.loads(_gc(store, ledger, "--dry-run", "--json").stdout)  # the queued ones, counted once
+    assert (dry["queued_left"], dry["young"], dry["orphans"]) == (N, 0, 0)
     out = subprocess.run([sys.executable, "-m", "torch_dataflow.cli", "gc", store, ledger, "--json"],
                          capture_output=True, text=True, check=True)
     assert json.loads(out.stdout)["queued_deleted"] == N

@@ -113,6 +113,9 @@ def collect(store: str | FeatureStore, ledger: str | Ledger, *, grace_s: float =
     else:
         rep.queued_deleted, rep.queued_left = drain_deletes(led, st, queue, force=True)
     keys = st.keys()
+    if dry_run:  # the queued deletes are counted above: not again as orphans or young ones
+        queued = {(r.sample_id, r.generation) for r in queue}
+        keys = [k for k in keys if k not in queued]
     ids = sorted({sid for sid, _ in keys})
     committed = led.committed_refs(ids)
     needed = _needed(led, ids, committed)
