@@ -140,3 +140,39 @@ def test_docs_are_regenerated_whole_and_keep_uncovered_sections(
 def test_unknown_scenario_is_refused() -> None:
     with pytest.raises(SystemExit, match="unknown scenario"):
         main(["--scenarios", "store,nope"])
+
+
+def test_producer_rows_compare_put_with_raw_writev(tmp_path: Path) -> None:
+    # The producer scenario alone (cheap): every method measured, raw as the baseline
+    # of every ratio, an fsync row whose raw baseline syncs too, one target per row
+    # at the target lengths (quick: its largest S stands in). Timings are not asserted.
+    out = tmp_path / "p.json"
+    assert main(["--quick", "--scenarios", "producer", "--json", str(out)]) == 0
+    sc = json.loads(out.read_text())["scenarios"]["producer"]
+    from torch_dataflow.bench.producer import METHODS
+
+    assert [r["fsync"] for r in sc["rows"]] == [False, False, True]
+    for r in sc["rows"]:
+        assert all(r[m] > 0 for m in METHODS)
+        assert r["ratios"]["writer_put"] == pytest.approx(r["raw"] / r["writer_put"])
+        assert r["nbytes"] > sum(r["S"] * r["H"] * 2 * k for k in (1, 3))  # hidden + aux states, bf16
+    assert len(sc["targets"]) == 1 and "FeatureWriter.put" in sc["targets"][0]["what"]
+
+
+def test_fields_scenario_counts_the_bytes_a_field_read_asks_for(tmp_path: Path) -> None:
+    # The fields scenario alone (cheap): bytes read come from the kernel's rchar, so they are
+    # exact up to the few hundred bytes of reading /proc/self/io itself. Timings are not asserted.
+    out = tmp_path / "f.json"
+    assert main(["--quick", "--scenarios", "fields", "--json", str(out)]) == 0
+    sc = json.loads(out.read_text())["scenarios"]["fields"]
+    full, train, ids = sc["rows"]["reads"]
+    s, h = full["S"], full["H"]
+    assert full["read_bytes"] == pytest.approx(full["blob_bytes"], abs=256)
+    header = full["blob_bytes"] - s * (8 + 8) - s * h * 2 * 4  # ids, mask int64; hidden + aux (3H) bf16
+    assert train["payload_bytes"] == s * (8 + 8) + s * h * 2
+    assert train["read_bytes"] == pytest.approx(header + train["payload_bytes"], abs=256)
+    assert ids["read_bytes"] == pytest.approx(header + s * 16, abs=256)
+    assert all(r["samples_per_s"] > 0 and r["raw_samples_per_s"] > 0 for r in sc["rows"]["reads"])
+    assert [r["mode"] for r in sc["rows"]["loader"]] == ["all fields", "input_ids, loss_mask, hidden_state"]
+    assert {c["what"] for c in sc["rows"]["checksum"]} >= {"hash: one stream (format 1)",
+                                                           "hash: per tensor + header (format 2)"}

@@ -144,7 +144,7 @@ def test_status_table(small_ledger: tuple[str, str], capsys: pytest.CaptureFixtu
     assert "committed        6" in out and "aborted      1" in out and "quarantined      1" in out
     assert "pending          2" in out and "leased       1" in out and "trained          1" in out
     assert "last acked optimizer step: 3" in out
-    assert re.search(r"trainer-b/r0/w0 +1 +1\.1 KiB +0 +in (9m5\ds|10m00s)", out), out  # a 600 s lease
+    assert re.search(r"trainer-b/r0/w0 +1 +1\.[12] KiB +0 +in (9m5\ds|10m00s)", out), out  # a 600 s lease
     assert "s1 (generation 1): corrupt: checksum mismatch" in out
     assert "store    file://" in out and "5 samples" in out  # the aborted one is freed, the quarantined kept
     assert "rates    not measured" in out

@@ -285,7 +285,8 @@ def test_safetensors_reads_our_blobs() -> None:
     blob = codec.encode(tensors).to_bytes()
     assert_same_tensors(safetensors.torch.load(blob), tensors)
     meta = json.loads(blob[8 : 8 + struct.unpack("<Q", blob[:8])[0]])["__metadata__"]
-    assert meta["td.format"] == "1" and len(meta["td.checksum"]) == 16
+    assert meta["td.format"] == "2" and len(meta["td.checksum"]) == 16
+    assert len(meta["td.sums"].split(",")) == len(tensors)  # one per tensor (field selection verifies a subset)
 
 
 def test_our_own_dtype_names_are_documented_as_unreadable_by_safetensors() -> None:

@@ -153,3 +153,56 @@ def test_shared_dir_concurrent_first_attach(tmp_path: Any) -> None:
         t.join()
     assert not errors, errors
     assert SharedDirStore(root, secret="s").health().count == 16
+
+
+def test_shared_dir_write_survives_short_writev(tmp_path: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    # writev may write less than asked (past 2 GiB per call, or on a signal): the
+    # put goes on from the exact byte, across tensor boundaries, and the blob is whole.
+    from torch_dataflow.stores import shared_dir
+
+    real, calls = os.writev, []
+
+    def short(fd: int, views: list[memoryview]) -> int:
+        calls.append(len(views))
+        first = memoryview(views[0]).cast("B")
+        return real(fd, [first[:7]] if len(first) > 7 else [first, *views[1:2]])
+
+    s = SharedDirStore(tmp_path / "st")
+    t = sample_tensors()
+    monkeypatch.setattr(shared_dir.os, "writev", short)
+    ref = s.put("s", 1, t)
+    monkeypatch.undo()
+    assert len(calls) > len(t) + 1  # really written in short pieces
+    assert os.path.getsize(s.path_of("s", 1)) == ref.nbytes
+    assert_same_tensors(s.get(ref), t)
+
+
+def test_shared_dir_write_more_tensors_than_iov_max(tmp_path: Any) -> None:
+    from torch_dataflow.stores.shared_dir import _IOV_MAX
+
+    s = SharedDirStore(tmp_path / "st")
+    t = {f"t{i:05d}": torch.full((3,), i, dtype=torch.int32) for i in range(_IOV_MAX + 5)}
+    ref = s.put("many", 1, t)
+    assert_same_tensors(s.get(ref), t)
+
+
+def test_shared_dir_failed_write_leaves_no_file(tmp_path: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    # A write that fails midway (disk full) publishes nothing and leaves no temp file.
+    from torch_dataflow.stores import shared_dir
+
+    s = SharedDirStore(tmp_path / "st")
+    s.put("warm", 1, {"x": torch.ones(2)})  # attached, marker written
+    real, n = os.writev, [0]
+
+    def full(fd: int, views: list[memoryview]) -> int:
+        n[0] += 1
+        if n[0] > 1:
+            raise OSError(28, "No space left on device")
+        return real(fd, [memoryview(views[0]).cast("B")[:5]])
+
+    monkeypatch.setattr(shared_dir.os, "writev", full)
+    with pytest.raises(OSError, match="No space"):
+        s.put("s", 1, sample_tensors())
+    monkeypatch.undo()
+    assert s.keys() == [("warm", 1)]
+    assert s.sweep_temp(older_than_s=0, dry_run=True) == 0

@@ -215,6 +215,7 @@ def read_batch(
     *,
     buffers: BufferPool | None = None,
     on_unreadable: Callable[[int, Exception], None] | None = None,
+    fields: Sequence[str] | None = None,
 ) -> dict[str, Any] | None:
     """Read ``refs`` straight into one collated batch laid out by ``layout``.
 
@@ -225,6 +226,8 @@ def read_batch(
         buffers: where the batch buffer comes from (default: :func:`default_pool`).
         on_unreadable: called with ``(index, error)`` before a sample's
             ``CorruptSample`` / ``SampleUnavailable`` is raised (to quarantine it).
+        fields: read only these stored tensors (:mod:`torch_dataflow.fields`): the
+            layout plans them alone, and the other tensors' bytes are not read.
 
     Returns:
         ``layout.finish_batch(...)``'s batch, or ``None`` when the store or the
@@ -233,10 +236,14 @@ def read_batch(
     Raises:
         CorruptSample: a sample's bytes fail their length, header or checksum check.
         SampleUnavailable: a sample's bytes are gone.
+        ConfigError: ``fields`` lacks a tensor the layout needs (``needed_fields()``),
+            or names one a sample does not hold.
     """
     if not refs or not getattr(store, "direct_reads", False):
         return None
-    plan = layout.plan_batch([tuple(r.specs) for r in refs])
+    chosen = [tuple(r.specs) for r in refs] if fields is None else _chosen(refs, layout, fields)
+    subset = any(len(c) < len(r.specs) for c, r in zip(chosen, refs, strict=True))
+    plan = layout.plan_batch(chosen)
     if plan is None:
         return None
     offsets: dict[str, int] = {}
@@ -254,10 +261,16 @@ def read_batch(
         batch[key] = raw[offsets[key] : offsets[key] + size].view(dtype).view(shape)
         rows[key] = (offsets[key], size // n)
     mem = _bytes_view(raw)  # one buffer export per batch; rows are slices of it
+    if hasattr(store, "read_blobs_into") and not subset:  # one transfer for the whole batch (Mooncake)
+        _read_rows_at_once(store, refs, plan, rows, raw, mem, on_unreadable)
+        return layout.finish_batch(batch, plan)
     for i, ref in enumerate(refs):
         what = f"sample {ref.sample_id!r} generation {ref.generation} in {store.uri}"
         try:
-            _read_row(store, ref, plan.rows[i], rows, raw, mem, i, what)
+            if len(chosen[i]) < len(ref.specs):
+                _read_row_fields(store, ref, chosen[i], plan.rows[i], rows, raw, mem, i, what)
+            else:
+                _read_row(store, ref, plan.rows[i], rows, raw, mem, i, what)
         except (CorruptSample, SampleUnavailable) as e:
             if on_unreadable is not None:
                 on_unreadable(i, e)
@@ -265,8 +278,45 @@ def read_batch(
     return layout.finish_batch(batch, plan)
 
 
+def _read_rows_at_once(store: Any, refs: Sequence[SampleRef], plan: BatchPlan, rows: Mapping[str, tuple[int, int]],
+                       raw: torch.Tensor, mem: memoryview, on_unreadable: Callable[[int, Exception], None] | None) -> None:
+    """Every row through one ``store.read_blobs_into`` call; errors surface in batch order, as row by row."""
+    planned: list[tuple[list[memoryview], Any, Callable[[int], None]]] = []
+    failed: tuple[int, CorruptSample] | None = None
+    for i, ref in enumerate(refs):
+        what = f"sample {ref.sample_id!r} generation {ref.generation} in {store.uri}"
+        try:
+            planned.append(_plan_row(ref, plan.rows[i], rows, raw, mem, i, what))
+        except CorruptSample as e:
+            failed = (i, e)
+            break
+    sizes = store.read_blobs_into(refs[: len(planned)], [p[0] for p in planned], [p[1].update for p in planned],
+                                  owner=raw) if planned else []
+    for i, (size, (_, _, finish)) in enumerate(zip(sizes, planned, strict=True)):
+        try:
+            if isinstance(size, Exception):
+                raise size
+            finish(size)
+        except (CorruptSample, SampleUnavailable) as e:
+            if on_unreadable is not None:
+                on_unreadable(i, e)
+            raise
+    if failed is not None:
+        if on_unreadable is not None:
+            on_unreadable(*failed)
+        raise failed[1]
+
+
 def _read_row(store: Any, ref: SampleRef, placed: Mapping[str, tuple[str, int]], rows: Mapping[str, tuple[int, int]],
               raw: torch.Tensor, mem: memoryview, i: int, what: str) -> None:
+    views, landed, finish = _plan_row(ref, placed, rows, raw, mem, i, what)
+    finish(store.read_blob_into(ref, views, landed.update))
+
+
+def _plan_row(ref: SampleRef, placed: Mapping[str, tuple[str, int]], rows: Mapping[str, tuple[int, int]],
+              raw: torch.Tensor, mem: memoryview, i: int,
+              what: str) -> tuple[list[memoryview], Any, Callable[[int], None]]:
+    """A row's destinations in blob order, its LandingHash, and the check to run once ``size`` bytes landed."""
     hsize = codec.header_size(ref.nbytes, ref.specs)
     if not 8 <= hsize <= codec.MAX_HEADER_BYTES + 8:
         raise CorruptSample(f"{what} is corrupt: its ref's sizes leave a {hsize}-byte header")
@@ -293,9 +343,61 @@ def _read_row(store: Any, ref: SampleRef, placed: Mapping[str, tuple[str, int]],
             spilled += s.nbytes - keep
     views += data
     landed = codec.LandingHash(hsize)
-    size = store.read_blob_into(ref, views, landed.update)
-    codec.check_landed(header, data, size=size, specs=ref.specs, expected_checksum=ref.checksum, what=what,
-                       landed=landed)
+
+    def finish(size: int) -> None:
+        codec.check_landed(header, data, size=size, specs=ref.specs, expected_checksum=ref.checksum, what=what,
+                           landed=landed)
+
+    return views, landed, finish
+
+
+def _chosen(refs: Sequence[SampleRef], layout: Any, fields: Sequence[str]) -> list[tuple[FeatureSpec, ...]]:
+    """Each ref's specs that ``fields`` selects; refuse a selection the layout cannot collate."""
+    from .fields import selected_specs
+
+    needed = getattr(layout, "needed_fields", None)
+    missing = [f for f in (needed() if needed is not None else ()) if f not in fields]
+    if missing:
+        raise ConfigError(f"{type(layout).__name__} needs the stored tensors {missing}, which fields={list(fields)} "
+                          f"does not read: add them to fields= (or pass fields=None)")
+    return [selected_specs(r, fields) for r in refs]  # unknown names: ConfigError before any read
+
+
+def _read_row_fields(store: Any, ref: SampleRef, chosen: tuple[FeatureSpec, ...], placed: Mapping[str, tuple[str, int]],
+                     rows: Mapping[str, tuple[int, int]], raw: torch.Tensor, mem: memoryview, i: int,
+                     what: str) -> None:
+    """A row of a field-selected batch: the header and the chosen tensors' byte ranges only,
+    each tensor checked against its own sum; a format-1 blob is read and checked whole."""
+    from .fields import check_header_size, plan_ranges
+
+    hsize = check_header_size(ref, what)
+    header = bytearray(hsize)
+    spill = sum(s.nbytes - placed[s.name][1] if s.name in placed else s.nbytes for s in chosen)
+    scratch = _bytes_view(torch.empty(spill, dtype=torch.uint8)) if spill else memoryview(b"")
+    pieces: list[tuple[str, list[memoryview]]] = []
+    used, spilled = set(), 0
+    for s in chosen:
+        key, keep = placed.get(s.name, ("", 0))
+        views: list[memoryview] = []
+        if key:
+            base, width = rows[key]
+            start = base + i * width
+            if keep > width or key in used:  # a layout bug, not the sample's fault: never quarantine
+                raise ConfigError(f"{what}: the layout places {keep} bytes of {s.name!r} in a {width}-byte "
+                                  f"row of {key!r} (or a second tensor in it): fix the collator's plan_batch")
+            used.add(key)
+            views.append(mem[start : start + keep])
+            if keep < width:
+                raw[start + keep : start + width].zero_()
+        if keep < s.nbytes:  # a truncated tail: read for its tensor's checksum only
+            views.append(scratch[spilled : spilled + s.nbytes - keep])
+            spilled += s.nbytes - keep
+        pieces.append((s.name, views))
+    landed = codec.LandingHash(hsize, [s.nbytes for s in chosen])
+    size = store.read_ranges_into(ref, plan_ranges(ref, pieces, memoryview(header)), landed.update)
+    if not codec.check_fields(header, dict(pieces), size=size, specs=ref.specs, expected_checksum=ref.checksum,
+                              what=what, landed=landed):
+        _read_row(store, ref, placed, rows, raw, mem, i, what)  # format 1: only the whole blob can be verified
 
 
 # ------------------------------------------------------------------ lazy samples
@@ -356,7 +458,14 @@ class LazyBatch(Sequence[dict[str, Any]]):
         def quarantine(i: int, e: Exception) -> None:
             self._pool._unreadable(resolved[i][0], resolved[i][1], e)
 
-        batch = read_batch(self._pool.store, refs, layout, on_unreadable=quarantine)
+        fields = getattr(self._pool, "fields", None)
+        try:
+            batch = read_batch(self._pool.store, refs, layout, on_unreadable=quarantine, fields=fields)
+        except ConfigError:  # a mistake (fields= vs the collator), not the samples' fault: give them back
+            given = [lease_id for _, lease_id in resolved if lease_id]
+            if given:
+                self._pool.ledger.fail(given, retryable=True, reason="the batch could not be read as configured")
+            raise
         if batch is None:
             return None
         if all(leased):

@@ -6,16 +6,37 @@ Layout (a valid safetensors file, so ``safetensors.torch.load(blob)`` reads it):
 
 The header maps each tensor name to ``{"dtype", "shape", "data_offsets"}``
 (offsets relative to the start of the data region) and carries
-``"__metadata__": {"td.checksum": "<16 hex>", "td.format": "1"}``. Tensors are
-laid out by decreasing item size, then name, with no holes. ``N`` is a
+``"__metadata__": {"td.checksum": "<16 hex>", "td.format": "2", "td.sums": "<16 hex>,..."}``.
+Tensors are laid out by decreasing item size, then name, with no holes. ``N`` is a
 multiple of 8 chosen so the data region starts 16-byte aligned: every buffer is
 then naturally aligned (complex128 included) when the blob itself is, which
 zero-copy views need (torch's complex128 kernels fault on misaligned memory).
 
-Integrity: ``td.checksum`` is xxh3-64 over the header region (the 8-byte
-length and the JSON, with the checksum's hex replaced by 16 ``'0'``), then over
-the data region. Every byte of the blob is covered, so any flip or truncation
-raises :class:`~torch_dataflow.errors.CorruptSample`.
+Integrity (format ``"2"``, what :func:`encode` writes): ``td.sums`` holds one
+xxh3-64 per tensor, over that tensor's bytes, in data order (comma separated);
+``td.checksum`` is xxh3-64 over the header region (the 8-byte length and the
+JSON, with the checksum's own hex replaced by 16 ``'0'``). The header holds the
+per-tensor sums, so ``td.checksum`` stands for every byte of the blob while each
+byte is hashed once, as in format ``"1"``. A full read checks the header and
+every tensor: any flip or truncation raises
+:class:`~torch_dataflow.errors.CorruptSample`. A *field subset* read (see
+:func:`check_fields`) checks the header and the tensors it read: a flip inside
+a selected tensor or anywhere in the header is caught; a flip inside a tensor
+that was not selected is not read, so it is not detected by that read (the next
+full read catches it).
+
+Format ``"1"`` (blobs written before field selection) is still read:
+``td.checksum`` there is xxh3-64 over the zeroed header, then the data region.
+It has no per-tensor sums, so a subset of it cannot be verified alone: readers
+fall back to reading and verifying the whole blob (:func:`check_fields` says so
+by returning ``False``).
+
+Why the sums sit in the header and the offsets are not read first: a committed
+ref lists every tensor's spec in layout order and the blob's length, so the
+header's size (:func:`header_size`) and every tensor's offset are known before
+a byte is read. A subset read asks for the header and the chosen tensors in one
+go (one round trip; on ``file://`` one ``preadv`` per contiguous range), then
+checks that the header it got describes the ref's tensors at those offsets.
 
 Dtype names follow safetensors where it has one. Three are ours and make a
 blob unreadable by the safetensors library: ``C32`` (complex32), ``C128``
@@ -42,7 +63,7 @@ import re
 import struct
 import sys
 import warnings
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -52,9 +73,13 @@ import xxhash
 from .errors import ConfigError, CorruptSample
 from .refs import FeatureSpec
 
-__all__ = ["DTYPES", "Encoded", "LandingHash", "check_landed", "decode", "encode", "header_size", "read_header"]
+__all__ = [
+    "DTYPES", "Encoded", "LandingHash", "check_fields", "check_landed", "decode", "encode", "header_size",
+    "read_header",
+]
 
-FORMAT_VERSION = "1"
+FORMAT_VERSION = "2"
+FORMATS = ("1", "2")  # every format this codec reads
 MAX_HEADER_BYTES = 100 * 2**20  # same bound as safetensors: a header past it is hostile
 _ZERO_HEX = "0" * 16
 
@@ -93,6 +118,9 @@ _HEADER_TO_DTYPE: dict[str, torch.dtype] = {h: d for d, h in DTYPES.items()}
 # JSON whitespace is allowed around the colon (other writers may emit it). A
 # match cannot start inside a JSON string: quotes there are escaped as \".
 _CHECKSUM_RE = re.compile(rb'"td\.checksum"[ \t\r\n]*:[ \t\r\n]*"([0-9a-f]{16})"')
+_FORMAT_RE = re.compile(rb'"td\.format"[ \t\r\n]*:[ \t\r\n]*"([^"\\]*)"')
+_HEX16 = re.compile(r"[0-9a-f]{16}")
+_EMPTY_SUM = xxhash.xxh3_64_hexdigest(b"")
 
 
 def _dtype_name(dtype: torch.dtype) -> str:
@@ -191,6 +219,7 @@ def encode(tensors: Mapping[str, torch.Tensor]) -> Encoded:
     entries: dict[str, Any] = {}
     specs: list[FeatureSpec] = []
     buffers: list[memoryview] = []
+    sums: list[str] = []
     offset = 0
     for name, t in prepared:
         nbytes = t.numel() * t.element_size()
@@ -202,16 +231,19 @@ def encode(tensors: Mapping[str, torch.Tensor]) -> Encoded:
             # size-1 dim, which view(uint8) refuses; stride 1 is the same memory.
             flat = t.reshape(-1).as_strided((t.numel(),), (1,))
             buffers.append(memoryview(flat.view(torch.uint8).numpy()))
+            sums.append(xxhash.xxh3_64_hexdigest(buffers[-1]))
+        else:
+            sums.append(_EMPTY_SUM)
         offset += nbytes
 
     # __metadata__ first with td.checksum first: its position is then fixed, and
     # _CHECKSUM_RE can never match inside a JSON string (quotes there are escaped).
-    meta = {"td.checksum": _ZERO_HEX, "td.format": FORMAT_VERSION}
+    meta = {"td.checksum": _ZERO_HEX, "td.format": FORMAT_VERSION, "td.sums": ",".join(sums)}
     text = json.dumps({"__metadata__": meta, **entries}, separators=(",", ":"), ensure_ascii=True)
     raw = text.encode("ascii")
     raw += b" " * (-(8 + len(raw)) % 16)  # data starts at a multiple of 16; N stays a multiple of 8
     header = bytearray(struct.pack("<Q", len(raw)) + raw)
-    digest = _checksum(header, buffers)
+    digest = xxhash.xxh3_64_hexdigest(header)  # the header holds every tensor's sum: it stands for the blob
     m = _CHECKSUM_RE.search(header)
     assert m is not None
     header[m.start(1) : m.end(1)] = digest.encode("ascii")
@@ -298,10 +330,63 @@ def _zeroed(raw: bytes | bytearray) -> bytes:
     return bytes(raw) if m is None else bytes(raw[: m.start(1)]) + _ZERO_HEX.encode() + bytes(raw[m.end(1) :])
 
 
+class _Segments:
+    """xxh3 of each segment of a byte stream fed piece by piece (segment sizes known up front)."""
+
+    def __init__(self, sizes: Sequence[int]) -> None:
+        self._sizes = list(sizes)
+        self._i = -1
+        self._h: Any = None
+        self._left = 0
+        self.done: list[str] = []
+        self._next()
+
+    def _next(self) -> None:
+        self._i += 1
+        while self._i < len(self._sizes) and self._sizes[self._i] == 0:
+            self.done.append(_EMPTY_SUM)
+            self._i += 1
+        self._h = xxhash.xxh3_64() if self._i < len(self._sizes) else None
+        self._left = self._sizes[self._i] if self._h is not None else 0
+
+    def update(self, view: memoryview) -> None:
+        while len(view) and self._h is not None:
+            take = view[: self._left]
+            self._h.update(take)
+            self._left -= len(take)
+            view = view[len(take) :]
+            if not self._left:
+                self.done.append(self._h.hexdigest())
+                self._next()
+        if len(view):  # more bytes than segments: a digest that matches nothing
+            self.done.append("overflow")
+
+    def digests(self) -> list[str]:
+        """Every finished segment's digest, then the partly fed one's (it matches no stored sum)."""
+        return self.done + ([f"partial:{self._h.hexdigest()}"] if self._h is not None else [])
+
+
+def _data_sizes(head: bytes) -> list[int]:
+    """Tensor sizes in data order from a header's JSON alone (best effort: the
+    header is validated where it is checked; a bad one gives digests that match nothing)."""
+    try:
+        doc = json.loads(head[8:].decode("utf-8"))
+        spans = sorted(tuple(e["data_offsets"]) for k, e in doc.items() if k != "__metadata__")
+        return [int(b) - int(a) for a, b in spans]
+    except (ValueError, TypeError, KeyError, AttributeError, RecursionError):
+        return []
+
+
 class LandingHash:
     """xxh3 of a blob fed piece by piece as it lands, header first: a batch-direct
     read hashes each chunk right after the kernel wrote it (still in cache) instead
-    of reading the whole batch back from memory. Pass it to :func:`check_landed`.
+    of reading the whole batch back from memory. Pass it to :func:`check_landed`
+    (or :func:`check_fields`).
+
+    ``sizes``: the byte counts of the tensors that will be fed after the header, in
+    blob order (a field subset read feeds only the chosen tensors); ``None``: every
+    tensor, sizes taken from the header. Format-1 blobs hash one stream (``sizes``
+    is then unused); format-2 blobs hash the header and each tensor separately.
 
     Example:
         >>> import torch
@@ -313,45 +398,115 @@ class LandingHash:
         True
     """
 
-    def __init__(self, header_size: int) -> None:
+    def __init__(self, header_size: int, sizes: Sequence[int] | None = None) -> None:
         self._need = int(header_size)
         self._head = bytearray()
-        self._h: Any = None
+        self._sizes = None if sizes is None else [int(n) for n in sizes]
+        self._h: Any = None  # format 1: one stream
+        self._seg: _Segments | None = None  # format 2: one digest per tensor
+        self._header_sum = ""
+        #: the header's ``td.format`` once the header has landed (``None`` before, or if absent)
+        self.format: str | None = None
 
     def update(self, piece: bytes | bytearray | memoryview) -> None:
         """Feed the next bytes of the blob."""
         view = memoryview(piece).cast("B")
-        if self._h is None:
+        if self._h is None and self._seg is None:
             take = view[: self._need - len(self._head)]
             self._head += take
             view = view[len(take) :]
             if len(self._head) < self._need:
                 return
-            self._h = xxhash.xxh3_64(_zeroed(self._head))
+            self._start()
         if len(view):
-            self._h.update(view)
+            (self._seg or self._h).update(view)
+
+    def _start(self) -> None:
+        head = bytes(self._head)
+        m = _FORMAT_RE.search(head)
+        self.format = m.group(1).decode("ascii", "replace") if m else None
+        zeroed = _zeroed(head)
+        if self.format == "2":
+            self._header_sum = xxhash.xxh3_64_hexdigest(zeroed)
+            self._seg = _Segments(self._sizes if self._sizes is not None else _data_sizes(head))
+        else:
+            self._h = xxhash.xxh3_64(zeroed)
 
     def hexdigest(self) -> str:
-        """The checksum of everything fed (the header alone, or nothing, if that is all)."""
+        """The blob checksum of everything fed: format 2, the header's; format 1, the
+        stream's (the header alone, or nothing, if that is all that was fed)."""
+        if self._seg is not None:
+            return self._header_sum
         return (self._h or xxhash.xxh3_64(_zeroed(self._head))).hexdigest()
 
+    def digests(self) -> list[str]:
+        """Format 2: the digest of each tensor fed, in order (``[]`` for format 1)."""
+        return self._seg.digests() if self._seg is not None else []
 
-def _verify(raw: bytes, meta: dict[str, str], data: memoryview | list[memoryview] | None, what: str,
-            actual: str | None = None) -> None:
-    """Check the format version and ``td.checksum`` over the header and ``data`` (in blob order),
-    or against ``actual``, a digest computed as the bytes landed."""
+
+def _stored(raw: bytes, meta: dict[str, str], what: str) -> tuple[str, bytes]:
+    """Check the format and the ``td.checksum`` field (format 2: the header's hash too);
+    return the stored checksum and the header as the checksum covers it."""
+    fmt = meta.get("td.format")
+    if fmt not in FORMATS:
+        raise _corrupt(what, f"td.format {fmt!r} is not one of {list(FORMATS)}")
     stored = meta.get("td.checksum")
-    if meta.get("td.format") != FORMAT_VERSION:
-        raise _corrupt(what, f"td.format {meta.get('td.format')!r} is not {FORMAT_VERSION!r}")
     found = list(_CHECKSUM_RE.finditer(raw))
     if stored is None or len(found) != 1 or found[0].group(1).decode() != stored:
         raise _corrupt(what, "header has no single td.checksum field")
-    if actual is None:
+    zeroed = raw[: found[0].start(1)] + _ZERO_HEX.encode() + raw[found[0].end(1) :]
+    if fmt == "2":
+        actual = xxhash.xxh3_64_hexdigest(zeroed)
+        if actual != stored:
+            raise _corrupt(what, f"header checksum mismatch (stored {stored}, computed {actual})")
+    return stored, zeroed
+
+
+def _sums(meta: dict[str, str], entries: list[_Entry], what: str) -> list[str]:
+    """Format 2's per-tensor sums, one per entry in data order."""
+    text = meta.get("td.sums")
+    sums = text.split(",") if text else []
+    if text is None or len(sums) != len(entries) or not all(_HEX16.fullmatch(x) for x in sums):
+        raise _corrupt(what, f"td.sums does not hold one 16-hex sum for each of the {len(entries)} tensors")
+    return sums
+
+
+def _pieces_digests(data: memoryview | Sequence[memoryview], sizes: Sequence[int]) -> list[str]:
+    seg = _Segments(sizes)
+    for part in (data,) if isinstance(data, memoryview) else data:
+        seg.update(memoryview(part).cast("B"))
+    return seg.digests()
+
+
+def _check_sums(names: Sequence[str], got: Sequence[str], want: Sequence[str], what: str) -> None:
+    for name, g, w in zip(names, got, want, strict=False):
+        if g != w:
+            raise _corrupt(what, f"tensor {name!r} fails its checksum (stored {w}, computed {g})")
+    if len(got) != len(want):
+        raise _corrupt(what, f"{len(got)} tensor digests for {len(want)} tensors (truncated?)")
+
+
+def _verify(raw: bytes, meta: dict[str, str], entries: list[_Entry], data: memoryview | list[memoryview] | None,
+            what: str, landed: LandingHash | None = None) -> None:
+    """Check every byte: the header (format, ``td.checksum``) and the data region
+    (``data``, in blob order), or what ``landed`` computed as the bytes landed."""
+    stored, zeroed = _stored(raw, meta, what)
+    if meta["td.format"] == "1":
+        actual = landed.hexdigest() if landed is not None else _checksum(zeroed, data)  # type: ignore[arg-type]
+        if landed is not None and landed.format not in (None, "1"):
+            raise _corrupt(what, f"the landed header says td.format {landed.format!r}, the parsed one '1'")
+        if actual != stored:
+            raise _corrupt(what, f"checksum mismatch (stored {stored}, computed {actual})")
+        return
+    sums = _sums(meta, entries, what)
+    if landed is not None:
+        if landed.format != "2" or landed.hexdigest() != stored:
+            raise _corrupt(what, "the header that landed is not the header that was parsed")
+        got = landed.digests()
+    else:
         assert data is not None
-        zeroed = raw[: found[0].start(1)] + _ZERO_HEX.encode() + raw[found[0].end(1) :]
-        actual = _checksum(zeroed, data)
-    if actual != stored:
-        raise _corrupt(what, f"checksum mismatch (stored {stored}, computed {actual})")
+        got = _pieces_digests(data, [e.end - e.start for e in entries])
+    _check_sums([e.name for e in entries], got, sums, what)
 
 
 def header_size(nbytes: int, specs: tuple[FeatureSpec, ...] | list[FeatureSpec]) -> int:
@@ -364,6 +519,25 @@ def header_size(nbytes: int, specs: tuple[FeatureSpec, ...] | list[FeatureSpec])
         True
     """
     return int(nbytes) - sum(s.nbytes for s in specs)
+
+
+def _check_ref(view: memoryview, size: int, specs: Sequence[FeatureSpec], expected_checksum: str,
+               what: str) -> tuple[list[_Entry], dict[str, str], bytes]:
+    """Parse a header read alone and check it is the header of the ref's blob."""
+    entries, meta, data_offset, raw = _parse(view, what, size)
+    if data_offset != len(view):
+        raise _corrupt(what, f"header is {data_offset} bytes, its ref says {len(view)} (not the ref's blob)")
+    stored = meta.get("td.checksum")
+    if stored != expected_checksum:
+        raise _corrupt(what, f"checksum {stored!r} is not the expected {expected_checksum!r} (wrong blob)")
+    got = {e.name: (_dtype_name(e.dtype), e.shape, e.start, e.end) for e in entries}
+    want, pos = {}, 0
+    for s in specs:
+        want[s.name] = (s.dtype, tuple(s.shape), pos, pos + s.nbytes)
+        pos += s.nbytes
+    if got != want:
+        raise _corrupt(what, "header does not describe the tensors its committed ref lists (not the ref's blob)")
+    return entries, meta, raw
 
 
 def check_landed(
@@ -399,22 +573,70 @@ def check_landed(
         >>> check_landed(enc.header, [dest], size=enc.nbytes, specs=enc.specs, expected_checksum=enc.checksum)
     """
     view = memoryview(header).cast("B")
-    entries, meta, data_offset, raw = _parse(view, what, size)
-    if data_offset != len(view):
-        raise _corrupt(what, f"header is {data_offset} bytes, its ref says {len(view)} (not the ref's blob)")
-    stored = meta.get("td.checksum")
-    if stored != expected_checksum:
-        raise _corrupt(what, f"checksum {stored!r} is not the expected {expected_checksum!r} (wrong blob)")
-    got = {e.name: (_dtype_name(e.dtype), e.shape, e.start, e.end) for e in entries}
-    want, pos = {}, 0
-    for s in specs:
-        want[s.name] = (s.dtype, tuple(s.shape), pos, pos + s.nbytes)
-        pos += s.nbytes
-    if got != want:
-        raise _corrupt(what, "header does not describe the tensors its committed ref lists (not the ref's blob)")
-    if sum(len(d) for d in data) != size - data_offset:
-        raise _corrupt(what, f"{sum(len(d) for d in data)} data bytes landed, the blob holds {size - data_offset}")
-    _verify(raw, meta, data, what, None if landed is None else landed.hexdigest())
+    entries, meta, raw = _check_ref(view, size, specs, expected_checksum, what)
+    if sum(len(d) for d in data) != size - len(view):
+        raise _corrupt(what, f"{sum(len(d) for d in data)} data bytes landed, the blob holds {size - len(view)}")
+    _verify(raw, meta, entries, data, what, landed)
+
+
+def check_fields(
+    header: bytes | bytearray | memoryview,
+    data: Mapping[str, Sequence[memoryview]],
+    *,
+    size: int,
+    specs: tuple[FeatureSpec, ...] | list[FeatureSpec],
+    expected_checksum: str,
+    what: str = "blob",
+    landed: LandingHash | None = None,
+) -> bool:
+    """Verify the header and the chosen tensors of a blob read in part (field selection).
+
+    ``header`` is the blob's first :func:`header_size` bytes; ``data`` maps each
+    chosen tensor's name to the buffers its bytes landed in (in order); ``size``
+    is the stored blob's length; ``specs`` and ``expected_checksum`` come from the
+    committed ref; ``landed``: a :class:`LandingHash` fed the header, then the
+    chosen tensors in blob order (else ``data`` is hashed here).
+
+    Returns:
+        ``True``: the header and every chosen tensor are verified. ``False``: the
+        blob is format 1, whose checksum covers only the whole blob: the caller
+        must read and verify the whole blob instead. Bytes of tensors that were
+        not chosen are neither read nor checked.
+
+    Raises:
+        CorruptSample: a header that is not the ref's blob's, a bad header
+            checksum, a short blob, or a chosen tensor failing its checksum.
+        ConfigError: ``data`` names a tensor the ref does not list.
+
+    Example:
+        >>> import torch
+        >>> enc = encode({"x": torch.arange(4), "y": torch.ones(2)})
+        >>> y = enc.buffers[1]                       # as a ranged read would land it
+        >>> check_fields(enc.header, {"y": [y]}, size=enc.nbytes, specs=enc.specs, expected_checksum=enc.checksum)
+        True
+    """
+    view = memoryview(header).cast("B")
+    entries, meta, raw = _check_ref(view, size, specs, expected_checksum, what)
+    unknown = sorted(set(data) - {e.name for e in entries})
+    if unknown:
+        raise ConfigError(f"{what}: no tensor named {unknown}; it holds {[e.name for e in entries]}")
+    _stored(raw, meta, what)
+    if meta["td.format"] == "1":
+        return False
+    sums = _sums(meta, entries, what)
+    chosen = [(i, e) for i, e in enumerate(entries) if e.name in data]
+    for _, e in chosen:
+        got = sum(len(v) for v in data[e.name])
+        if got != e.end - e.start:
+            raise _corrupt(what, f"{got} bytes of tensor {e.name!r} landed, it holds {e.end - e.start} (truncated?)")
+    if landed is not None:
+        if landed.format != "2" or landed.hexdigest() != meta["td.checksum"]:
+            raise _corrupt(what, "the header that landed is not the header that was parsed")
+        digests = landed.digests()
+    else:
+        digests = [_pieces_digests(list(data[e.name]), [e.end - e.start])[0] for _, e in chosen]
+    _check_sums([e.name for _, e in chosen], digests, [sums[i] for i, _ in chosen], what)
+    return True
 
 
 def read_header(
@@ -464,7 +686,7 @@ def decode(
     if expected_checksum is not None and stored != expected_checksum:
         raise _corrupt(what, f"checksum {stored!r} is not the expected {expected_checksum!r} (wrong blob)")
     if verify:
-        _verify(raw, meta, view[data_offset:], what)
+        _verify(raw, meta, entries, view[data_offset:], what)
 
     out: dict[str, torch.Tensor] = {}
     # frombuffer warns for read-only buffers (bytes, mmap.ACCESS_READ): the

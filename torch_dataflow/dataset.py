@@ -33,6 +33,7 @@ from torch.utils.data import IterableDataset, get_worker_info
 
 from .binding import check_store, consumer_ledger, consumer_store
 from .errors import ConfigError, CorruptSample, LeaseLost, ProducerSilent, SampleUnavailable, StoreFull
+from .fields import check_fields_arg, read_size
 from .ledger import Ledger, Plan
 from .ledger.base import check_step
 from .ledger.heartbeats import provably_dead, silent_message
@@ -147,6 +148,10 @@ class FeatureStoreDataset(SessionMember, IterableDataset):
             Face ``Trainer`` option of that name; see :mod:`torch_dataflow.length_batching`).
         length_key: where a sample's length is read from its committed ref: an
             int in its metadata, else the element count of the tensor of that name.
+        fields: read only these tensors of each sample (their byte ranges and the
+            header; see :mod:`torch_dataflow.fields`); ``None`` reads all. A name a
+            sample does not hold is a ``ConfigError`` listing the ones it holds,
+            raised before its bytes are read (its lease is given back).
     """
 
     def __init__(
@@ -167,6 +172,7 @@ class FeatureStoreDataset(SessionMember, IterableDataset):
         producer_ttl: float = 60.0,
         group_by_length: bool = False,
         length_key: str = "input_ids",
+        fields: Sequence[str] | None = None,
     ) -> None:
         super().__init__()
         if mode not in ("online", "offline"):
@@ -189,6 +195,7 @@ class FeatureStoreDataset(SessionMember, IterableDataset):
         self.shuffle, self.seed = shuffle, seed
         self.lease_ttl, self.poll, self.idle_timeout = lease_ttl, poll, idle_timeout
         self.zero_copy = zero_copy
+        self.fields = check_fields_arg(fields)
         self.producer_ttl = producer_ttl
         self.group_by_length, self.length_key = bool(group_by_length), str(length_key)
         if self.group_by_length:
@@ -482,8 +489,11 @@ class FeatureStoreDataset(SessionMember, IterableDataset):
         for attempt in range(self.READ_TRIES):
             try:
                 t0 = time.perf_counter()
-                got = self.store.get(lease.ref, zero_copy=self.zero_copy)
-                _metrics.got(time.perf_counter() - t0, lease.ref.nbytes)
+                if self.fields is None:
+                    got = self.store.get(lease.ref, zero_copy=self.zero_copy)
+                else:  # only these tensors' bytes (torch_dataflow.fields); unknown names: ConfigError
+                    got = self.store.get_fields(lease.ref, self.fields, zero_copy=self.zero_copy)
+                _metrics.got(time.perf_counter() - t0, read_size(lease.ref, self.fields))
                 return got
             except SampleUnavailable:
                 if attempt + 1 >= self.READ_TRIES:

@@ -37,6 +37,7 @@ from torch.utils.data import Dataset
 from .binding import check_store, consumer_store
 from .dataset import LEASE_KEY, SAMPLE_ID_KEY, ack_batch, lease_ids_of
 from .errors import ConfigError, CorruptSample, LeaseLost, SampleUnavailable
+from .fields import check_fields_arg, selected_specs
 from .ledger import Ledger, ReconcileReport, open_ledger
 from .ledger.base import parse_lease_id
 from .refs import Lease, SampleRef, validate_sample_id
@@ -118,9 +119,13 @@ class FeaturePool(SessionMember, Dataset):
         store: store URI or instance. ledger: ledger URI or instance.
         sample_ids: the index space (see above).
         zero_copy: return views into store memory instead of owned tensors.
+        fields: read only these tensors of each sample (their byte ranges and the
+            header, on the per-sample and the batch-direct path; see
+            :mod:`torch_dataflow.fields`); ``None`` reads all.
 
     Raises:
-        ConfigError: a sample id appears twice, or is invalid.
+        ConfigError: a sample id appears twice, or is invalid; a name in ``fields``
+            the first sample does not hold (the message lists the ones it holds).
     """
 
     def __init__(
@@ -130,10 +135,12 @@ class FeaturePool(SessionMember, Dataset):
         *,
         sample_ids: Sequence[str] | None = None,
         zero_copy: bool = False,
+        fields: Sequence[str] | None = None,
     ) -> None:
         self.store = consumer_store(store)  # a file:// directory is never created by a consumer
         self.ledger = open_ledger(ledger)
         self.zero_copy = bool(zero_copy)
+        self.fields = check_fields_arg(fields)
         self._store_checked = 0
         self._verify_store()  # before the sampler leases anything
         ids = list(sample_ids) if sample_ids is not None else self._discover()
@@ -143,6 +150,9 @@ class FeaturePool(SessionMember, Dataset):
         self._index = {sid: i for i, sid in enumerate(ids)}
         if len(self._index) != len(ids):
             raise ConfigError("sample_ids holds the same id twice: a pool index must name one sample")
+        first = self.ledger.get_ref(ids[0]) if self.fields is not None and ids else None
+        if first is not None:  # a wrong name fails here, before the sampler leases anything
+            selected_specs(first, self.fields)
 
     @classmethod
     def from_specforge(
@@ -154,6 +164,7 @@ class FeaturePool(SessionMember, Dataset):
         copy: bool | None = None,
         zero_copy: bool = False,
         progress: bool = False,
+        fields: Sequence[str] | None = None,
     ) -> FeaturePool:
         """A pool over a SpecForge offline directory, indexed in the directory's
         own (SpecForge's) file order.
@@ -170,7 +181,7 @@ class FeaturePool(SessionMember, Dataset):
             store: ``None`` / ``specforge:///dir`` (in place), or where it was imported.
             ledger: the ledger URI or instance (required).
             copy: force one of the two modes (see above).
-            zero_copy: see :class:`FeaturePool`.
+            zero_copy, fields: see :class:`FeaturePool`.
             progress: a progress bar while registering in place.
 
         Raises:
@@ -205,7 +216,7 @@ class FeaturePool(SessionMember, Dataset):
         if copy:
             ledger = open_ledger(ledger)
             _require_imported(ds.root, ids, opened, ledger)
-        return cls(opened, ledger, sample_ids=ids, zero_copy=zero_copy)
+        return cls(opened, ledger, sample_ids=ids, zero_copy=zero_copy, fields=fields)
 
     def _discover(self) -> list[str]:
         latest: dict[str, int] = {}
@@ -327,7 +338,9 @@ class FeaturePool(SessionMember, Dataset):
 
     def _read(self, ref: SampleRef) -> dict[str, torch.Tensor]:
         """The bytes of ``ref`` as tensors (subclasses may read elsewhere)."""
-        return self.store.get(ref, zero_copy=self.zero_copy)
+        if self.fields is None:
+            return self.store.get(ref, zero_copy=self.zero_copy)
+        return self.store.get_fields(ref, self.fields, zero_copy=self.zero_copy)
 
     # ------------------------------------------------------------ acks
     def ack(self, batch: Any, step: int, *, strict: bool = False) -> list[str]:

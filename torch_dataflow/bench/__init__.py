@@ -1,12 +1,14 @@
 """``torch-dataflow bench``: one benchmark harness for stores, ledgers and the loader.
 
 Scenarios (one module each): ``store`` (round trip per store vs memcpy, raw file
-I/O and the torch.save path), ``mooncake`` (our Mooncake store vs raw
+I/O and the torch.save path), ``producer`` (``FeatureWriter.put`` vs a raw
+``os.writev`` of the same bytes), ``mooncake`` (our Mooncake store vs raw
 ``put_from``/``get_into``), ``ledger`` (life cycle per ledger at batch 1, 64,
 1024), ``e2e`` (a producer process feeding a DataLoader, the EAGLE3 collator
 and a no-op step) and ``scaling`` (1-4 consumer processes; ledger cost at
 growing pool sizes) and ``length`` (random vs length-aware batching: padding, tokens/s,
-per-rank balance, ordering cost) and ``metrics`` (loader throughput, Prometheus metrics on vs off) and ``peers`` (our
+per-rank balance, ordering cost) and ``fields`` (field selection: bytes read and samples/s,
+all tensors vs a subset; checksum cost per format) and ``metrics`` (loader throughput, Prometheus metrics on vs off) and ``peers`` (our
 consumer path vs the floors, SpecForge's loaders and litdata, 0 and 2 workers, peak RSS).
 Every figure is a median over repeats, next to its
 baseline measured in the same run as a ratio. Missed targets are reported as
@@ -38,7 +40,7 @@ from ._util import Settings, forkserver_pid, machine, stop_forkserver
 
 __all__ = ["SCENARIOS", "main", "run"]
 
-SCENARIOS = ("store", "mooncake", "ledger", "e2e", "scaling", "length", "peers", "metrics")
+SCENARIOS = ("store", "producer", "mooncake", "ledger", "e2e", "scaling", "length", "fields", "peers", "metrics")
 ROOT = Path(__file__).resolve().parents[2]
 DOC = ROOT / "docs" / "benchmarks.md"
 PNG = ROOT / "docs" / "benchmarks.png"

@@ -12,11 +12,13 @@ __all__ = ["plot", "target_lines", "write_docs"]
 _SECTION = re.compile(r"<!-- bench:([\w-]+) -->\n?(.*?)\n?<!-- /bench:\1 -->", re.S)
 _HEADINGS = {
     "store": "Store round trip",
+    "producer": "Producer put vs raw writev",
     "mooncake": "Mooncake store",
     "ledger": "Ledger life cycle",
     "e2e": "End to end: can the loader keep a trainer fed?",
     "scaling": "Scaling",
     "length": "Length-aware batching",
+    "fields": "Field selection",
     "metrics": "Metrics cost",
     "peers": "Peers and floors: the consumer path side by side",
 }
@@ -125,7 +127,7 @@ def write_docs(results: dict[str, Any], doc: str | Path, png: str | Path | None,
         "python -m benchmarks.bench_store | bench_ledger | bench_mooncake          # one scenario each",
         "```",
         "",
-        "Options: `--scenarios store,mooncake,ledger,e2e,scaling,length,peers`, `--repeats N`, `--json FILE`, `--plot FILE`, "
+        "Options: `--scenarios store,mooncake,ledger,e2e,scaling,length,fields,peers`, `--repeats N`, `--json FILE`, `--plot FILE`, "
         "`--write-docs`. `tests/test_bench.py` runs `--quick` on every scenario in CI so the harness cannot rot.",
         "",
         "## Targets",

@@ -160,6 +160,8 @@ class Eagle3Collator:
             hint = ""
             if "target" in sample:
                 hint = " (it has 'target': it looks like an already-collated SpecForge sample, not a feature sample)"
+            elif any(k in sample for k in FEATURE_KEYS):
+                hint = " (a FeatureStoreDataset or FeaturePool built with fields= reads only those: add these)"
             raise ConfigError(f"{where} is missing {missing}; a feature sample needs {list(FEATURE_KEYS)}{hint}")
         input_ids = _tokens(sample["input_ids"], "input_ids", where)
         loss_mask = _tokens(sample["loss_mask"], "loss_mask", where)
@@ -206,6 +208,16 @@ class Eagle3Collator:
         return collate_or_release(self._collate, samples, self.ledger)
 
     # ---------------------------------------------------- batch-direct layout
+    def needed_fields(self) -> tuple[str, ...]:
+        """The stored tensors every sample must hold (``fields=`` of a pool read with this
+        collator must include them; a batch-direct read refuses a selection without them).
+
+        Example:
+            >>> Eagle3Collator().needed_fields()
+            ('input_ids', 'loss_mask', 'hidden_state', 'aux_hidden_state')
+        """
+        return FEATURE_KEYS
+
     def plan_batch(self, specs: Sequence[tuple[Any, ...]]) -> Any:
         """This collator's batch layout from the samples' committed specs (see
         :class:`torch_dataflow.batch_read.BatchLayout`): rows of ``max_len``-truncated

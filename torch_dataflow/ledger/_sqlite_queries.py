@@ -6,8 +6,9 @@ import sqlite3
 from typing import Any
 
 from ..refs import Lease, SampleRef
-from ._sqlite_schema import D, L, P, T
-from .base import LedgerCounts, SampleStatus, format_lease_id
+from ._refcodec import ref_from_json
+from ._sqlite_schema import D, L, T
+from .base import SampleStatus, format_lease_id
 
 __all__ = ["SQLiteQueries"]
 
@@ -30,31 +31,16 @@ class SQLiteQueries:
     @staticmethod
     def _leases(con: sqlite3.Connection, rows: Any) -> list[Lease]:
         del con
-        return [Lease(format_lease_id(e, g, n, s), e, o, dl, SampleRef.from_json(ref)) for e, s, g, n, o, dl, ref in rows]
+        return [Lease(format_lease_id(e, g, n, s), e, o, dl, ref_from_json(ref)) for e, s, g, n, o, dl, ref in rows]
 
     def attempt(self) -> int:
         with self._tx() as con:
             return int(self._meta(con, "attempt", "0") or 0)
 
-    def counts(self, epoch: int | None = None) -> LedgerCounts:
-        with self._tx() as con:
-            where, args = ("WHERE epoch=?", (epoch,)) if epoch is not None else ("", ())
-            by_state = dict(con.execute(f"SELECT state, count(*) FROM deliveries {where} GROUP BY state", args))
-            by_status = dict(con.execute("SELECT status, count(*) FROM samples GROUP BY status"))
-            committed = con.execute("SELECT count(*) FROM samples WHERE committed>0").fetchone()[0]
-            closed = self._closed(con)
-            epochs = [r[0] for r in con.execute("SELECT DISTINCT epoch FROM deliveries ORDER BY epoch")]
-        return LedgerCounts(
-            pending=by_state.get(P, 0), leased=by_state.get(L, 0), trained=by_state.get(T, 0),
-            durable=by_state.get(D, 0), aborted=by_status.get(int(SampleStatus.ABORTED), 0),
-            quarantined=by_status.get(int(SampleStatus.QUARANTINED), 0),
-            freed=by_status.get(int(SampleStatus.FREED), 0), committed=committed, closed=closed,
-            extra={"epochs": epochs})
-
     def get_ref(self, sample_id: str) -> SampleRef | None:
         with self._tx() as con:
             row = con.execute("SELECT ref FROM samples WHERE sample_id=?", (sample_id,)).fetchone()
-        return SampleRef.from_json(row[0]) if row and row[0] else None
+        return ref_from_json(row[0]) if row and row[0] else None
 
     def leases(self, owner_prefix: str = "") -> list[Lease]:
         with self._tx() as con:
@@ -69,7 +55,7 @@ class SQLiteQueries:
         with self._tx() as con:
             rows = con.execute("SELECT ref, reason FROM samples WHERE status=?",
                                (int(SampleStatus.QUARANTINED),)).fetchall()
-        return [(SampleRef.from_json(r) if r else None, reason or "") for r, reason in rows]
+        return [(ref_from_json(r) if r else None, reason or "") for r, reason in rows]
 
     def trained_steps(self, epoch: int | None = None) -> dict[str, int]:
         where, args = ("AND epoch=?", (epoch,)) if epoch is not None else ("", ())

@@ -24,8 +24,6 @@ CREATE TABLE IF NOT EXISTS deliveries(
   epoch INTEGER NOT NULL, sample_id TEXT NOT NULL, gen INTEGER NOT NULL, state INTEGER NOT NULL,
   ord INTEGER NOT NULL, owner TEXT, nonce TEXT, deadline REAL, step INTEGER, slot TEXT,
   PRIMARY KEY(epoch, sample_id));
-CREATE INDEX IF NOT EXISTS d_pending ON deliveries(epoch, state, ord);
-CREATE INDEX IF NOT EXISTS d_leased ON deliveries(state, deadline);
 CREATE INDEX IF NOT EXISTS d_slot ON deliveries(slot) WHERE slot IS NOT NULL;
 CREATE INDEX IF NOT EXISTS d_sample ON deliveries(sample_id);
 CREATE TABLE IF NOT EXISTS plans(key TEXT PRIMARY KEY, next_step INTEGER NOT NULL, end_step INTEGER);
@@ -35,6 +33,16 @@ CREATE TABLE IF NOT EXISTS producers(name TEXT PRIMARY KEY, done INTEGER NOT NUL
 CREATE TABLE IF NOT EXISTS producer_beats(name TEXT PRIMARY KEY, host TEXT, pid INTEGER,
   last_seen REAL NOT NULL, info TEXT);
 """
+
+# One partial index per state that is searched (issue 14 item 5): a state change touches
+# only the indexes of the two states it leaves and enters, not every index on state.
+STATE_INDEXES = (
+    f"CREATE INDEX IF NOT EXISTS d_pend ON deliveries(epoch, ord) WHERE state={P}",
+    f"CREATE INDEX IF NOT EXISTS d_lease ON deliveries(deadline) WHERE state={L}",
+    f"CREATE INDEX IF NOT EXISTS d_trained ON deliveries(step) WHERE state={T}",
+    f"CREATE INDEX IF NOT EXISTS d_durable ON deliveries(step) WHERE state={D}",
+)
+OLD_INDEXES = ("d_pending", "d_leased", "d_step")  # replaced by STATE_INDEXES in ledgers made before them
 
 _CLEAR_LEASE = "owner=NULL, nonce=NULL, deadline=NULL, slot=NULL"
 

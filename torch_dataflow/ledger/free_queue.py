@@ -20,6 +20,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from ..refs import SampleRef
+from ._refcodec import ref_from_json, ref_json
 
 __all__ = ["FREEQ_DDL", "REDIS_SCRIPTS", "RedisFreeQueue", "SQLiteFreeQueue"]
 
@@ -36,8 +37,10 @@ class SQLiteFreeQueue:
     @staticmethod
     def _queue_free(con: sqlite3.Connection, refs: Sequence[SampleRef], texts: Sequence[str] | None = None) -> None:
         """Queue ``refs`` for deletion; ``texts``: their JSON as the ledger stores it, when at hand."""
+        if not refs:
+            return
         if texts is None:
-            texts = [r.to_json() for r in refs]
+            texts = [ref_json(r) for r in refs]
         con.executemany("INSERT OR IGNORE INTO free_queue VALUES (?, ?, ?, ?)",
                         [(r.sample_id, r.generation, t, int(r.nbytes)) for r, t in zip(refs, texts, strict=True)])
 
@@ -45,7 +48,7 @@ class SQLiteFreeQueue:
         """Refs whose bytes no ledger entry needs and whose delete is not confirmed yet."""
         q = "SELECT ref FROM free_queue ORDER BY rowid" + ("" if limit is None else f" LIMIT {max(0, int(limit))}")
         with self._tx() as con:
-            return [SampleRef.from_json(r[0]) for r in con.execute(q)]
+            return [ref_from_json(r[0]) for r in con.execute(q)]
 
     def confirm_deleted(self, refs: Sequence[SampleRef]) -> int:
         """Drop exactly these ``(sample_id, generation)`` entries from the queue (idempotent)."""
@@ -168,7 +171,7 @@ class RedisFreeQueue:
         if limit is not None and int(limit) < 1:
             return []
         got = self._run("pending_deletes", ["" if limit is None else str(int(limit))])
-        return sorted((SampleRef.from_json(t) for t in got), key=lambda r: (r.sample_id, r.generation))
+        return sorted((ref_from_json(t) for t in got), key=lambda r: (r.sample_id, r.generation))
 
     def confirm_deleted(self, refs: Sequence[SampleRef]) -> int:
         if not refs:

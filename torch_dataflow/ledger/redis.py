@@ -42,6 +42,7 @@ from ..errors import AuthError, BackendUnavailable, ConfigError, SampleAborted
 from ..refs import Lease, SampleRef, validate_sample_id
 from ..uri import parse_uri
 from . import fencing, retention
+from ._refcodec import ref_from_json, ref_json
 from ._sqlite_schema import SCHEMA_VERSION, _td_ord
 from .base import (
     Ledger,
@@ -69,7 +70,7 @@ _BEGIN_ROUNDS = 20  # begin_epoch retries while producers keep committing
 @functools.lru_cache(maxsize=16384)
 def _ref(text: str) -> SampleRef:
     # Refs are frozen: one parse serves the lease and the later free of a sample.
-    return SampleRef.from_json(text)
+    return ref_from_json(text)
 
 
 def _refs(text: str) -> list[SampleRef]:
@@ -238,7 +239,7 @@ class RedisLedger(RedisFreeQueue, RedisProducers, RedisOrdering, Ledger):
     def commit(self, refs: Sequence[SampleRef]) -> list[SampleRef]:
         self._commit_ids(refs)
         # One argument of lines: ids hold no control characters and ref JSON no raw newline or tab.
-        lines = "\n".join(f"{r.sample_id}\t{r.generation}\t{r.to_json()}" for r in refs)
+        lines = "\n".join(f"{r.sample_id}\t{r.generation}\t{ref_json(r)}" for r in refs)
         if not refs:
             self._check_auth()
             return []

@@ -87,7 +87,7 @@ local function apply()
         if cmd then send(cmd, key, args) end
         cmd, args = q[i], {}
       end
-      if cmd == 'ZADD' then args[#args + 1] = q[i + 1] end
+      if cmd == 'ZADD' or cmd == 'HSET' then args[#args + 1] = q[i + 1] end
       args[#args + 1] = q[i + 2]
     end
     if cmd then send(cmd, key, args) end
@@ -125,9 +125,13 @@ local function split_on(text, sep)
 end
 local function istr(x) return string.format('%d', x) end
 -- the durable delete queue (free_queue.py): a ref whose bytes no entry needs, by "sid@gen"
-local function queue_free(ref)
-  local r = cjson.decode(ref)
-  redis.call('HSET', P..'fq', r.sample_id..'@'..string.format('%d', r.generation), ref)
+-- (buffered: one variadic HSET per script; ``gen`` given when known saves decoding the ref)
+local function queue_free(ref, sid, gen)
+  if not gen then
+    local r = cjson.decode(ref)
+    sid, gen = r.sample_id, string.format('%d', r.generation)
+  end
+  later('HSET', P..'fq', sid..'@'..gen, ref)
 end
 -- resident bytes (free_queue.py): meta field rb, kept only once resident_bytes() seeded it
 local RB
@@ -249,16 +253,17 @@ local function durable(step, free, retain)
     redis.call('HSET', P..'meta', 'hz', istr(upto))
     local tried = {}
     for _, m in ipairs(redis.call('ZRANGEBYSCORE', P..'D', lo, istr(upto))) do
-      local _, sid = split(m)
+      local me, sid = split(m)
       if not tried[sid] then
         tried[sid] = true
         local undone = false
         for _, e in ipairs(redis.call('SMEMBERS', P..'de:'..sid)) do
-          if redis.call('HGET', dkey(e, sid), 's') ~= '3' then undone = true; break end
+          -- this member's own delivery is DURABLE (it is in the D index): only the others are read
+          if e ~= me and redis.call('HGET', dkey(e, sid), 's') ~= '3' then undone = true; break end
         end
         if not undone then
-          local s = redis.call('HMGET', skey(sid), 'st', 'ref')
-          if s[1] == '0' then freed[#freed + 1] = s[2]; set_status(sid, '0', '3'); queue_free(s[2]) end
+          local s = redis.call('HMGET', skey(sid), 'st', 'ref', 'c')
+          if s[1] == '0' then freed[#freed + 1] = s[2]; set_status(sid, '0', '3'); queue_free(s[2], sid, s[3]) end
         end
       end
     end

@@ -41,13 +41,18 @@ class RedisServer:
     Args:
         host: address to bind (``127.0.0.1``; another address only on purpose).
         port: TCP port (``None``: a free one, kept across :meth:`restart`).
-        aof: append-only file with ``appendfsync always`` in ``dir`` (else no persistence).
+        aof: append-only file in ``dir`` (else no persistence).
+        appendfsync: the AOF's fsync policy, ``always`` (default: every write is on disk before the
+            reply) or ``everysec`` (at most about a second of writes lost in a host crash).
         dir: working directory for the AOF (a temporary one by default).
         password: ``requirepass`` for the server.
     """
 
     def __init__(self, host: str = "127.0.0.1", port: int | None = None, *, aof: bool = False,
-                 dir: str | None = None, password: str | None = None) -> None:
+                 dir: str | None = None, password: str | None = None, appendfsync: str = "always") -> None:
+        if appendfsync not in ("always", "everysec", "no"):
+            raise ConfigError(f"appendfsync must be always, everysec or no, got {appendfsync!r}")
+        self.appendfsync = appendfsync
         self.binary = shutil.which("redis-server")
         if self.binary is None:
             raise ConfigError(INSTALL_HINT)
@@ -66,7 +71,7 @@ class RedisServer:
         args = [self.binary, "--bind", self.host, "--port", str(self.port), "--dir", self.dir, "--save", "",
                 "--daemonize", "no", "--protected-mode", "no", "--logfile", os.path.join(self.dir, "redis.log")]
         if self.aof:
-            args += ["--appendonly", "yes", "--appendfsync", "always"]
+            args += ["--appendonly", "yes", "--appendfsync", self.appendfsync]
         else:
             args += ["--appendonly", "no"]
         if self.password:

@@ -33,9 +33,23 @@ from ..errors import BackendUnavailable, ConfigError, SampleAborted
 from ..refs import Lease, SampleRef, validate_sample_id
 from ..uri import parse_uri
 from . import retention
+from ._refcodec import ref_from_json, ref_json
+from ._sqlite_counts import COMMITTED_K, SQLiteCounters
 from ._sqlite_fencing import SQLiteFencing
 from ._sqlite_queries import SQLiteQueries
-from ._sqlite_schema import _CLEAR_LEASE, _SCHEMA, SCHEMA_VERSION, D, L, P, T, _chunks, _td_ord
+from ._sqlite_schema import (
+    _CLEAR_LEASE,
+    _SCHEMA,
+    OLD_INDEXES,
+    SCHEMA_VERSION,
+    STATE_INDEXES,
+    D,
+    L,
+    P,
+    T,
+    _chunks,
+    _td_ord,
+)
 from .base import (
     Ledger,
     Plan,
@@ -56,7 +70,6 @@ __all__ = ["SQLiteLedger"]
 
 log = logging.getLogger(__name__)
 
-_STEP_INDEX = "CREATE INDEX IF NOT EXISTS d_step ON deliveries(state, step)"
 
 # SQLite must not be carried across fork() (howtocorrupt.html §2.6): a child
 # that opens the file a parent connection had open reuses the parent's
@@ -86,7 +99,8 @@ def _after_fork() -> None:
 os.register_at_fork(before=_before_fork, after_in_parent=_after_fork, after_in_child=_after_fork)
 
 
-class SQLiteLedger(SQLiteFreeQueue, SQLiteFencing, SQLiteProducers, SQLiteQueries, SQLiteOrdering, Ledger):
+class SQLiteLedger(SQLiteFreeQueue, SQLiteFencing, SQLiteProducers, SQLiteQueries, SQLiteOrdering, SQLiteCounters,
+                   Ledger):
     """The ledger in one SQLite file (see module docs). Thread-safe within a process."""
 
     _closes_at_fork = True  # file-backed: never carried into a child (see _before_fork)
@@ -159,20 +173,31 @@ class SQLiteLedger(SQLiteFreeQueue, SQLiteFencing, SQLiteProducers, SQLiteQuerie
                 raise ConfigError(f"{self.path} is not a torch_dataflow ledger of schema {SCHEMA_VERSION} "
                                   f"(found {meta.get('schema')!r})")
             con.execute(BEATS_DDL)  # ledgers made before heartbeats gain the table (nothing else changes)
-            con.execute(_STEP_INDEX)  # and the index the retention rule scans
+            self._state_indexes(con)  # and the per-state indexes
             con.execute(FREEQ_DDL)  # and the delete queue
+            self._seed_counts(con, tables)  # and the maintained counters (seeded by one scan, once)
             return meta.get("verifier")
         for stmt in _SCHEMA.split(";"):
             if stmt.strip():
                 con.execute(stmt)
-        con.execute(_STEP_INDEX)
+        self._state_indexes(con)
         con.execute(FREEQ_DDL)
+        self._seed_counts(con, tables)
         rows = [("schema", SCHEMA_VERSION), ("attempt", "0"), ("epoch", "0"), ("seq", "0")]
         verifier = make_verifier(self._secret) if self._secret is not None else None
         if verifier is not None:
             rows.append(("verifier", verifier))
         con.executemany("INSERT INTO meta VALUES (?, ?)", rows)
         return verifier
+
+    @staticmethod
+    def _state_indexes(con: sqlite3.Connection) -> None:
+        have = {r[0] for r in con.execute("SELECT name FROM sqlite_master WHERE type='index'")}
+        for name in OLD_INDEXES:
+            if name in have:
+                con.execute(f"DROP INDEX {name}")
+        for ddl in STATE_INDEXES:
+            con.execute(ddl)
 
     @contextmanager
     def _tx(self) -> Iterator[sqlite3.Connection]:
@@ -184,9 +209,12 @@ class SQLiteLedger(SQLiteFreeQueue, SQLiteFencing, SQLiteProducers, SQLiteQuerie
                 con.execute("BEGIN IMMEDIATE")
             except sqlite3.OperationalError as e:
                 raise BackendUnavailable(f"ledger {self.uri} is busy or unreachable: {e}") from e
+            self._reset_counts()
             try:
                 yield con
+                self._flush_counts(con)  # the counters commit with the change they count
             except BaseException:
+                self._reset_counts()
                 con.execute("ROLLBACK")
                 raise
             try:
@@ -210,15 +238,16 @@ class SQLiteLedger(SQLiteFreeQueue, SQLiteFencing, SQLiteProducers, SQLiteQuerie
         ids = [validate_sample_id(s) for s in sample_ids]
         if len(set(ids)) != len(ids):
             raise ConfigError("reserve() got the same sample id twice in one call")
-        out: dict[str, int] = {}
+        old: dict[str, int] = {}
         with self._tx() as con:
+            for chunk in _chunks(ids):
+                q = f"SELECT sample_id, gen FROM samples WHERE sample_id IN ({','.join('?' * len(chunk))})"
+                old.update(con.execute(q, chunk))
             con.executemany(
                 "INSERT INTO samples(sample_id, gen, status) VALUES (?, 1, ?) "
                 "ON CONFLICT(sample_id) DO UPDATE SET gen=gen+1", [(s, int(SampleStatus.RESERVED)) for s in ids])
-            for chunk in _chunks(ids):
-                q = f"SELECT sample_id, gen FROM samples WHERE sample_id IN ({','.join('?' * len(chunk))})"
-                out.update(con.execute(q, chunk))
-        return [out[s] for s in ids]
+            self._sc(SampleStatus.RESERVED, len(ids) - len(old))
+        return [old.get(s, 0) + 1 for s in ids]
 
     def commit(self, refs: Sequence[SampleRef]) -> list[SampleRef]:
         ids = self._commit_ids(refs)
@@ -232,6 +261,8 @@ class SQLiteLedger(SQLiteFreeQueue, SQLiteFencing, SQLiteProducers, SQLiteQuerie
             epoch = int(self._meta(con, "epoch", "0") or 0)
             seq = int(self._meta(con, "seq", "0") or 0)
             sample_rows, new_ids = [], []
+            left: dict[int, int] = {}
+            fresh = 0
             for ref in refs:
                 row = rows.get(ref.sample_id)
                 if row is None or ref.generation > row[0]:
@@ -246,16 +277,35 @@ class SQLiteLedger(SQLiteFreeQueue, SQLiteFencing, SQLiteProducers, SQLiteQuerie
                     raise ConfigError(f"stale commit of {ref.sample_id!r} generation {ref.generation}: "
                                       f"generation {max(gen, committed)} supersedes it")
                 if committed and old and status in (SampleStatus.LIVE, SampleStatus.QUARANTINED):
-                    superseded.append(SampleRef.from_json(old))
+                    superseded.append(ref_from_json(old))
                 seq += 1
-                sample_rows.append((ref.generation, int(SampleStatus.LIVE), ref.to_json(), seq, ref.sample_id))
+                sample_rows.append((ref.generation, int(SampleStatus.LIVE), ref_json(ref), seq, ref.sample_id))
                 new_ids.append((ref.sample_id, ref.generation, seq))
+                left[status] = left.get(status, 0) + 1  # status counts, summed once below
+                fresh += not committed
             con.executemany("UPDATE samples SET committed=?, status=?, ref=?, seq=?, reason=NULL "
                             "WHERE sample_id=?", sample_rows)
+            for st, n in left.items():
+                self._sc(st, -n)
+            self._sc(SampleStatus.LIVE, len(sample_rows))
+            self._sc(COMMITTED_K, fresh)
+            # (epoch, state) -> n of the deliveries these ids have, for the counters; an id never committed
+            # has none (deliveries come from a commit, or from begin_epoch/requeue of a committed id)
+            had = self._delivery_states(con, [s for s, _, _ in new_ids if rows[s][1]])
             if superseded:
                 con.executemany(f"UPDATE deliveries SET gen=?, state={P}, step=NULL, {_CLEAR_LEASE} "
                                 f"WHERE sample_id=? AND state IN ({P},{L})",
                                 [(g, s) for s, g, _ in new_ids])
+                for (e, st), n in list(had.items()):
+                    if st == L:
+                        self._dmove(e, L, P, n)
+                        had[(e, P)] = had.get((e, P), 0) + had.pop((e, L))
+            here = 0  # the current epoch's deliveries of these ids: each becomes PENDING, the others are new
+            for (e, st), n in had.items():
+                if e == epoch:
+                    self._dmove(e, st, P, n)
+                    here += n
+            self._dc(epoch, P, len(new_ids) - here)
             con.executemany(
                 "INSERT INTO deliveries(epoch, sample_id, gen, state, ord) VALUES (?, ?, ?, ?, ?) "
                 f"ON CONFLICT(epoch, sample_id) DO UPDATE SET gen=excluded.gen, ord=excluded.ord, state={P}, step=NULL, "
@@ -289,9 +339,10 @@ class SQLiteLedger(SQLiteFreeQueue, SQLiteFencing, SQLiteProducers, SQLiteQuerie
         with self._tx() as con:
             if self._meta(con, f"epoch:{epoch}") is not None:
                 return
-            con.execute(f"INSERT OR IGNORE INTO deliveries(epoch, sample_id, gen, state, ord) "
-                        f"SELECT ?, sample_id, committed, {P}, seq FROM samples WHERE status=? AND committed>0",
-                        (epoch, int(SampleStatus.LIVE)))
+            cur = con.execute(f"INSERT OR IGNORE INTO deliveries(epoch, sample_id, gen, state, ord) "
+                              f"SELECT ?, sample_id, committed, {P}, seq FROM samples WHERE status=? AND committed>0",
+                              (epoch, int(SampleStatus.LIVE)))
+            self._dc(epoch, P, cur.rowcount)
             if shuffle:
                 con.execute(f"UPDATE deliveries SET ord=td_ord(?, ?, sample_id) WHERE epoch=? AND state={P}",
                             (seed, epoch, epoch))
@@ -299,9 +350,20 @@ class SQLiteLedger(SQLiteFreeQueue, SQLiteFencing, SQLiteProducers, SQLiteQuerie
             if epoch > int(self._meta(con, "epoch", "0") or 0):
                 self._set_meta(con, "epoch", epoch)
 
+    def _reclaim(self, con: sqlite3.Connection, now: float) -> None:
+        self._dmoves(con.execute(f"UPDATE deliveries SET state={P}, {_CLEAR_LEASE} WHERE state={L} AND deadline<? "
+                                 "RETURNING epoch", (now,)), L, P)
+
     @staticmethod
-    def _reclaim(con: sqlite3.Connection, now: float) -> None:
-        con.execute(f"UPDATE deliveries SET state={P}, {_CLEAR_LEASE} WHERE state={L} AND deadline<?", (now,))
+    def _delivery_states(con: sqlite3.Connection, sample_ids: Sequence[str]) -> dict[tuple[int, int], int]:
+        """``(epoch, state) -> n`` of the deliveries of ``sample_ids`` (all epochs)."""
+        out: dict[tuple[int, int], int] = {}
+        for chunk in _chunks(sample_ids):
+            q = ("SELECT epoch, state, count(*) FROM deliveries WHERE sample_id IN "
+                 f"({','.join('?' * len(chunk))}) GROUP BY epoch, state")
+            for e, st, n in con.execute(q, chunk):
+                out[(e, st)] = out.get((e, st), 0) + n
+        return out
 
     def lease(self, owner: str, n: int, ttl: float, *, epoch: int = 0, fence: int | None = None) -> list[Lease]:
         if n < 1:
@@ -314,7 +376,8 @@ class SQLiteLedger(SQLiteFreeQueue, SQLiteFencing, SQLiteProducers, SQLiteQuerie
                 "SELECT d.sample_id, d.gen, s.ref FROM deliveries d JOIN samples s ON s.sample_id=d.sample_id "
                 f"WHERE d.epoch=? AND d.state={P} ORDER BY d.ord LIMIT ?", (epoch, n)).fetchall()
             deadline = now + ttl
-            upd = [(owner, new_nonce(), deadline, epoch, sid) for sid, _, _ in rows]
+            tok = new_nonce()[:12]  # one random token per call, one counter per lease: unique nonces
+            upd = [(owner, f"{tok}{i:04x}", deadline, epoch, sid) for i, (sid, _, _) in enumerate(rows)]
             sql = (f"UPDATE deliveries SET state={L}, owner=?, nonce=?, deadline=?, slot=NULL "
                    f"WHERE epoch=? AND sample_id=? AND state={P}")
             if con.executemany(sql, upd).rowcount != len(upd):
@@ -322,7 +385,8 @@ class SQLiteLedger(SQLiteFreeQueue, SQLiteFencing, SQLiteProducers, SQLiteQuerie
                 log.error("ledger %s: rows leased under our feet (file locking is not holding)", self.uri)
                 raise BackendUnavailable(f"ledger {self.uri}: concurrent lease detected; file locks are not "
                                          "effective (network filesystem, or a connection carried across fork?)")
-        return [Lease(format_lease_id(epoch, g, u[1], sid), epoch, owner, deadline, SampleRef.from_json(ref))
+            self._dmove(epoch, P, L, len(upd))
+        return [Lease(format_lease_id(epoch, g, u[1], sid), epoch, owner, deadline, ref_from_json(ref))
                 for (sid, g, ref), u in zip(rows, upd, strict=True)]
 
     def claim_step(self, plan: Plan, step: int, rank: int, ttl: float, *, wait_for_stream: bool,
@@ -356,6 +420,7 @@ class SQLiteLedger(SQLiteFreeQueue, SQLiteFencing, SQLiteProducers, SQLiteQuerie
                 if cur.rowcount != len(rows):
                     raise BackendUnavailable(f"ledger {self.uri}: concurrent lease detected; file locks are not "
                                              "effective (network filesystem, or a connection carried across fork?)")
+                self._dmove(plan.epoch, P, L, len(rows))
                 k += 1
             if row is None or k != next_step or status == "end":
                 # An ended plan stays ended: ranks must agree on its length forever.
@@ -373,15 +438,17 @@ class SQLiteLedger(SQLiteFreeQueue, SQLiteFencing, SQLiteProducers, SQLiteQuerie
                 (slot,)).fetchall()
             return StepClaim("ready", tuple(self._leases(con, rows)))
 
-    @staticmethod
-    def _pending(con: sqlite3.Connection, epoch: int) -> int:
-        return con.execute(f"SELECT count(*) FROM deliveries WHERE epoch=? AND state={P}", (epoch,)).fetchone()[0]
+    def _pending(self, con: sqlite3.Connection, epoch: int) -> int:
+        self._flush_counts(con)  # this transaction's moves first
+        row = con.execute(f"SELECT n FROM dcount WHERE epoch=? AND state={P}", (epoch,)).fetchone()  # maintained
+        return int(row[0]) if row else 0
 
     def _lease_update(self, sql: str, lease_ids: Sequence[str], extra: tuple[Any, ...], *,
-                      idempotent: bool = True, on_held: Any = None) -> list[str]:
+                      idempotent: bool = True, on_held: Any = None, move: tuple[int, int] | None = None) -> list[str]:
         """Run ``sql`` (ending in the lease-identity predicate) for each id in one
         transaction; return the lost ids in input order. ``on_held(con, sample_ids)``
-        runs in the same transaction for the ids that were held."""
+        runs in the same transaction for the ids that were held; ``move``: the
+        ``(old, new)`` state each held delivery changes (not idempotent ``sql`` only)."""
         parsed, lost = [], []
         for lid in lease_ids:
             try:
@@ -392,14 +459,18 @@ class SQLiteLedger(SQLiteFreeQueue, SQLiteFencing, SQLiteProducers, SQLiteQuerie
             parsed.append((lid, s, (*extra, e, s, g, n)))
         with self._tx() as con:
             if idempotent:
+                assert move is None, "an idempotent update moves no delivery"
                 cur = con.executemany(sql, [p for _, _, p in parsed])
                 if cur.rowcount != len(parsed):  # find which ones (re-running is harmless)
                     lost.extend(lid for lid, _, p in parsed if con.execute(sql, p).rowcount == 0)
             else:
                 seen: set[str] = set()
                 for lid, _, p in parsed:  # a repeated id is handled once
-                    if lid not in seen and con.execute(sql, p).rowcount == 0:
-                        lost.append(lid)
+                    if lid not in seen:
+                        if con.execute(sql, p).rowcount == 0:
+                            lost.append(lid)
+                        elif move is not None:
+                            self._dmove(p[len(extra)], *move)
                     seen.add(lid)
             if on_held is not None:
                 gone = set(lost)
@@ -413,22 +484,52 @@ class SQLiteLedger(SQLiteFreeQueue, SQLiteFencing, SQLiteProducers, SQLiteQuerie
         return self._lease_update(f"UPDATE deliveries SET deadline=? WHERE {self._IDENT} AND state={L}",
                                   lease_ids, (time.time() + ttl,))
 
+    _ACK = f"UPDATE deliveries SET step=?, state={T}, deadline=NULL, slot=NULL WHERE {_IDENT} AND state={L}"
+    _ACKED = f"SELECT 1 FROM deliveries WHERE {_IDENT} AND state IN ({T},{D})"
+
     def ack(self, lease_ids: Sequence[str], step: int) -> list[str]:
         # A repeat ack of the same lease (a padded repeat, a retried ack) is a no-op, also once a
         # checkpoint made the first ack DURABLE: only the LEASED -> TRAINED transition writes.
-        return self._lease_update(
-            f"UPDATE deliveries SET step=CASE WHEN state={L} THEN ? ELSE step END, "
-            f"state=CASE WHEN state={L} THEN {T} ELSE state END, deadline=NULL, "
-            f"slot=NULL WHERE {self._IDENT} AND state IN ({L},{T},{D})", lease_ids, (check_step(step),))
+        step = check_step(step)
+        by_epoch: dict[int, list[tuple[str, tuple[Any, ...]]]] = {}
+        lost = []
+        for lid in lease_ids:
+            try:
+                e, g, n, s = parse_lease_id(lid)
+            except Exception:
+                lost.append(lid)
+                continue
+            by_epoch.setdefault(e, []).append((lid, (e, s, g, n)))
+        with self._tx() as con:
+            for e, items in by_epoch.items():  # one statement per epoch: its row count is that epoch's move
+                moved = con.executemany(self._ACK, [(step, *ident) for _, ident in items]).rowcount
+                self._dmove(e, L, T, moved)
+                if moved != len(items):  # a repeat, or lost: held ones are TRAINED or DURABLE under this lease now
+                    lost.extend(lid for lid, ident in items if con.execute(self._ACKED, ident).fetchone() is None)
+        gone = set(lost)
+        return [lid for lid in dict.fromkeys(lease_ids) if lid in gone]
 
     def fail(self, lease_ids: Sequence[str], *, retryable: bool = True, reason: str = "") -> list[str]:
         def quarantine(con: sqlite3.Connection, held: list[str]) -> None:
+            for chunk in _chunks(held):
+                q = f"SELECT status FROM samples WHERE sample_id IN ({','.join('?' * len(chunk))})"
+                for (st,) in con.execute(q, chunk):
+                    self._sc(st, -1)
+                    self._sc(SampleStatus.QUARANTINED, 1)
             con.executemany("UPDATE samples SET status=?, reason=? WHERE sample_id=?",
                             [(int(SampleStatus.QUARANTINED), reason or "failed", s) for s in held])
-            con.executemany(f"DELETE FROM deliveries WHERE sample_id=? AND state IN ({P},{L})", [(s,) for s in held])
+            for s in held:
+                self._drop_undone(con, s)
 
         return self._lease_update(f"UPDATE deliveries SET state={P}, {_CLEAR_LEASE} WHERE {self._IDENT} AND state={L}",
-                                  lease_ids, (), idempotent=False, on_held=None if retryable else quarantine)
+                                  lease_ids, (), idempotent=False, on_held=None if retryable else quarantine,
+                                  move=(L, P))
+
+    def _drop_undone(self, con: sqlite3.Connection, sample_id: str) -> None:
+        """Delete the PENDING and LEASED deliveries of ``sample_id`` (every epoch)."""
+        for e, st in con.execute(f"DELETE FROM deliveries WHERE sample_id=? AND state IN ({P},{L}) "
+                                 "RETURNING epoch, state", (sample_id,)):
+            self._dc(e, st, -1)
 
     def abort(self, sample_ids: Sequence[str]) -> list[SampleRef]:
         ids = [validate_sample_id(s) for s in sample_ids]
@@ -439,20 +540,25 @@ class SQLiteLedger(SQLiteFreeQueue, SQLiteFencing, SQLiteProducers, SQLiteQuerie
                 if row is None:
                     con.execute("INSERT INTO samples(sample_id, gen, status) VALUES (?, 0, ?)",
                                 (s, int(SampleStatus.ABORTED)))
+                    self._sc(SampleStatus.ABORTED, 1)
                     continue
                 gen, status, ref = row
                 if ref and status in (SampleStatus.LIVE, SampleStatus.QUARANTINED):
-                    freed.append(SampleRef.from_json(ref))
+                    freed.append(ref_from_json(ref))
                 con.execute("UPDATE samples SET tomb=?, status=? WHERE sample_id=?",
                             (gen, int(SampleStatus.ABORTED), s))
-                con.execute(f"DELETE FROM deliveries WHERE sample_id=? AND state IN ({P},{L})", (s,))
+                self._sc(status, -1)
+                self._sc(SampleStatus.ABORTED, 1)
+                self._drop_undone(con, s)
             self._queue_free(con, freed)
         return freed
 
     def _durable(self, con: sqlite3.Connection, step: int, free: bool, retain: bool = True) -> tuple[int, list[SampleRef]]:
-        ids = [r[0] for r in con.execute(f"SELECT DISTINCT sample_id FROM deliveries WHERE state={T} AND step<=?",
-                                         (step,))]
-        con.execute(f"UPDATE deliveries SET state={D} WHERE state={T} AND step<=?", (step,))
+        ids = set()
+        for e, sid in con.execute(f"UPDATE deliveries SET state={D} WHERE state={T} AND step<=? "
+                                  "RETURNING epoch, sample_id", (step,)):
+            self._dmove(e, T, D)
+            ids.add(sid)
         marks, prev = retention.add_mark(self._marks(con), step)
         self._set_meta(con, "marks", json.dumps(marks))
         upto = retention.free_upto(step, prev, retain)
@@ -467,9 +573,11 @@ class SQLiteLedger(SQLiteFreeQueue, SQLiteFencing, SQLiteProducers, SQLiteQuerie
                 f"AND NOT EXISTS (SELECT 1 FROM deliveries o WHERE o.sample_id=s.sample_id AND o.state<{D})",
                 (int(SampleStatus.LIVE), upto, -(1 << 62) if horizon is None else int(horizon)))]
             self._set_meta(con, "horizon", upto)
-            freed = [SampleRef.from_json(t) for t in texts]
+            freed = [ref_from_json(t) for t in texts]
             con.executemany("UPDATE samples SET status=? WHERE sample_id=?",
                             [(int(SampleStatus.FREED), r.sample_id) for r in freed])
+            self._sc(SampleStatus.LIVE, -len(freed))  # the query picked LIVE ones
+            self._sc(SampleStatus.FREED, len(freed))
             self._queue_free(con, freed, texts)
         return len(ids), freed
 
@@ -488,14 +596,16 @@ class SQLiteLedger(SQLiteFreeQueue, SQLiteFencing, SQLiteProducers, SQLiteQuerie
             self._open_session(con, session, takeover)
             if strict:
                 self._refuse_old(con, rs)
-            released = con.execute(f"UPDATE deliveries SET state={P}, {_CLEAR_LEASE} WHERE state={L}").rowcount
+            released = self._dmoves(con.execute(f"UPDATE deliveries SET state={P}, {_CLEAR_LEASE} WHERE state={L} "
+                                                "RETURNING epoch"), L, P)
             after = -1 if rs is None else rs
-            replayed = con.execute(f"UPDATE deliveries SET state={P}, step=NULL WHERE state={T} AND step>?",
-                                   (after,)).rowcount
+            replayed = self._dmoves(con.execute(f"UPDATE deliveries SET state={P}, step=NULL WHERE state={T} AND "
+                                                "step>? RETURNING epoch", (after,)), T, P)
             # DURABLE after the resume step: not in the checkpoint being resumed; replayed while the bytes last.
-            replayed += con.execute(f"UPDATE deliveries SET state={P}, step=NULL WHERE state={D} AND step>? AND "
-                                    "sample_id IN (SELECT sample_id FROM samples WHERE status=?)",
-                                    (after, int(SampleStatus.LIVE))).rowcount
+            replayed += self._dmoves(con.execute(
+                f"UPDATE deliveries SET state={P}, step=NULL WHERE state={D} AND step>? AND "
+                "sample_id IN (SELECT sample_id FROM samples WHERE status=?) RETURNING epoch",
+                (after, int(SampleStatus.LIVE))), D, P)
             self._set_meta(con, "marks", json.dumps([m for m in self._marks(con) if m < after]))
             con.execute("DELETE FROM meta WHERE key='horizon'")  # one full scan at the next free
             durable, freed = (0, []) if rs is None else self._durable(con, rs, free)
@@ -528,11 +638,15 @@ class SQLiteLedger(SQLiteFreeQueue, SQLiteFencing, SQLiteProducers, SQLiteQuerie
             epochs = {int(self._meta(con, "epoch", "0") or 0)}
             epochs.update(int(k.split(":", 1)[1]) for (k,) in con.execute("SELECT key FROM meta WHERE key LIKE 'epoch:%'"))
             for chunk in _chunks(ids):
-                con.executemany("UPDATE samples SET status=?, reason=NULL WHERE sample_id=? AND status=?",
-                                [(int(SampleStatus.LIVE), s, q) for s in chunk])
-                con.executemany("INSERT OR IGNORE INTO deliveries(epoch, sample_id, gen, state, ord) "
-                                f"SELECT ?, sample_id, committed, {P}, seq FROM samples WHERE sample_id=?",
-                                [(e, s) for s in chunk for e in sorted(epochs)])
+                n = con.executemany("UPDATE samples SET status=?, reason=NULL WHERE sample_id=? AND status=?",
+                                    [(int(SampleStatus.LIVE), s, q) for s in chunk]).rowcount
+                self._sc(q, -n)
+                self._sc(SampleStatus.LIVE, n)
+                for e in sorted(epochs):  # one statement per epoch: its row count is that epoch's new deliveries
+                    self._dc(e, P, con.executemany(
+                        "INSERT OR IGNORE INTO deliveries(epoch, sample_id, gen, state, ord) "
+                        f"SELECT ?, sample_id, committed, {P}, seq FROM samples WHERE sample_id=?",
+                        [(e, s) for s in chunk]).rowcount)
         return len(ids)
 
     def set_meta(self, key: str, value: str) -> None:

@@ -119,6 +119,8 @@ class SpecForgeDirStore(FeatureStore):
         True
     """
 
+    codec_blobs = False  # torch.save files: field selection loads the file and keeps the chosen tensors
+
     def __init__(self, path: str | os.PathLike[str], *, secret: str | None = None) -> None:
         root = os.fspath(path)
         if not isinstance(root, str) or not os.path.isabs(root):

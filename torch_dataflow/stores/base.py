@@ -62,6 +62,9 @@ class FeatureStore(ABC):
     # True: blobs are codec blobs and ``read_blob_into`` lands them without a private
     # copy, so torch_dataflow.batch_read may read a batch straight into its rows.
     direct_reads: bool = False
+    # False: the store serves tensors (get), not codec blobs: field selection reads the
+    # whole sample and keeps the chosen tensors (a SpecForge directory served in place).
+    codec_blobs: bool = True
     # False: a process forked after this backend's client ran cannot start another one
     # (Mooncake), so loaders start their workers with forkserver (FeatureLoader does).
     fork_safe: bool = True
@@ -194,6 +197,65 @@ class FeatureStore(ABC):
                 feed(v[:n])
             pos += n
         return len(blob)
+
+    def _read_ranges(self, sample_id: str, generation: int, ranges: Sequence[tuple[int, Sequence[memoryview]]],
+                     feed: Any = None) -> int:
+        """Fill the views of each ``(blob offset, views)`` range in order with the blob's
+        bytes from that offset; return the blob's stored length (views past the end of a
+        short blob stay as they were). ``feed``: called with each landed piece, in range
+        order. The default reads the whole blob with ``_read`` and copies the ranges out
+        (correct everywhere; ``memory://`` keeps it: its ``_read`` copies nothing); a
+        backend with ranged reads overrides it (``file://``: one ``preadv`` per range)."""
+        blob = memoryview(self._read(sample_id, generation)).cast("B")
+        for offset, views in ranges:
+            pos = offset
+            for v in views:
+                n = max(0, min(len(v), len(blob) - pos))
+                v[:n] = blob[pos : pos + n]
+                if feed is not None and n:
+                    feed(v[:n])
+                pos += n
+        return len(blob)
+
+    def read_ranges_into(self, ref: SampleRef, ranges: Sequence[tuple[int, Sequence[memoryview]]],
+                         feed: Any = None) -> int:
+        """Land byte ranges of ``ref``'s blob in caller buffers; return the blob's stored
+        length (field selection's primitive, see :mod:`torch_dataflow.fields`: the caller
+        verifies with :func:`~torch_dataflow.codec.check_fields`).
+
+        Raises:
+            SampleUnavailable: absent, freed, aborted or superseded generation.
+            AuthError: wrong or missing secret.
+        """
+        self._check_auth()
+        return self._read_ranges(ref.sample_id, ref.generation, ranges, feed)
+
+    def get_fields(self, ref: SampleRef, fields: Sequence[str] | None, *,
+                   zero_copy: bool = False) -> dict[str, torch.Tensor]:
+        """Read and verify only the tensors ``fields`` names (``None``: all, as :meth:`get`).
+
+        Only the header and the chosen tensors' bytes are read; both are checked
+        against their own checksums. A format-1 blob (no per-tensor checksums) is
+        read and verified whole. A flipped byte in a tensor that was not chosen is
+        not read, so this read does not see it (see :mod:`torch_dataflow.codec`).
+
+        Raises:
+            ConfigError: a name the ref does not hold (the message lists its names).
+            SampleUnavailable: absent, freed, aborted or superseded generation.
+            CorruptSample: the header or a chosen tensor fails its check.
+            AuthError: wrong or missing secret.
+
+        Example:
+            >>> import torch
+            >>> from torch_dataflow.stores import open_store
+            >>> store = open_store("memory://get-fields-doc")
+            >>> ref = store.put("s1", 1, {"x": torch.arange(3), "big": torch.zeros(1000)})
+            >>> store.get_fields(ref, ["x"])["x"].tolist()
+            [0, 1, 2]
+        """
+        from ..fields import read_fields
+
+        return read_fields(self, ref, fields, zero_copy=zero_copy)
 
     def delete(self, ref: SampleRef) -> bool:
         """Free exactly ``ref``'s generation; never a newer one. Idempotent."""

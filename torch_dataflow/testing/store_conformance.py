@@ -39,7 +39,7 @@ from ..errors import AuthError, ConfigError, CorruptSample, SampleUnavailable
 from ..refs import SampleRef
 from ..stores.base import FeatureStore
 
-__all__ = ["StoreConformance", "assert_same_tensors", "sample_tensors"]
+__all__ = ["StoreConformance", "assert_same_tensors", "format1_blob", "sample_tensors"]
 
 
 def sample_tensors(seed: int = 0) -> dict[str, torch.Tensor]:
@@ -69,6 +69,27 @@ def assert_same_tensors(got: dict[str, torch.Tensor], want: dict[str, torch.Tens
         assert g.dtype == w.dtype and g.shape == w.shape, (k, g.dtype, g.shape, w.dtype, w.shape)
         if w.numel():
             assert torch.equal(_bytes_of(g), _bytes_of(w)), k
+
+
+def format1_blob(tensors: dict[str, torch.Tensor]) -> tuple[bytes, tuple[Any, ...], str]:
+    """``(blob, specs, checksum)`` of ``tensors`` in codec format 1 (one checksum over the
+    zeroed header and the data, no per-tensor sums): what stores held before field
+    selection, rebuilt from the format's definition to test that it is still read."""
+    import struct
+
+    import xxhash
+
+    enc = codec.encode(tensors)
+    doc = json.loads(enc.header[8:])
+    doc["__metadata__"] = {"td.checksum": "0" * 16, "td.format": "1"}
+    raw = json.dumps({"__metadata__": doc.pop("__metadata__"), **doc}, separators=(",", ":")).encode()
+    raw += b" " * (-(8 + len(raw)) % 16)
+    head = struct.pack("<Q", len(raw)) + raw
+    data = b"".join(bytes(b) for b in enc.buffers)
+    h = xxhash.xxh3_64(head)
+    h.update(data)
+    digest = h.hexdigest()
+    return head.replace(b"0" * 16, digest.encode(), 1) + data, enc.specs, digest
 
 
 def _random_tensor(dtype: torch.dtype, shape: tuple[int, ...], seed: int) -> torch.Tensor:
@@ -407,6 +428,89 @@ class StoreConformance:
                         s.get(ref, zero_copy=zero_copy)
         self.corrupt(s, ref, good)
         s.get(ref)  # restored bytes read again: the errors were about the bytes
+
+    # ------------------------------------------------ field selection (ranged reads)
+    def test_fields_identical_to_full_read(self) -> None:
+        s = self.store()
+        ref, _ = self._put(s)
+        full = s.get(ref)
+        names = [sp.name for sp in ref.specs]
+        subsets = [[n] for n in names] + [names[:2], [names[0], names[-1]], names[1:], names[::2], names]
+        for subset in subsets:
+            got = s.get_fields(ref, subset)
+            assert list(got) == [n for n in names if n in subset]  # blob order, like get
+            assert_same_tensors(got, {n: full[n] for n in subset})
+        assert_same_tensors(s.get_fields(ref, None), full)
+
+    def test_fields_unknown_name_lists_available(self) -> None:
+        s = self.store()
+        ref, t = self._put(s)
+        with pytest.raises(ConfigError, match="not_there") as info:
+            s.get_fields(ref, ["input_ids", "not_there"])
+        for name in t:
+            assert repr(name) in str(info.value)
+
+    def test_inv7_fields_flip_in_selected_tensor_or_header_raises_corrupt(self) -> None:
+        s = self.store()
+        ref, _ = self._put(s)
+        good = self.raw_read(s, ref)
+        _, _, data_offset = codec.read_header(good)
+        pos, where = data_offset, {}
+        for sp in ref.specs:
+            if sp.nbytes:
+                where[sp.name] = pos + sp.nbytes // 2
+            pos += sp.nbytes
+        for name, at in where.items():
+            bad = bytearray(good)
+            bad[at] ^= 0x10
+            self.corrupt(s, ref, bytes(bad))
+            with pytest.raises(CorruptSample, match=name):
+                s.get_fields(ref, [name])
+            other = next(n for n in where if n != name)
+            s.get_fields(ref, [other])  # not selected, not read: documented as not detected by this read
+            with pytest.raises(CorruptSample):
+                s.get(ref)  # a full read still covers every byte
+        checksum_at = good.index(ref.checksum.encode())
+        for at in sorted({0, 8, 9, 20, checksum_at, checksum_at + 15, data_offset // 2, data_offset - 1}):
+            bad = bytearray(good)
+            bad[at] ^= 0x01
+            self.corrupt(s, ref, bytes(bad))
+            with pytest.raises(CorruptSample):
+                s.get_fields(ref, [next(iter(where))])
+        # Flips the JSON still parses and the ref still matches: only the header checksum sees them.
+        first, last = next(iter(where)), list(where)[-1]
+        sums_at = good.index(b'"td.sums":"') + len(b'"td.sums":"')  # the sum of the first tensor in data order
+        quiet = [(sums_at, b"1" if good[sums_at : sums_at + 1] != b"1" else b"2")]
+        if good[data_offset - 1 : data_offset] == b" ":
+            quiet.append((data_offset - 1, b"\n"))  # padding: still JSON whitespace
+        for at, new in quiet:
+            bad = bytearray(good)
+            bad[at : at + 1] = new
+            self.corrupt(s, ref, bytes(bad))
+            with pytest.raises(CorruptSample, match="header checksum"):
+                s.get_fields(ref, [last])
+        self.corrupt(s, ref, good[: len(good) - 1])  # truncated
+        with pytest.raises(CorruptSample):
+            s.get_fields(ref, [first])
+        self.corrupt(s, ref, good)
+        s.get_fields(ref, list(where))
+
+    def test_fields_of_a_format1_blob_read_and_verify_the_whole_blob(self) -> None:
+        s = self.store()
+        self._put(s)  # attached (a store may create its layout at the first put)
+        tensors = sample_tensors(3)
+        blob, specs, checksum = format1_blob(tensors)
+        ref = SampleRef(sample_id="old", generation=1, store=s.uri, specs=specs, nbytes=len(blob), checksum=checksum)
+        self.raw_write(s, ref, blob)
+        assert_same_tensors(s.get(ref), tensors)
+        assert_same_tensors(s.get_fields(ref, ["hidden_state", "input_ids"]),
+                            {k: tensors[k] for k in ("hidden_state", "input_ids")})
+        _, _, data_offset = codec.read_header(blob)
+        bad = bytearray(blob)
+        bad[data_offset] ^= 0x01  # inside input_ids (largest item size: first), which is not selected
+        self.corrupt(s, ref, bytes(bad))
+        with pytest.raises(CorruptSample):
+            s.get_fields(ref, ["hidden_state"])  # format 1: the whole blob is verified
 
     # ------------------------------------------------ pickling / processes
     def test_pickle_by_config(self) -> None:
