@@ -12,9 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import random
-import shutil
 import time
-from collections.abc import Iterator
 from typing import Any
 
 import pytest
@@ -22,7 +20,6 @@ import pytest
 from torch_dataflow.errors import ConfigError, SampleAborted
 from torch_dataflow.ledger import open_ledger
 from torch_dataflow.ledger.base import Ledger, LedgerCounts, Plan
-from torch_dataflow.ledger.redis_server import RedisServer
 from torch_dataflow.testing.ledger_conformance import fake_ref
 
 FIELDS = ("pending", "leased", "trained", "durable", "aborted", "quarantined", "freed", "committed", "closed")
@@ -184,15 +181,6 @@ def test_sqlite_ledger_without_counters_is_seeded(tmp_path: Any) -> None:
     con.commit()
     con.close()
     _cmp(open_ledger(uri).counts(), want, "re-attaching a ledger without counters")
-
-
-@pytest.fixture(scope="module")
-def redis_uri() -> Iterator[str]:
-    if shutil.which("redis-server") is None:
-        pytest.skip("needs redis-server: apt-get install -y redis-server")
-    pytest.importorskip("redis")
-    with RedisServer() as srv:
-        yield srv.uri
 
 
 @pytest.mark.parametrize("seed", [1, 2])
