@@ -464,6 +464,9 @@ def train_dp(store: str, ledger: str, log: str, rank: int, world: int, port: int
         loader = FeatureDataLoader(be.feature_store, queue=ctl.sample_queue, batch_size=BATCH)
         TrainerController(_TinyCore(f"{log}.w{world}r{rank}"), run_id="run", output_dir=out_dir, ack_fn=ack_fn,
                           max_steps=max_steps, start_step=start[0] or 0, log_interval=10**9).fit(loader)
+        # Both ranks leave every collective before either tears gloo down: a rank that destroyed its
+        # group while the other was still in one aborted the other (SIGABRT, about 1 run in 45 here).
+        dist.barrier()
     finally:
         dist.destroy_process_group()
 
