@@ -205,3 +205,38 @@ def test_ref_json_is_to_json() -> None:
                         {"len": i} if i % 7 == 0 else {})
         assert ref_json(ref) == ref.to_json()
         assert ref_from_json(ref_json(ref)) == ref
+
+
+def test_sqlite_one_statement_reserve_and_lease(tmp_path: Any) -> None:
+    """reserve() and lease() are one statement each (RETURNING): generations, the RESERVED count
+    (an aborted unknown id at generation 0 is not a new row), more ids than one statement chunk,
+    lease order, and unique lease ids must all stay what the per-row versions gave."""
+    led = open_ledger(f"sqlite://{tmp_path}/l.db")
+    led.abort(["ghost"])  # a catalog row at generation 0, status ABORTED
+    ids = [f"s{i:04d}" for i in range(1203)] + ["ghost"]  # > the 500-id chunk
+    assert led.reserve(ids) == [1] * len(ids)
+    _cmp(led.counts(), led.scan_counts(), "reserve of new ids and an aborted unknown one")
+    led._check_auth()
+    con = led._con
+    scount = dict(con.execute("SELECT k, n FROM scount WHERE n != 0 AND k < 100"))
+    assert scount == dict(con.execute("SELECT status, count(*) FROM samples GROUP BY status")), scount
+    assert led.reserve(["s0001", "s0500", "zz"]) == [2, 2, 1]
+    _cmp(led.counts(), led.scan_counts(), "re-reserve")
+    gen = {"s0001": 2, "s0500": 2}
+    order = ids[:1203:2]  # commit order = the epoch's order (no shuffle online)
+    led.commit([fake_ref(s, gen.get(s, 1)) for s in order])
+    got: list[str] = []
+    lease_ids: set[str] = set()
+    led.begin_epoch(1, seed=7)  # a shuffled order: rows come back from RETURNING in another one
+    order = [r.sample_id for r in led.pending_refs(1)]
+    assert order != sorted(order)
+    while batch := led.lease("me", 97, ttl=60, epoch=1):
+        assert all(x.ref.sample_id == x.sample_id and x.ref.generation == gen.get(x.sample_id, 1) for x in batch)
+        got += [x.sample_id for x in batch]
+        lease_ids.update(x.lease_id for x in batch)
+    assert got == order and len(lease_ids) == len(order)
+    _cmp(led.counts(), led.scan_counts(), "leases")
+    assert led.ack(sorted(lease_ids), step=1) == []
+    led.mark_durable(1)
+    _cmp(led.counts(), led.scan_counts(), "ack + durable")
+    assert led.counts(epoch=1).durable == len(order)

@@ -321,24 +321,33 @@ class FeatureWriter:
         incoming = _nbytes(tensors)
         self._refuse_oversize(incoming)
         self._register()
-        if self.resume if if_absent is None else if_absent:
+        absent = self.resume if if_absent is None else if_absent
+        if absent:
             self._bind()
-            existing = self._kept(self.ledger.committed_refs([sample_id])).get(sample_id)
+            committed = self.ledger.committed_refs([sample_id])
+            existing = self._kept(committed).get(sample_id)
             if existing is not None:
                 self.skipped += 1
                 self._heartbeat()
                 return existing
+            absent = sample_id not in committed  # committed but its bytes lost: rewritten on purpose (supersedes)
         self.wait_for_room(incoming)
         self._bind()
         [gen] = self.ledger.reserve([sample_id])
         self._warn_rewrite(sample_id, gen)
         ref = self.store.put(sample_id, gen, tensors, metadata)
         try:
-            superseded = self.ledger.commit([ref])
+            # if_absent: another writer may have committed the id since the check above (first commit wins)
+            superseded = self.ledger.commit([ref], if_absent=True) if absent else self.ledger.commit([ref])
         except (SampleAborted, ConfigError, TypeError):
             # Certainly not committed: nobody will ever read these bytes.
             self.store.delete(ref)
             raise
+        if getattr(superseded, "refused", None):
+            self.store.delete(ref)  # refused: certainly not committed, nothing leaks
+            self.skipped += 1
+            self._heartbeat()
+            return superseded.existing.get(sample_id) or self.ledger.committed_refs([sample_id])[sample_id]
         # Any other failure (a connection lost after the server ran the commit,
         # an interrupt) leaves the outcome unknown: keep the bytes, never a
         # committed ref without them.
@@ -364,19 +373,22 @@ class FeatureWriter:
         self._refuse_oversize(max(sizes))
         incoming = sum(sizes)
         self._register()
+        lost: set[str] = set()
         if self.resume:
             self._bind()
-            existing = self._kept(self.ledger.committed_refs([sid for sid, _, _ in batch]))
+            committed = self.ledger.committed_refs([sid for sid, _, _ in batch])
+            existing = self._kept(committed)
+            lost = set(committed) - set(existing)  # committed but their bytes lost: rewritten on purpose
             if existing:
                 todo = [b for b in batch if b[0] not in existing]
                 self.skipped += len(batch) - len(todo)
-                new = {r.sample_id: r for r in (self._put_batch(todo) if todo else [])}
+                new = {r.sample_id: r for r in (self._put_batch(todo, lost=lost) if todo else [])}
                 self._heartbeat()
                 return [existing.get(sid) or new[sid] for sid, _, _ in batch]
-        return self._put_batch(batch, incoming)
+        return self._put_batch(batch, incoming, lost=lost)
 
     def _put_batch(self, batch: list[tuple[str, Mapping[str, torch.Tensor], Any]],
-                   incoming: int | None = None) -> list[SampleRef]:
+                   incoming: int | None = None, lost: set[str] | frozenset[str] = frozenset()) -> list[SampleRef]:
         if incoming is None:
             incoming = sum(_nbytes(ts) for _, ts, _ in batch)
         self.wait_for_room(incoming, len(batch))
@@ -386,12 +398,32 @@ class FeatureWriter:
             sid, g = next((sid, g) for (sid, _, _), g in zip(batch, gens, strict=True) if g > 1)
             self._warn_rewrite(sid, g)
         refs = self.store.put_many([(sid, g, ts, meta) for (sid, ts, meta), g in zip(batch, gens, strict=True)])
-        try:
-            superseded = self.ledger.commit(refs)
-        except (SampleAborted, ConfigError, TypeError):
-            for r in refs:  # certainly not committed (see put)
-                self.store.delete(r)
-            raise
+        superseded: list[SampleRef] = []
+        refused: list[SampleRef] = []
+        theirs: dict[str, SampleRef] = {}
+        # with resume: first commit wins (see put), except for the ids rewritten on purpose (lost bytes)
+        for part, absent in (([r for r in refs if r.sample_id not in lost], self.resume),
+                             ([r for r in refs if r.sample_id in lost], False)):
+            if not part:
+                continue
+            try:
+                res = self.ledger.commit(part, if_absent=True) if absent else self.ledger.commit(part)
+            except (SampleAborted, ConfigError, TypeError):
+                for r in part:  # certainly not committed (see put)
+                    self.store.delete(r)
+                raise
+            superseded += res
+            refused += getattr(res, "refused", ())
+            theirs.update(getattr(res, "existing", {}))
+        out = refs
+        if refused:  # keep input order: a refused id gets the ref the ledger has
+            for r in refused:
+                self.store.delete(r)  # certainly not committed: nothing leaks
+            self.skipped += len(refused)
+            gone = {r.key for r in refused}
+            theirs.update(self.ledger.committed_refs([r.sample_id for r in refused if r.sample_id not in theirs]))
+            out = [theirs[r.sample_id] if r.key in gone else r for r in refs]
+            refs = [r for r in refs if r.key not in gone]
         if superseded:
             drain_deletes(self.ledger, self.store, superseded)
         self._drop_orphans(refs, superseded)
@@ -400,7 +432,7 @@ class FeatureWriter:
         self.bytes_written += sum(r.nbytes for r in refs)
         _metrics.put(len(refs), sum(r.nbytes for r in refs))
         self._heartbeat()
-        return refs
+        return out
 
     def _warn_rewrite(self, sample_id: str, generation: int) -> bool:
         """Once per writer without ``resume``: say that an id written before is written

@@ -47,6 +47,7 @@ from ..errors import ConfigError, LeaseLost
 from ..refs import Lease, SampleRef
 
 __all__ = [
+    "CommitResult",
     "DeliveryState",
     "Ledger",
     "LedgerCounts",
@@ -146,6 +147,18 @@ class LedgerCounts:
         return d
 
 
+class CommitResult(list):  # type: ignore[type-arg]  # list[SampleRef]: what commit() always returned
+    """What :meth:`Ledger.commit` returns: the superseded refs (the list itself),
+    plus ``refused`` (the given refs an ``if_absent`` commit did not commit, in
+    input order) and ``existing`` (``sample_id -> committed ref`` of those ids)."""
+
+    def __init__(self, superseded: Sequence[SampleRef] = (), refused: Sequence[SampleRef] = (),
+                 existing: dict[str, SampleRef] | None = None) -> None:
+        super().__init__(superseded)
+        self.refused: list[SampleRef] = list(refused)
+        self.existing: dict[str, SampleRef] = existing or {}
+
+
 def format_lease_id(epoch: int, generation: int, nonce: str, sample_id: str) -> str:
     return f"{epoch}:{generation}:{nonce}:{sample_id}"
 
@@ -198,13 +211,36 @@ class Ledger(ABC):
         bytes are written. A reserved generation is never handed out twice."""
 
     @abstractmethod
-    def commit(self, refs: Sequence[SampleRef]) -> list[SampleRef]:
+    def commit(self, refs: Sequence[SampleRef], *, if_absent: bool = False) -> list[SampleRef]:
         """Make ``refs`` deliverable (PENDING in the current epoch), in order.
 
         A ref must carry the latest reserved generation of its id. Committing a
         newer generation supersedes the old one: its pending or leased
         deliveries switch to the new generation (old leases are lost) and the
         old ref is returned so the caller frees its bytes.
+
+        With ``if_absent`` the first commit wins: a ref whose id already has a
+        committed generation (LIVE, leased, trained, FREED or QUARANTINED; not
+        aborted) is refused, and nothing about that id changes; a ref of an id
+        with no committed generation is committed even if another writer has
+        reserved a higher generation since (that writer's ``if_absent`` commit
+        is then refused). Check and write are one atomic step. Re-committing
+        the committed generation itself is the idempotent no-op it always is.
+
+        Returns:
+            The superseded refs, as a :class:`CommitResult` (a ``list``) whose
+            ``refused`` holds the refs not committed and ``existing`` the
+            committed ref of each refused id (always empty without ``if_absent``).
+
+        Example:
+            >>> from torch_dataflow.ledger import open_ledger
+            >>> from torch_dataflow.refs import SampleRef
+            >>> led = open_ledger("memory://commit-doc")
+            >>> a, b = led.reserve(["x"]), led.reserve(["x"])  # two writers: gens 1 and 2
+            >>> led.commit([SampleRef("x", 1, "memory://s", (), 0, "")], if_absent=True).refused
+            []
+            >>> [r.generation for r in led.commit([SampleRef("x", 2, "memory://s", (), 0, "")], if_absent=True).refused]
+            [2]
 
         Raises:
             SampleAborted: the generation was aborted while in flight.

@@ -45,6 +45,7 @@ from . import fencing, retention
 from ._refcodec import ref_from_json, ref_json
 from ._sqlite_schema import SCHEMA_VERSION, _td_ord
 from .base import (
+    CommitResult,
     Ledger,
     LedgerCounts,
     Plan,
@@ -236,14 +237,23 @@ class RedisLedger(RedisFreeQueue, RedisProducers, RedisOrdering, Ledger):
             raise ConfigError("reserve() got the same sample id twice in one call")
         return [int(g) for g in self._run("reserve", ids, cache=True)]
 
-    def commit(self, refs: Sequence[SampleRef]) -> list[SampleRef]:
+    def commit(self, refs: Sequence[SampleRef], *, if_absent: bool = False) -> list[SampleRef]:
         self._commit_ids(refs)
         # One argument of lines: ids hold no control characters and ref JSON no raw newline or tab.
         lines = "\n".join(f"{r.sample_id}\t{r.generation}\t{ref_json(r)}" for r in refs)
         if not refs:
             self._check_auth()
-            return []
-        reply = self._run("commit", [lines], cache=True)
+            return CommitResult()
+        reply = self._run("commit", [lines, "1" if if_absent else "0"], cache=True)
+        if isinstance(reply, list) and reply[0] == "ok":
+            out = CommitResult(_refs(reply[1]))
+            given = {r.sample_id: r for r in refs}
+            for line in reply[2].split("\n") if reply[2] else ():
+                sid, _, text = line.split("\t", 2)
+                out.refused.append(given[sid])
+                if text:
+                    out.existing[sid] = _ref(text)
+            return out
         if isinstance(reply, list):
             _, kind, sid, gen, sup = reply
             if kind == "aborted":
@@ -252,7 +262,7 @@ class RedisLedger(RedisFreeQueue, RedisProducers, RedisOrdering, Ledger):
                 raise ConfigError(f"stale commit of {sid!r} generation {gen}: generation {sup} supersedes it")
             raise ConfigError(f"commit of {sid!r} generation {gen}, which was never "
                               "reserved (call reserve() before writing the bytes)")
-        return _refs(reply)
+        return CommitResult(_refs(reply))
 
     def register_producer(self, name: str, info: dict[str, Any] | None = None) -> None:
         self._register_beat(name, info)

@@ -318,9 +318,11 @@ end
 return done(out)
 """
 
-# ARGV[5]: lines "sid\tgeneration\tref json"
+# ARGV[5]: lines "sid\tgeneration\tref json"; ARGV[6]: '1' for if_absent (first commit wins), whose
+# reply is {'ok', superseded refs, refused lines "sid\tgeneration\tcommitted ref json"}
 _COMMIT = r"""
-local todo = {}
+local ABSENT = ARGV[6] == '1'
+local todo, refused = {}, {}
 for _, line in ipairs(split_on(ARGV[5], '\n')) do
   local f = split_on(line, '\t')
   local sid, gen = f[1], tonumber(f[2])
@@ -331,13 +333,22 @@ for _, line in ipairs(split_on(ARGV[5], '\n')) do
   local g, c, t = tonumber(r[2]), tonumber(r[3]), tonumber(r[4])
   if gen <= t then return {'!', 'aborted', sid, istr(gen), ''} end
   if gen ~= c then
-    if gen < g or gen < c then
-      return {'!', 'stale', sid, istr(gen), istr(math.max(g, c))}
+    if ABSENT and c > 0 and r[1] ~= '1' then
+      -- first commit wins: the id's committed generation and state stay as they are
+      refused[#refused + 1] = sid..'\t'..f[2]..'\t'..(r[5] or '')
+    else
+      if (gen < g and not ABSENT) or gen < c then
+        return {'!', 'stale', sid, istr(gen), istr(math.max(g, c))}
+      end
+      todo[#todo + 1] = {sid, f[2], f[3], r[1], c, r[5], r[6]}
     end
-    todo[#todo + 1] = {sid, f[2], f[3], r[1], c, r[5], r[6]}
   end
 end
-if #todo == 0 then return done('') end
+local function reply(sup)
+  if ABSENT then return done({'ok', sup, table.concat(refused, '\n')}) end
+  return done(sup)
+end
+if #todo == 0 then return reply('') end
 local epoch = redis.call('HGET', P..'meta', 'epoch')
 local seq = tonumber(redis.call('HGET', P..'meta', 'seq'))
 local superseded, fresh = {}, false
@@ -376,7 +387,7 @@ for _, x in ipairs(todo) do
 end
 if fresh then redis.call('SADD', P..'E', epoch) end
 redis.call('HSET', P..'meta', 'seq', istr(seq))
-return done(table.concat(superseded, '\n'))
+return reply(table.concat(superseded, '\n'))
 """
 
 # ARGV[5]=epoch ARGV[6]=tag ARGV[7]=shuffle ARGV[8..]: pairs (sid, ord) for a shuffle

@@ -24,6 +24,7 @@ import sqlite3
 import threading
 import time
 import weakref
+from collections import Counter
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from typing import Any
@@ -51,6 +52,7 @@ from ._sqlite_schema import (
     _td_ord,
 )
 from .base import (
+    CommitResult,
     Ledger,
     Plan,
     ReconcileReport,
@@ -238,20 +240,22 @@ class SQLiteLedger(SQLiteFreeQueue, SQLiteFencing, SQLiteProducers, SQLiteQuerie
         ids = [validate_sample_id(s) for s in sample_ids]
         if len(set(ids)) != len(ids):
             raise ConfigError("reserve() got the same sample id twice in one call")
-        old: dict[str, int] = {}
+        gens: dict[str, int] = {}
+        r = int(SampleStatus.RESERVED)
         with self._tx() as con:
-            for chunk in _chunks(ids):
-                q = f"SELECT sample_id, gen FROM samples WHERE sample_id IN ({','.join('?' * len(chunk))})"
-                old.update(con.execute(q, chunk))
-            con.executemany(
-                "INSERT INTO samples(sample_id, gen, status) VALUES (?, 1, ?) "
-                "ON CONFLICT(sample_id) DO UPDATE SET gen=gen+1", [(s, int(SampleStatus.RESERVED)) for s in ids])
-            self._sc(SampleStatus.RESERVED, len(ids) - len(old))
-        return [old.get(s, 0) + 1 for s in ids]
+            fresh = 0
+            for chunk in _chunks(ids):  # one upsert statement per chunk; RETURNING gives each id's new generation
+                q = (f"INSERT INTO samples(sample_id, gen, status) VALUES {','.join([f'(?,1,{r})'] * len(chunk))} "
+                     "ON CONFLICT(sample_id) DO UPDATE SET gen=gen+1 RETURNING sample_id, gen, status")
+                for sid, gen, st in con.execute(q, chunk):
+                    gens[sid] = gen
+                    fresh += gen == 1 and st == r  # a new row (an old one at gen 0 is an aborted unknown id)
+            self._sc(SampleStatus.RESERVED, fresh)
+        return [gens[s] for s in ids]
 
-    def commit(self, refs: Sequence[SampleRef]) -> list[SampleRef]:
+    def commit(self, refs: Sequence[SampleRef], *, if_absent: bool = False) -> list[SampleRef]:
         ids = self._commit_ids(refs)
-        superseded: list[SampleRef] = []
+        superseded = CommitResult()
         with self._tx() as con:
             rows: dict[str, tuple[int, int, int, int, str | None]] = {}
             for chunk in _chunks(ids):
@@ -273,7 +277,13 @@ class SQLiteLedger(SQLiteFreeQueue, SQLiteFencing, SQLiteProducers, SQLiteQuerie
                     raise SampleAborted(f"sample {ref.sample_id!r} generation {ref.generation} was aborted")
                 if ref.generation == committed:
                     continue  # idempotent re-commit
-                if ref.generation < gen or ref.generation < committed:
+                if if_absent and committed and status != SampleStatus.ABORTED:
+                    # first commit wins: the id's committed generation and state stay as they are
+                    superseded.refused.append(ref)
+                    if old:
+                        superseded.existing[ref.sample_id] = ref_from_json(old)
+                    continue
+                if (ref.generation < gen and not if_absent) or ref.generation < committed:
                     raise ConfigError(f"stale commit of {ref.sample_id!r} generation {ref.generation}: "
                                       f"generation {max(gen, committed)} supersedes it")
                 if committed and old and status in (SampleStatus.LIVE, SampleStatus.QUARANTINED):
@@ -372,22 +382,20 @@ class SQLiteLedger(SQLiteFreeQueue, SQLiteFencing, SQLiteProducers, SQLiteQuerie
         with self._tx() as con:
             self._gate(con, fence, "lease")
             self._reclaim(con, now)
-            rows = con.execute(
-                "SELECT d.sample_id, d.gen, s.ref FROM deliveries d JOIN samples s ON s.sample_id=d.sample_id "
-                f"WHERE d.epoch=? AND d.state={P} ORDER BY d.ord LIMIT ?", (epoch, n)).fetchall()
             deadline = now + ttl
-            tok = new_nonce()[:12]  # one random token per call, one counter per lease: unique nonces
-            upd = [(owner, f"{tok}{i:04x}", deadline, epoch, sid) for i, (sid, _, _) in enumerate(rows)]
-            sql = (f"UPDATE deliveries SET state={L}, owner=?, nonce=?, deadline=?, slot=NULL "
-                   f"WHERE epoch=? AND sample_id=? AND state={P}")
-            if con.executemany(sql, upd).rowcount != len(upd):
-                # Never overwrite another consumer's lease, whatever the file locks did.
-                log.error("ledger %s: rows leased under our feet (file locking is not holding)", self.uri)
-                raise BackendUnavailable(f"ledger {self.uri}: concurrent lease detected; file locks are not "
-                                         "effective (network filesystem, or a connection carried across fork?)")
-            self._dmove(epoch, P, L, len(upd))
-        return [Lease(format_lease_id(epoch, g, u[1], sid), epoch, owner, deadline, ref_from_json(ref))
-                for (sid, g, ref), u in zip(rows, upd, strict=True)]
+            # One statement picks the first n PENDING in order and leases them (no row can be taken
+            # twice: the pick and the write are the same statement). Nonces: one random token per
+            # call plus the row's id, unique within the call. RETURNING order is unspecified: sort by ord.
+            rows = sorted(con.execute(
+                f"UPDATE deliveries SET state={L}, owner=?, nonce=?||printf('%x', rowid), deadline=?, slot=NULL "
+                f"WHERE rowid IN (SELECT rowid FROM deliveries WHERE epoch=? AND state={P} ORDER BY ord LIMIT ?) "
+                "RETURNING ord, sample_id, gen, nonce, "
+                # CAST: without it SQLite 3.40 scans samples here (a RETURNING column loses its affinity)
+                "(SELECT s.ref FROM samples s WHERE s.sample_id=CAST(deliveries.sample_id AS TEXT))",
+                (owner, new_nonce()[:12], deadline, epoch, n)))
+            self._dmove(epoch, P, L, len(rows))
+        return [Lease(format_lease_id(epoch, g, nonce, sid), epoch, owner, deadline, ref_from_json(ref))
+                for _, sid, g, nonce, ref in rows]
 
     def claim_step(self, plan: Plan, step: int, rank: int, ttl: float, *, wait_for_stream: bool,
                    fence: int | None = None) -> StepClaim:
@@ -554,11 +562,13 @@ class SQLiteLedger(SQLiteFreeQueue, SQLiteFencing, SQLiteProducers, SQLiteQuerie
         return freed
 
     def _durable(self, con: sqlite3.Connection, step: int, free: bool, retain: bool = True) -> tuple[int, list[SampleRef]]:
-        ids = set()
+        ids, moved = set(), Counter()
         for e, sid in con.execute(f"UPDATE deliveries SET state={D} WHERE state={T} AND step<=? "
                                   "RETURNING epoch, sample_id", (step,)):
-            self._dmove(e, T, D)
+            moved[e] += 1
             ids.add(sid)
+        for e, k in moved.items():
+            self._dmove(e, T, D, k)
         marks, prev = retention.add_mark(self._marks(con), step)
         self._set_meta(con, "marks", json.dumps(marks))
         upto = retention.free_upto(step, prev, retain)

@@ -596,3 +596,105 @@ class LedgerConformance(FreeQueueConformance):
         assert other.get_meta("dataset-epoch/x") == "2"
         with pytest.raises(ConfigError):
             led.set_meta("", "1")
+
+    # ------------------------------------------------------------ first commit wins (commit(if_absent=True))
+    @staticmethod
+    def _sized(sample_id: str, generation: int, nbytes: int = 100) -> SampleRef:
+        return SampleRef(sample_id, generation, "memory://conformance", (), nbytes, f"{generation:016x}")
+
+    def _snapshot(self, led: Ledger) -> tuple[Any, ...]:
+        return (led.counts().as_dict(), led.resident_bytes(), led.trained_steps(),
+                sorted(led.pending_deletes(), key=lambda r: r.key), led.get_ref("x"))
+
+    @pytest.mark.parametrize("state", ["pending", "leased", "trained", "freed", "quarantined"])
+    def test_inv4_if_absent_commit_after_a_commit_is_refused(self, state: str) -> None:
+        """Two resumed writers saw ``x`` missing: the second commit changes nothing, in any state."""
+        led = self.make_ledger()
+        other = self.attach_ledger(led)
+        [ga] = led.reserve(["x"])
+        a = self._sized("x", ga)
+        assert led.commit([a], if_absent=True).refused == []
+        commit_ids(led, ["y"])  # a bystander
+        if state != "pending":
+            [lease] = [x for x in led.lease("t", 2, ttl=30) if x.sample_id == "x"] or [None]
+            assert lease is not None
+            if state == "trained":
+                led.ack([lease.lease_id], step=1)
+            elif state == "freed":
+                led.ack([lease.lease_id], step=1)
+                led.mark_durable(1, retain=False)
+                led.confirm_deleted(led.pending_deletes())
+            elif state == "quarantined":
+                led.fail([lease.lease_id], retryable=False, reason="bad")
+        before = self._snapshot(led)
+        [gb] = other.reserve(["x"])
+        assert gb == ga + 1
+        b = self._sized("x", gb, nbytes=7)
+        out = other.commit([b], if_absent=True)
+        assert out == [] and out.refused == [b] and out.existing == {"x": a}
+        assert self._snapshot(led) == before  # counts, resident bytes, trained steps, delete queue, ref
+        assert other.commit([b], if_absent=True).refused == [b]  # a retry is refused the same way
+
+    def test_inv4_if_absent_first_commit_wins_over_a_higher_reservation(self) -> None:
+        led = self.make_ledger()
+        other = self.attach_ledger(led)
+        [ga] = led.reserve(["x"])
+        [gb] = other.reserve(["x"])  # B reserved later (higher) but has not committed yet
+        a, b = self._sized("x", ga), self._sized("x", gb)
+        out = led.commit([a], if_absent=True)  # stale only because of B's uncommitted reservation: A wins
+        assert out == [] and out.refused == []
+        assert led.get_ref("x") == a and led.counts().pending == 1
+        before = self._snapshot(led)
+        out = other.commit([b], if_absent=True)
+        assert out.refused == [b] and out.existing == {"x": a}
+        assert self._snapshot(led) == before
+        [lease] = led.lease("t", 5, ttl=30)
+        assert lease.generation == ga and led.lease("t", 5, ttl=30) == []
+
+    def test_inv4_if_absent_batch_commits_the_absent_and_refuses_the_rest(self) -> None:
+        led = self.make_ledger()
+        other = self.attach_ledger(led)
+        [r0] = commit_ids(led, ["x"])
+        gens = other.reserve(["w", "x", "z"])
+        refs = [self._sized(s, g) for s, g in zip(["w", "x", "z"], gens, strict=True)]
+        out = other.commit(refs, if_absent=True)
+        assert out == [] and out.refused == [refs[1]] and out.existing == {"x": r0}
+        assert {x.sample_id: x.generation for x in led.lease("t", 9, ttl=30)} == {"x": 1, "w": 1, "z": 1}
+        assert other.commit(refs, if_absent=True).refused == [refs[1]]  # idempotent for w and z
+
+    def test_inv4_if_absent_recommit_of_the_committed_generation_is_not_refused(self) -> None:
+        """A retry of one's own commit (a reply lost) must not look refused: the caller would delete live bytes."""
+        led = self.make_ledger()
+        [g] = led.reserve(["x"])
+        a = self._sized("x", g)
+        led.commit([a], if_absent=True)
+        assert led.commit([a], if_absent=True).refused == []
+        assert led.commit([a]).refused == [] and led.counts().pending == 1
+
+    def test_inv4_plain_commit_still_supersedes_an_if_absent_commit(self) -> None:
+        led = self.make_ledger()
+        other = self.attach_ledger(led)
+        [ga] = led.reserve(["x"])
+        [gb] = other.reserve(["x"])
+        a, b = self._sized("x", ga), self._sized("x", gb)
+        led.commit([a], if_absent=True)
+        [lease] = led.lease("t", 1, ttl=30)
+        out = other.commit([b])  # an explicit rewrite
+        assert out == [a] and out.refused == []
+        assert led.ack([lease.lease_id], step=1) == [lease.lease_id]  # the old lease is lost
+        with pytest.raises(ConfigError):
+            led.commit([self._sized("x", ga)])  # stale without if_absent, as always
+        [new] = led.lease("t", 1, ttl=30)
+        assert new.generation == gb
+
+    def test_inv4_if_absent_after_abort_commits_and_aborted_generation_stays_aborted(self) -> None:
+        led = self.make_ledger()
+        [g] = led.reserve(["x"])
+        led.abort(["x"])
+        with pytest.raises(SampleAborted):
+            led.commit([self._sized("x", g)], if_absent=True)
+        commit_ids(led, ["y"])
+        led.abort(["y"])
+        [g2] = led.reserve(["y"])  # a re-put after an abort is absent, not refused
+        assert led.commit([self._sized("y", g2)], if_absent=True).refused == []
+        assert [x.sample_id for x in led.lease("t", 5, ttl=30)] == ["y"]
