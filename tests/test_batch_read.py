@@ -6,10 +6,10 @@ from __future__ import annotations
 import os
 from itertools import count
 from pathlib import Path
-from typing import Any
 
 import pytest
 import torch
+from _batch_helpers import CASES, _same, _sample, check_corrupt_middle_sample, check_direct_batch
 from torch.utils.data import DataLoader, default_collate
 
 from torch_dataflow import CorruptSample, FeatureWriter, SampleUnavailable, open_ledger
@@ -22,64 +22,14 @@ from torch_dataflow.stores import open_store
 _names = count()
 
 
-def _sample(s: int, h: int, seed: int, *, batch_dim: bool = True, dtype: torch.dtype = torch.bfloat16,
-            extra: bool = False) -> dict[str, torch.Tensor]:
-    g = torch.Generator().manual_seed(seed)
-    hs = torch.randn(s, h, generator=g).to(dtype)
-    aux = torch.randn(s, 3 * h, generator=g).to(dtype)
-    out = {
-        "input_ids": torch.randint(0, 32000, (s,), generator=g),
-        "loss_mask": torch.randint(0, 2, (s,), generator=g),
-        "hidden_state": hs[None] if batch_dim else hs,
-        "aux_hidden_state": aux[None] if batch_dim else aux,
-    }
-    if batch_dim:
-        out["input_ids"] = out["input_ids"][None]
-    if extra:
-        out["extra_scores"] = torch.randn(s, generator=g)  # ignored by the collator, still checksummed
-    return out
-
-
 def _stores(tmp_path: Path) -> list[str]:
     return [f"memory://br-{os.getpid()}-{next(_names)}", f"file://{tmp_path}/features-{next(_names)}"]
 
 
-def _same(a: dict[str, Any], b: dict[str, Any]) -> None:
-    assert list(a) == list(b)
-    for k in a:
-        if isinstance(a[k], torch.Tensor):
-            assert a[k].dtype == b[k].dtype and a[k].shape == b[k].shape and a[k].stride() == b[k].stride(), k
-            assert torch.equal(a[k], b[k]), k
-        else:
-            assert a[k] == b[k], k
-
-
-CASES = [
-    # (lengths, h, collator kwargs, sample kwargs)
-    ([7, 3], 4, {}, {}),
-    ([5, 9, 1], 8, {"max_len": 4}, {}),  # truncation: tails land in scratch, still checksummed
-    ([6, 6], 2, {"with_position_ids": True, "pad_to_multiple_of": 4}, {}),
-    ([3, 8], 4, {"max_len": None}, {"batch_dim": False, "dtype": torch.float32}),
-    ([2, 5], 4, {"max_len": 3, "with_position_ids": True}, {"extra": True}),
-]
-
-
 @pytest.mark.parametrize("case", range(len(CASES)))
 def test_direct_batch_is_identical_to_the_per_sample_path(tmp_path: Path, case: int) -> None:
-    lengths, h, ckw, skw = CASES[case]
-    collate = Eagle3Collator(**ckw)
     for uri in _stores(tmp_path):
-        store = open_store(uri)
-        samples = [_sample(s, h, i, **skw) for i, s in enumerate(lengths)]
-        refs = [store.put(f"s{i}", 1, t) for i, t in enumerate(samples)]
-        dirty = BufferPool(max_buffers=1)
-        junk = dirty.take(64 << 20)
-        junk.fill_(0xAB)  # a reused buffer full of old bytes: padding must still be zeros
-        del junk
-        direct = read_batch(store, refs, collate, buffers=dirty)
-        assert direct is not None
-        _same(direct, collate([store.get(r) for r in refs]))
-        _same(direct, collate(samples))
+        check_direct_batch(open_store(uri), case)
 
 
 def test_layouts_the_collator_refuses_fall_back_and_raise_its_errors(tmp_path: Path) -> None:
@@ -96,22 +46,7 @@ def test_layouts_the_collator_refuses_fall_back_and_raise_its_errors(tmp_path: P
 @pytest.mark.parametrize("how", ["flip", "truncate", "other_blob"])
 def test_corrupt_bytes_raise_like_the_per_sample_path(tmp_path: Path, how: str) -> None:
     for uri in _stores(tmp_path):
-        store = open_store(uri)
-        refs = [store.put(f"s{i}", 1, _sample(5, 4, i)) for i in range(3)]
-        blob = bytearray(store._read("s1", 1))
-        if how == "flip":
-            blob[-7] ^= 0x10
-        elif how == "truncate":
-            blob = blob[:-3]
-        else:
-            blob = bytearray(store._read("s2", 1))
-        store._write("s1", 1, [bytes(blob)], len(blob))
-        seen: list[int] = []
-        with pytest.raises(CorruptSample):
-            read_batch(store, refs, Eagle3Collator(), on_unreadable=lambda i, e, seen=seen: seen.append(i))
-        assert seen == [1]
-        with pytest.raises(CorruptSample):
-            store.get(refs[1])  # today's path agrees
+        check_corrupt_middle_sample(open_store(uri), how)
 
 
 def test_header_flip_is_caught(tmp_path: Path) -> None:
@@ -152,8 +87,8 @@ def test_pool_loader_batches_match_and_ack_exactly_once(tmp_path: Path, workers:
         expect = collate([pool[pool.index_of(sid)] for sid in batch["__sample_id__"]])
         for k in ("input_ids", "attention_mask", "loss_mask", "hidden_state", "target", "position_ids"):
             assert torch.equal(batch[k], expect[k]) and batch[k].dtype == expect[k].dtype, k
-        if workers:
-            assert batch["hidden_state"].is_shared()  # landed in shared memory: the hop copied nothing
+        if workers:  # landed in one of the pool's shared slots (torch_dataflow._shm_slots): the hop copied nothing
+            assert pool._slots is not None and pool._slots.free_slots() < pool._slots.slots
         assert len(batch["__lease__"]) == len(batch["__sample_id__"]) and all(batch["__lease__"])
         assert pool.ack(batch, step, strict=True) == []
         seen += batch["__sample_id__"]

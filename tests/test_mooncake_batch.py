@@ -8,7 +8,7 @@ from typing import Any
 
 import pytest
 import torch
-from test_batch_read import CASES, _same, _sample
+from _batch_helpers import CASES, _same, _sample, check_corrupt_middle_sample, check_direct_batch
 from test_mooncake import _store, master  # noqa: F401 - the session's real mooncake_master
 
 from torch_dataflow.batch_read import BufferPool, read_batch
@@ -21,19 +21,8 @@ pytestmark = [pytest.mark.mooncake, pytest.mark.timeout(300)]
 
 @pytest.mark.parametrize("case", range(len(CASES)))
 def test_batch_is_identical_to_the_per_sample_path(master: Any, case: int) -> None:  # noqa: F811
-    lengths, h, ckw, skw = CASES[case]
-    collate = Eagle3Collator(**ckw)
     store = _store(master)
-    samples = [_sample(s, h, i, **skw) for i, s in enumerate(lengths)]
-    refs = [store.put(f"s{i}", 1, t) for i, t in enumerate(samples)]
-    dirty = BufferPool(max_buffers=1)
-    junk = dirty.take(64 << 20)
-    junk.fill_(0xAB)  # a reused buffer full of old bytes: padding must still be zeros
-    del junk
-    direct = read_batch(store, refs, collate, buffers=dirty)
-    assert direct is not None
-    _same(direct, collate([store.get(r) for r in refs]))
-    _same(direct, collate(samples))
+    direct, samples, collate = check_direct_batch(store, case)
     mem = open_store(f"memory://mc-batch-{case}")
     _same(direct, read_batch(mem, [mem.put(f"s{i}", 1, t) for i, t in enumerate(samples)], collate))
     store.close()
@@ -42,23 +31,7 @@ def test_batch_is_identical_to_the_per_sample_path(master: Any, case: int) -> No
 @pytest.mark.parametrize("how", ["flip", "flip_header", "truncate", "other_blob"])
 def test_corrupt_bytes_are_caught_on_the_batch_path(master: Any, how: str) -> None:  # noqa: F811
     store = _store(master)
-    refs = [store.put(f"s{i}", 1, _sample(5, 4, i)) for i in range(3)]
-    blob = bytearray(store._read("s1", 1))
-    if how == "flip":
-        blob[-7] ^= 0x10
-    elif how == "flip_header":
-        blob[20] ^= 0x01
-    elif how == "truncate":
-        blob = blob[:-3]
-    else:
-        blob = bytearray(store._read("s2", 1))
-    store._write("s1", 1, [bytes(blob)], len(blob))
-    seen: list[int] = []
-    with pytest.raises(CorruptSample):
-        read_batch(store, refs, Eagle3Collator(), on_unreadable=lambda i, e: seen.append(i))
-    assert seen == [1]
-    with pytest.raises(CorruptSample):
-        store.get(refs[1])  # the per-sample path agrees
+    refs = check_corrupt_middle_sample(store, how)
     assert read_batch(store, [refs[0], refs[2]], Eagle3Collator()) is not None  # its neighbours still read
     store.close()
 

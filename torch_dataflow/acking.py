@@ -39,7 +39,9 @@ Example:
     ...         pass
     >>> acker.step, ds.ledger.counts().trained
     (2, 4)
-    >>> acker.checkpoint_written(acker.step)   # after the checkpoint file is complete
+    >>> acker.checkpoint_written(acker.step)   # after the checkpoint file is complete: how many freed
+    0
+    >>> ds.ledger.counts().durable             # kept until a newer checkpoint (ledger.retention)
     4
 """
 
@@ -54,6 +56,8 @@ from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from typing import Any
 
+from . import _acking_end
+from ._batch_leases import find_lease_ids, has_lease_key  # re-exported: find_lease_ids is public here
 from .dataset import LEASE_KEY, FeatureStoreDataset
 from .errors import ConfigError, LeaseLost
 from .lease_owner import lost_message
@@ -67,37 +71,6 @@ log = logging.getLogger(__name__)
 
 FREE_MODES = ("checkpoint", "step")
 _STATE_VERSION = 1
-
-
-def find_lease_ids(batch: Any) -> list[str]:
-    """Every lease id in ``batch``, however nested (a collated batch, a list of
-    samples, a dict or tuple of batches from several loaders). Tensors and
-    other leaves are skipped; the ids sit under the ``"__lease__"`` key."""
-    out: list[str] = []
-    if isinstance(batch, Mapping):
-        ids = batch.get(LEASE_KEY)
-        if ids is not None:
-            # "" marks a padded repeat (ReshardingSampler, planned steps): nothing to ack.
-            out += [x for x in ([ids] if isinstance(ids, str) else [str(x) for x in ids]) if x]
-        for key, value in batch.items():
-            if key != LEASE_KEY and isinstance(value, (Mapping, list, tuple)):
-                out += find_lease_ids(value)
-    elif isinstance(batch, (list, tuple)):
-        for item in batch:
-            if isinstance(item, (Mapping, list, tuple)):
-                out += find_lease_ids(item)
-    return out
-
-
-def has_lease_key(batch: Any) -> bool:
-    """True when ``batch`` carries a ``"__lease__"`` entry anywhere, even one holding
-    only padding (``""``): a padded-only batch is a real batch with nothing to ack."""
-    if isinstance(batch, Mapping):
-        return LEASE_KEY in batch or any(has_lease_key(v) for k, v in batch.items()
-                                         if isinstance(v, (Mapping, list, tuple)))
-    if isinstance(batch, (list, tuple)):
-        return any(has_lease_key(v) for v in batch if isinstance(v, (Mapping, list, tuple)))
-    return False
 
 
 Datasets = FeatureStoreDataset | Sequence[FeatureStoreDataset] | Mapping[str, FeatureStoreDataset]
@@ -392,37 +365,16 @@ class StepAcker:
 
     def _report_quarantined(self) -> int:
         """Log, at the end of training, the samples that were quarantined and so never trained."""
-        total = 0
-        for ds in self._by_ledger.values():
-            q = ds.ledger.counts().quarantined
-            if not q:
-                continue
-            total += q
-            ref, reason = (ds.ledger.quarantined()[:1] or [(None, "")])[0]
-            first = f"{ref.sample_id}: {reason}" if ref is not None else reason
-            log.error("%d samples of %s are quarantined and were NOT trained (first: %s). See `torch-dataflow "
-                      "status %s`; fix the cause (a store whose producer exited, corrupt bytes) and run "
-                      "`torch-dataflow requeue %s` to train them", q, ds.ledger.uri, first, ds.ledger.uri,
-                      ds.ledger.uri)
-        return total
+        return _acking_end.report_quarantined(self._by_ledger.values())
 
     def kept(self) -> int:
         """Samples of online datasets trained after the newest checkpoint and still
         holding their bytes for a replay (rank 0 after :meth:`finish`)."""
-        return sum(ds.ledger.counts().trained for ds in self._by_ledger.values()
-                   if getattr(ds, "mode", "offline") == "online")
+        return _acking_end.kept_bytes(self._by_ledger.values())
 
     def warn_kept(self) -> int:
         """Log what :meth:`kept` counts, with the ways to free it; returns the count."""
-        n = self.kept()
-        if n:
-            ds = next(iter(self._by_ledger.values()))
-            log.warning(
-                "%d samples trained after the newest checkpoint keep their bytes in %s, so a resume from that "
-                "checkpoint can train them again. If this run's final state is saved, free them: write one more "
-                "checkpoint (Lightning: trainer.save_checkpoint(path) after fit), call finish(saved=True), or run "
-                "`torch-dataflow finish %s %s`", n, ds.store.uri, ds.store.uri, ds.ledger.uri)
-        return n
+        return _acking_end.warn_kept(self._by_ledger.values())
 
     def _world(self) -> int:
         import torch.distributed as dist

@@ -27,9 +27,15 @@ numpy arrays of them included (torch counts the references of the storage).
 Keeping a batch (or a tensor of it) keeps its buffer out of the pool; a pool
 holds at most ``max_buffers`` buffers and allocates fresh memory past them.
 Never hand a raw ``data_ptr()`` of a batch tensor to code that outlives the
-tensor. In a DataLoader worker every batch buffer is fresh shared memory
-(torch's own ``UntypedStorage._new_shared``), so sending it to the main process
-copies nothing; it is never reused (the main process may hold it).
+tensor. In a DataLoader worker of a :class:`~torch_dataflow.pool.FeaturePool`
+the batch lands in one of the pool's reusable shared-memory slots
+(``worker_slots``, :mod:`torch_dataflow._shm_slots`): the main process builds the
+batch's tensors over its own mapping of the slot, and the slot is handed to a
+worker again only once every tensor of that batch in the main process is gone
+(the same rule as above); a batch you keep is never overwritten. No free slot
+(or ``worker_slots=0``): fresh shared memory (torch's own
+``UntypedStorage._new_shared``), never reused. Either way the worker-to-main hop
+copies nothing.
 
 Example:
     >>> import torch
@@ -213,7 +219,7 @@ def read_batch(
     refs: Sequence[SampleRef],
     layout: BatchLayout,
     *,
-    buffers: BufferPool | None = None,
+    buffers: Any = None,
     on_unreadable: Callable[[int, Exception], None] | None = None,
     fields: Sequence[str] | None = None,
 ) -> dict[str, Any] | None:
@@ -223,7 +229,8 @@ def read_batch(
         store: a :class:`~torch_dataflow.stores.FeatureStore` with ``direct_reads``.
         refs: the committed refs, in batch order.
         layout: the collator's declaration (see :class:`BatchLayout`).
-        buffers: where the batch buffer comes from (default: :func:`default_pool`).
+        buffers: where the batch buffer comes from: anything with ``take(nbytes)`` (default:
+            :func:`default_pool`; a pool's DataLoader workers pass its reusable shared slots).
         on_unreadable: called with ``(index, error)`` before a sample's
             ``CorruptSample`` / ``SampleUnavailable`` is raised (to quarantine it).
         fields: read only these stored tensors (:mod:`torch_dataflow.fields`): the
@@ -459,12 +466,19 @@ class LazyBatch(Sequence[dict[str, Any]]):
             self._pool._unreadable(resolved[i][0], resolved[i][1], e)
 
         fields = getattr(self._pool, "fields", None)
+        slots = self._pool._worker_buffers() if hasattr(self._pool, "_worker_buffers") else None
         try:
-            batch = read_batch(self._pool.store, refs, layout, on_unreadable=quarantine, fields=fields)
+            batch = read_batch(self._pool.store, refs, layout, buffers=slots, on_unreadable=quarantine, fields=fields)
         except ConfigError:  # a mistake (fields= vs the collator), not the samples' fault: give them back
             given = [lease_id for _, lease_id in resolved if lease_id]
             if given:
                 self._pool.ledger.fail(given, retryable=True, reason="the batch could not be read as configured")
+            if slots is not None:
+                slots.give_back()
+            raise
+        except BaseException:
+            if slots is not None:  # never sent: the slot is free again
+                slots.give_back()
             raise
         if batch is None:
             return None

@@ -55,123 +55,22 @@ How it keeps training exactly-once (DESIGN invariant 2):
 from __future__ import annotations
 
 import logging
-import os
 import threading
 from collections.abc import Mapping
 from typing import Any
 
 import lightning.pytorch as pl
 from lightning.pytorch.callbacks import Callback
-from lightning.pytorch.plugins.io import CheckpointIO
 
 from .acking import Datasets, StepAcker
-from .errors import ConfigError
+from .lightning_checkpoint import _DurableCheckpointIO
 from .lightning_epochs import align_restored_progress, checkpoint_epoch, set_source_epochs
+from .lightning_samplers import _refuse_wrapped_sampler, _reset_resharded_progress
 from .lightning_stats import TrainerStats
 
 __all__ = ["FeatureAckCallback"]
 
 log = logging.getLogger(__name__)
-
-
-def _fsync(path: Any) -> None:
-    """Flush a local checkpoint file and its directory to stable storage."""
-    p = str(path)
-    if "://" in p and not p.startswith("file://"):
-        return  # object stores: the upload returning is their durability point
-    p = p.removeprefix("file://")
-    try:
-        fd = os.open(p, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-        dfd = os.open(os.path.dirname(os.path.abspath(p)), os.O_RDONLY)
-        try:
-            os.fsync(dfd)
-        finally:
-            os.close(dfd)
-    except OSError as e:  # a directory fsync is not supported everywhere
-        log.debug("fsync of %s failed: %s", p, e)
-
-
-class _DurableCheckpointIO(CheckpointIO):
-    """Delegates to the real IO; reports the checkpoint's step once it is written."""
-
-    def __init__(self, inner: CheckpointIO, callback: FeatureAckCallback) -> None:
-        super().__init__()
-        self.inner = inner
-        self.callback = callback
-
-    def save_checkpoint(self, checkpoint: dict[str, Any], path: Any, storage_options: Any | None = None) -> None:
-        self.inner.save_checkpoint(checkpoint, path, storage_options=storage_options)
-        state = (checkpoint.get("callbacks") or {}).get(self.callback.state_key)
-        if state is None:  # weights-only: training cannot resume from it
-            return
-        if self.callback.fsync:
-            _fsync(path)
-        if not self.callback._resumable(path):
-            # With ``save_last`` the documented resume is ``last.ckpt``, written
-            # after the step file: marking durable now would free samples that a
-            # kill before ``last.ckpt`` leaves missing from the checkpoint resumed.
-            return
-        self.callback._written(int(state["step"]))
-
-    def load_checkpoint(self, *args: Any, **kwargs: Any) -> dict[str, Any]:
-        return self.inner.load_checkpoint(*args, **kwargs)
-
-    def remove_checkpoint(self, path: Any) -> None:
-        self.inner.remove_checkpoint(path)
-
-    def teardown(self) -> None:
-        self.inner.teardown()
-
-
-_SAMPLER_FIX = ("the ReshardingSampler is wrapped in another DistributedSampler: every rank would lease its "
-                "whole share of the epoch but train only 1/world of it. Give the DataLoader the "
-                "ReshardingSampler itself (it is a DistributedSampler, so Lightning's default "
-                "use_distributed_sampler=True leaves it in place).")
-
-
-def _refuse_wrapped_sampler(trainer: pl.Trainer) -> None:
-    """The train loader's sampler is a DistributedSampler over a ReshardingSampler (wrapped by
-    hand: Lightning does not wrap a ReshardingSampler, which is a DistributedSampler)."""
-    from torch.utils.data import DistributedSampler
-
-    from .sampler import ReshardingSampler
-
-    loaders = trainer.train_dataloader
-    flat = loaders.flattened if hasattr(loaders, "flattened") else (
-        list(loaders.values()) if isinstance(loaders, Mapping) else
-        list(loaders) if isinstance(loaders, (list, tuple)) else [loaders])
-    for loader in flat:
-        sampler = getattr(loader, "sampler", None)
-        if isinstance(sampler, DistributedSampler) and not isinstance(sampler, ReshardingSampler):
-            inner = getattr(sampler.dataset, "_sampler", None)  # Lightning's _DatasetSamplerWrapper
-            if isinstance(inner, ReshardingSampler):
-                raise ConfigError(_SAMPLER_FIX)
-
-
-def _reset_resharded_progress(trainer: pl.Trainer) -> None:
-    """A mid-epoch resume over a :class:`ReshardingSampler`: the sampler's ``len`` is what
-    is left of the epoch (the ledger decides), while Lightning restored the count of
-    batches already run and would end the epoch when that count reaches ``len``,
-    leaving the rest pending. Start the in-epoch count from 0 so the epoch runs exactly
-    what is left."""
-    from .sampler import ReshardingSampler
-
-    loaders = trainer.train_dataloader
-    flat = loaders.flattened if hasattr(loaders, "flattened") else (
-        list(loaders.values()) if isinstance(loaders, Mapping) else
-        list(loaders) if isinstance(loaders, (list, tuple)) else [loaders])
-    resharded = any(isinstance(getattr(dl, "sampler", None), ReshardingSampler) or
-                    isinstance(getattr(getattr(dl, "batch_sampler", None), "sampler", None), ReshardingSampler)
-                    for dl in flat)
-    progress = trainer.fit_loop.epoch_loop.batch_progress
-    if resharded and progress.current.ready:
-        log.info("mid-epoch resume over a ReshardingSampler: running the %d batches left of the epoch "
-                 "(Lightning had restored %d)", trainer.num_training_batches, progress.current.ready)
-        progress.current.reset()
 
 
 class FeatureAckCallback(Callback):

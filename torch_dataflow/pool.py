@@ -122,6 +122,10 @@ class FeaturePool(SessionMember, Dataset):
         fields: read only these tensors of each sample (their byte ranges and the
             header, on the per-sample and the batch-direct path; see
             :mod:`torch_dataflow.fields`); ``None`` reads all.
+        worker_slots: reusable shared-memory batch slots for DataLoader workers on the
+            batch-direct path (created here, before workers start; sparse: memory only
+            where batches land; see :mod:`torch_dataflow._shm_slots`); ``0``: every
+            worker batch in fresh shared memory.
 
     Raises:
         ConfigError: a sample id appears twice, or is invalid; a name in ``fields``
@@ -136,11 +140,17 @@ class FeaturePool(SessionMember, Dataset):
         sample_ids: Sequence[str] | None = None,
         zero_copy: bool = False,
         fields: Sequence[str] | None = None,
+        worker_slots: int = 8,
     ) -> None:
         self.store = consumer_store(store)  # a file:// directory is never created by a consumer
         self.ledger = open_ledger(ledger)
         self.zero_copy = bool(zero_copy)
         self.fields = check_fields_arg(fields)
+        if isinstance(worker_slots, bool) or not isinstance(worker_slots, int) or worker_slots < 0:
+            raise ConfigError(f"worker_slots must be an int >= 0 (0 turns slots off), got {worker_slots!r}")
+        from ._shm_slots import SlotRing
+
+        self._slots = SlotRing.create(slots=worker_slots) if worker_slots else None
         self._store_checked = 0
         self._verify_store()  # before the sampler leases anything
         ids = list(sample_ids) if sample_ids is not None else self._discover()
@@ -299,6 +309,15 @@ class FeaturePool(SessionMember, Dataset):
         from .batch_read import LazyBatch
 
         return LazyBatch(self, keys)
+
+    def _worker_buffers(self) -> Any:
+        """In a DataLoader worker: the batch buffers over this pool's shared slots (``None``: fresh memory)."""
+        ring = self.__dict__.get("_slots")
+        if ring is None or torch.utils.data.get_worker_info() is None:
+            return None
+        from ._shm_slots import SlotBuffers
+
+        return SlotBuffers(ring)
 
     def _unreadable(self, ref: SampleRef, lease_id: str | None, e: Exception) -> None:
         if lease_id:

@@ -26,6 +26,7 @@ __all__ = [
     "ratio_entry",
     "sample_nbytes",
     "stop_forkserver",
+    "table_head",
     "target",
 ]
 
@@ -131,6 +132,16 @@ def memcpy_s(nbytes: int, reps: int) -> float:
     src = torch.randint(0, 255, (nbytes,), dtype=torch.uint8)
     dst = torch.empty_like(src)
     return median_s(lambda i: dst.copy_(src), reps, warmup=2)
+
+
+def table_head(heading: str, columns: list[str]) -> list[str]:
+    """The first lines of a scenario's markdown table: heading, blank line, header row, separator.
+
+    Example:
+        >>> table_head("### Store", ["S", "MB"])
+        ['### Store', '', '| S | MB |', '|---|---|']
+    """
+    return [heading, "", "| " + " | ".join(columns) + " |", "|---" * len(columns) + "|"]
 
 
 def ratio_entry(label: str, value: float, target: float | None = None) -> dict[str, Any]:

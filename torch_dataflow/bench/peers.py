@@ -10,7 +10,9 @@ minus the same baseline). One warm-up epoch, then the median epoch.
 Loaders (rows): ``floor_preadv_huge`` (``preadv`` of each sample's tensors straight
 into a preallocated, pre-touched huge-page batch buffer: the floor), ``floor_fresh_copy``
 (read each file into fresh memory, one copy into a fresh batch tensor), ``ours_pool``
-(``FeaturePool`` + ``ReshardingSampler`` + ``Eagle3Collator``: the batch-direct path),
+(``FeaturePool`` + ``ReshardingSampler`` + ``Eagle3Collator``: the batch-direct path; workers read
+into the pool's reusable shared slots), ``ours_pool_no_slots`` (the same with ``worker_slots=0``: every
+worker batch in fresh shared memory, the worker path before slots; rows with workers only),
 ``ours_pool_per_sample`` (the same with the per-sample path forced: what it was
 before batch-direct reads), ``ours_dataset`` (``FeatureStoreDataset`` offline +
 ``FeatureLoader``: per-sample reads), ``specforge_offline`` (SpecForge 0.2.0
@@ -52,10 +54,12 @@ from ._util import Settings, eagle3_sample, medians_of, mp_context, ratio_entry,
 
 TITLE = "Peers: our loader vs the floors and the loaders users would pick instead"
 FLOOR = "floor_preadv_huge"
-METHODS = ("floor_preadv_huge", "floor_fresh_copy", "ours_pool", "ours_pool_per_sample", "ours_dataset",
+METHODS = ("floor_preadv_huge", "floor_fresh_copy", "ours_pool", "ours_pool_no_slots", "ours_pool_per_sample",
+           "ours_dataset",
            "specforge_offline", "specforge_runtime", "litdata")
 FLOORS = ("floor_preadv_huge", "floor_fresh_copy")
 PEERS = ("specforge_offline", "specforge_runtime", "litdata")
+WORKERS_ONLY = ("ours_pool_no_slots",)  # identical to ours_pool with 0 workers
 BATCH = 2
 
 
@@ -168,14 +172,15 @@ def _floor_fresh(paths: list[str], reps: int, n: int) -> list[float]:
     return _epochs(batches, lambda b: None, reps, n)
 
 
-def _ours_pool(store: str, ledger: str, s: int, workers: int, reps: int, n: int, direct: bool) -> list[float]:
+def _ours_pool(store: str, ledger: str, s: int, workers: int, reps: int, n: int, direct: bool,
+               slots: int = 8) -> list[float]:
     from torch.utils.data import DataLoader
 
     from ..eagle3 import Eagle3Collator
     from ..pool import FeaturePool
     from ..sampler import ReshardingSampler
 
-    pool = FeaturePool(store, ledger)
+    pool = FeaturePool(store, ledger, worker_slots=slots)
     sampler = ReshardingSampler(pool, shuffle=False, lease_ttl=600)
     collate: Any = Eagle3Collator(max_len=s)
     if not direct:
@@ -286,8 +291,9 @@ def _child(method: str, s: int, h: int, n: int, workers: int, reps: int, tmp: st
                 times = _floor_preadv(paths, reps, n)
             elif method == "floor_fresh_copy":
                 times = _floor_fresh(paths, reps, n)
-            elif method in ("ours_pool", "ours_pool_per_sample"):
-                times = _ours_pool(store, led, s, workers, reps, n, direct=method == "ours_pool")
+            elif method in ("ours_pool", "ours_pool_per_sample", "ours_pool_no_slots"):
+                times = _ours_pool(store, led, s, workers, reps, n, direct=method != "ours_pool_per_sample",
+                                   slots=0 if method == "ours_pool_no_slots" else 8)
             elif method == "ours_dataset":
                 times = _ours_dataset(store, led, s, workers, reps, n)
             elif method == "specforge_offline":
@@ -360,7 +366,7 @@ def bench_size(s: int, h: int, n: int, reps: int, workers_list: tuple[int, ...])
         ctx = mp_context()
         for method in METHODS:
             for w in workers_list:
-                if w and method in FLOORS:
+                if (w and method in FLOORS) or (not w and method in WORKERS_ONLY):
                     continue
                 q = ctx.Queue()
                 p = ctx.Process(target=_child, args=(method, s, h, n, w, reps, str(tmp), q))  # its workers are children

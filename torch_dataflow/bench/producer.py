@@ -46,7 +46,7 @@ from .. import codec
 from ..producer import FeatureWriter
 from ..refs import SampleRef
 from ..stores.shared_dir import SharedDirStore, _mkdir_private
-from ._util import Settings, eagle3_sample, medians_of, ratio_entry, target
+from ._util import Settings, eagle3_sample, medians_of, ratio_entry, table_head, target
 
 TITLE = "Producer: FeatureWriter.put vs raw os.writev of the same bytes"
 METHODS = ("raw", "raw_rename", "encode", "store_write", "store_put", "writer_put", "writer_put_many")
@@ -110,29 +110,24 @@ def bench_one(s: int, h: int, reps: int, tmp: Path, *, fsync: bool) -> dict[str,
             _mkdir_private(os.path.join(st.root, f"{i:02x}"))
     refs: dict[tuple[str, int], SampleRef] = {}
 
-    def raw(i: int) -> None:
-        fd = os.open(raw_dir / f"r{i}", _O_NEW, 0o600)
+    def raw_write(name: str, final: str | None = None) -> None:
+        fd = os.open(raw_dir / name, _O_NEW, 0o600)
         try:
             _writev_all(fd, parts)
             if fsync:
                 os.fsync(fd)
         finally:
             os.close(fd)
+        if final is not None:
+            os.rename(raw_dir / name, raw_dir / final)
         if fsync:
             _fsync_dir(str(raw_dir))
 
+    def raw(i: int) -> None:
+        raw_write(f"r{i}")
+
     def raw_rename(i: int) -> None:
-        tmp_name = raw_dir / f".n{i}.tmp"
-        fd = os.open(tmp_name, _O_NEW, 0o600)
-        try:
-            _writev_all(fd, parts)
-            if fsync:
-                os.fsync(fd)
-        finally:
-            os.close(fd)
-        os.rename(tmp_name, raw_dir / f"n{i}")
-        if fsync:
-            _fsync_dir(str(raw_dir))
+        raw_write(f".n{i}.tmp", f"n{i}")
 
     def store_write(i: int) -> None:
         store._write(f"w{i + 10}", 1, parts, nbytes)
@@ -208,14 +203,11 @@ def run(cfg: Settings) -> dict[str, Any]:
 def render(res: dict[str, Any]) -> str:
     """The markdown table of one run (docs/benchmarks.md, section ``producer``)."""
     st = res["settings"]
-    lines = [
-        f"### {res['title']}, H={st['H']}",
-        "",
-        "| S | MB | fsync | raw writev | raw + rename | encode | store write (pre-encoded) | store.put "
-        "| writer.put | writer.put_many, per sample | raw/rename | raw/store write | raw/store.put | raw/writer.put "
-        "| raw/put_many |",
-        "|---" * 15 + "|",
-    ]
+    lines = table_head(f"### {res['title']}, H={st['H']}", [
+        "S", "MB", "fsync", "raw writev", "raw + rename", "encode", "store write (pre-encoded)", "store.put",
+        "writer.put", "writer.put_many, per sample", "raw/rename", "raw/store write", "raw/store.put", "raw/writer.put",
+        "raw/put_many",
+    ])
     for r in res["rows"]:
         q = r["ratios"]
         cells = [f"{r[m] * 1e3:.2f} ms" + (f" ({r['gbps'][m]:.2f} GB/s)" if m != "encode" else "") for m in METHODS]

@@ -27,7 +27,7 @@ import torch
 from .. import codec
 from ..stores.memory import MemoryStore
 from ..stores.shared_dir import SharedDirStore
-from ._util import Settings, eagle3_sample, median_s, medians_of, ratio_entry, target
+from ._util import Settings, eagle3_sample, median_s, medians_of, ratio_entry, table_head, target
 
 TITLE = "Store round trip (put -> get), one EAGLE3 sample"
 METHODS = ("shared_dir", "memory", "raw_file", "raw_file_fresh", "torch_save", "memcpy")
@@ -172,13 +172,10 @@ def run(cfg: Settings) -> dict[str, Any]:
 
 def render(res: dict[str, Any]) -> str:
     st = res["settings"]
-    lines = [
-        f"### {res['title']}, H={st['H']}",
-        "",
-        "| S | MB | shared_dir (ours) | memory store | raw file | raw file, fresh buf | torch.save+load+clone "
-        "| memcpy | ours/raw file | ours/raw fresh | ours/torch.save | raw file/torch.save | ours/memcpy |",
-        "|---" * 13 + "|",
-    ]
+    lines = table_head(f"### {res['title']}, H={st['H']}", [
+        "S", "MB", "shared_dir (ours)", "memory store", "raw file", "raw file, fresh buf", "torch.save+load+clone",
+        "memcpy", "ours/raw file", "ours/raw fresh", "ours/torch.save", "raw file/torch.save", "ours/memcpy",
+    ])
     for r in res["rows"]:
         cells = [f"{r[m] * 1e3:.2f} ms ({r['gbps'][m]:.2f} GB/s)" for m in METHODS]
         q = r["ratios"]

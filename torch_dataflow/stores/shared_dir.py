@@ -52,6 +52,8 @@ from ..auth import SecretGuard, make_verifier
 from ..errors import ConfigError
 from ..refs import SampleRef, validate_sample_id
 from ..uri import parse_size, parse_uri
+from ._file_io import _IOV_MAX as _IOV_MAX  # re-exported: imported from here by tests
+from ._file_io import _mkdir_private, _preadv_into, _private_buffer, _write_all
 from .base import Buffer, FeatureStore, StoreHealth
 
 __all__ = ["SharedDirStore"]
@@ -62,60 +64,6 @@ _VERSION = 1
 _SUFFIX = ".tdf"
 _QUERY = {"fsync": bool, "secret": str, "max_bytes": "size", "create": bool}
 _HEX = frozenset("0123456789abcdef")
-
-
-def _mkdir_private(path: str) -> None:
-    """Create ``path`` as 0700 (umask-independent); an existing directory is kept as is."""
-    try:
-        os.mkdir(path, 0o700)
-    except FileExistsError:
-        return
-    os.chmod(path, 0o700)  # mkdir's mode is filtered by the umask
-
-
-# First-touch page faults, not the copy, dominate reading into fresh multi-MB
-# memory. Measured on a 67 MB read: torch.empty 26 ms, bytearray 28 ms,
-# MAP_POPULATE 18 ms, MADV_HUGEPAGE 12 ms, a reused buffer 6.5 ms.
-_POPULATE = getattr(mmap, "MAP_POPULATE", 0)
-_HUGEPAGE = getattr(mmap, "MADV_HUGEPAGE", None)
-_MMAP_MIN = 32 << 20  # below this glibc reuses freed blocks: fewer page faults than a fresh mapping
-_HUGE_MIN = 8 << 20
-
-
-def _private_buffer(size: int) -> memoryview | mmap.mmap:
-    """Fresh, writable, aligned memory for one read (never zero-filled first)."""
-    if size < _MMAP_MIN or not hasattr(mmap, "MAP_ANONYMOUS"):
-        return memoryview(torch.empty(size, dtype=torch.uint8).numpy()).cast("B")
-    flags = mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS
-    if size >= _HUGE_MIN and _HUGEPAGE is not None:
-        m = mmap.mmap(-1, size, flags=flags)
-        try:
-            m.madvise(_HUGEPAGE)  # 2 MiB pages: 512x fewer faults during the read
-            return m
-        except OSError:  # THP disabled: fall back to pre-faulting
-            m.close()
-    return mmap.mmap(-1, size, flags=flags | _POPULATE)
-
-
-def _write_all(fd: int, parts: Sequence[Buffer]) -> int:
-    """Write ``parts`` in order with as few ``writev`` calls as the kernel allows
-    (one for a sample below 2 GiB: the header and every tensor, no joined copy)."""
-    views = [v for v in (memoryview(p).cast("B") for p in parts) if len(v)]
-    total = 0
-    while views:
-        n = os.writev(fd, views[:_IOV_MAX])  # short past 2 GiB per call, or on a signal: go on from there
-        if n <= 0:
-            raise OSError(f"writev wrote nothing with {sum(len(v) for v in views)} bytes left")
-        total += n
-        while views and n >= len(views[0]):
-            n -= len(views.pop(0))
-        if n:
-            views[0] = views[0][n:]
-    return total
-
-
-_IOV_MAX = os.sysconf("SC_IOV_MAX") if hasattr(os, "sysconf") else 1024
-_CHUNK = 256 << 10  # fits L2 on this class of machine: hashed before it leaves the cache
 
 
 class SharedDirStore(FeatureStore):
@@ -312,11 +260,15 @@ class SharedDirStore(FeatureStore):
             finally:
                 os.close(dfd)
 
-    def _read(self, sample_id: str, generation: int) -> Buffer:
+    def _open(self, sample_id: str, generation: int) -> int:
+        """A read-only descriptor of the sample's file; missing: :class:`SampleUnavailable`."""
         try:
-            fd = os.open(self.path_of(sample_id, generation), os.O_RDONLY | os.O_CLOEXEC)
+            return os.open(self.path_of(sample_id, generation), os.O_RDONLY | os.O_CLOEXEC)
         except FileNotFoundError:
             raise self._missing(sample_id, generation, self.uri) from None
+
+    def _read(self, sample_id: str, generation: int) -> Buffer:
+        fd = self._open(sample_id, generation)
         try:
             size = os.fstat(fd).st_size
             view = memoryview(_private_buffer(size))
@@ -336,30 +288,10 @@ class SharedDirStore(FeatureStore):
         :meth:`FeatureStore.read_blob_into`). With ``feed``, the read goes in chunks
         of ``_CHUNK`` bytes and each is fed while it is still in the CPU cache."""
         self._check_auth()
-        try:
-            fd = os.open(self.path_of(ref.sample_id, ref.generation), os.O_RDONLY | os.O_CLOEXEC)
-        except FileNotFoundError:
-            raise self._missing(ref.sample_id, ref.generation, self.uri) from None
+        fd = self._open(ref.sample_id, ref.generation)
         try:
             size = os.fstat(fd).st_size
-            todo = [v for v in views if len(v)]
-            if feed is not None:  # cache-sized pieces: hash each right after it lands
-                todo = [v[i : i + _CHUNK] for v in todo for i in range(0, len(v), _CHUNK)]
-            pos = 0
-            while todo and pos < size:
-                n = os.preadv(fd, todo[:1] if feed is not None else todo[:_IOV_MAX], pos)
-                if n == 0:
-                    break  # shorter than fstat said: check_landed reports it as truncated
-                pos += n
-                while todo and n >= len(todo[0]):  # drop the filled views, trim a partly filled one
-                    n -= len(todo[0])
-                    done = todo.pop(0)
-                    if feed is not None:
-                        feed(done)
-                if n:
-                    if feed is not None:
-                        feed(todo[0][:n])
-                    todo[0] = todo[0][n:]
+            _preadv_into(fd, views, 0, size, feed)  # a short file: check_landed reports it as truncated
         finally:
             os.close(fd)
         return size
@@ -368,40 +300,17 @@ class SharedDirStore(FeatureStore):
                      feed: Any = None) -> int:
         """One ``preadv`` per range (per ``_CHUNK`` with ``feed``, hashed while in cache);
         see :meth:`FeatureStore._read_ranges`. Returns the file's length."""
-        try:
-            fd = os.open(self.path_of(sample_id, generation), os.O_RDONLY | os.O_CLOEXEC)
-        except FileNotFoundError:
-            raise self._missing(sample_id, generation, self.uri) from None
+        fd = self._open(sample_id, generation)
         try:
             size = os.fstat(fd).st_size
             for offset, views in ranges:
-                todo = [v for v in views if len(v)]
-                if feed is not None:
-                    todo = [v[i : i + _CHUNK] for v in todo for i in range(0, len(v), _CHUNK)]
-                pos = offset
-                while todo and pos < size:
-                    n = os.preadv(fd, todo[:1] if feed is not None else todo[:_IOV_MAX], pos)
-                    if n == 0:
-                        break  # shorter than fstat said: check_fields reports it as truncated
-                    pos += n
-                    while todo and n >= len(todo[0]):
-                        n -= len(todo[0])
-                        done = todo.pop(0)
-                        if feed is not None:
-                            feed(done)
-                    if n:
-                        if feed is not None:
-                            feed(todo[0][:n])
-                        todo[0] = todo[0][n:]
+                _preadv_into(fd, views, offset, size, feed)  # a short file: check_fields reports it as truncated
         finally:
             os.close(fd)
         return size
 
     def _map(self, sample_id: str, generation: int) -> Buffer:
-        try:
-            fd = os.open(self.path_of(sample_id, generation), os.O_RDONLY | os.O_CLOEXEC)
-        except FileNotFoundError:
-            raise self._missing(sample_id, generation, self.uri) from None
+        fd = self._open(sample_id, generation)
         try:
             if os.fstat(fd).st_size == 0:
                 return b""
