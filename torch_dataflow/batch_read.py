@@ -32,8 +32,9 @@ the batch lands in one of the pool's reusable shared-memory slots
 (``worker_slots``, :mod:`torch_dataflow._shm_slots`): the main process builds the
 batch's tensors over its own mapping of the slot, and the slot is handed to a
 worker again only once every tensor of that batch in the main process is gone
-(the same rule as above); a batch you keep is never overwritten. No free slot
-(or ``worker_slots=0``): fresh shared memory (torch's own
+(the same rule as above); a batch you keep is never overwritten. No free slot:
+a one-shot ``memfd`` of the worker's (no ``/dev/shm`` name, freed with the batch's
+last tensor); ``worker_slots=0`` or no pool: fresh shared memory (torch's own
 ``UntypedStorage._new_shared``), never reused. Either way the worker-to-main hop
 copies nothing.
 
