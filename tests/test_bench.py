@@ -176,3 +176,26 @@ def test_fields_scenario_counts_the_bytes_a_field_read_asks_for(tmp_path: Path) 
     assert [r["mode"] for r in sc["rows"]["loader"]] == ["all fields", "input_ids, loss_mask, hidden_state"]
     assert {c["what"] for c in sc["rows"]["checksum"]} >= {"hash: one stream (format 1)",
                                                            "hash: per tensor + header (format 2)"}
+
+
+def _exit_silently(code: int) -> None:
+    os._exit(code)
+
+
+@pytest.mark.allow_leaks  # multiprocessing's forkserver lives on, as it does for users
+def test_peers_reports_a_loader_process_that_died_instead_of_waiting() -> None:
+    """A loader child that dies without a result is an error row at once, not a 900 s wait."""
+    import time
+
+    from torch_dataflow.bench._util import mp_context
+    from torch_dataflow.bench.peers import _result
+
+    ctx = mp_context()
+    q = ctx.Queue()
+    p = ctx.Process(target=_exit_silently, args=(3,))
+    p.start()
+    t0 = time.monotonic()
+    res = _result(q, p, timeout=120)
+    p.join()
+    assert time.monotonic() - t0 < 30
+    assert res == {"error": "the loader's process exited with code 3 before reporting"}

@@ -358,6 +358,22 @@ class _Bf16Back:
         return self.collate([{k: v.view(torch.bfloat16) if k in keys else v for k, v in x.items()} for x in samples])
 
 
+def _result(q: Any, p: Any, timeout: float) -> dict[str, Any]:
+    """The child's result; an error row (never a wait to the timeout) if it died without one."""
+    import queue
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            return q.get(timeout=1.0)
+        except queue.Empty:
+            if not p.is_alive():
+                with contextlib.suppress(queue.Empty):
+                    return q.get(timeout=1.0)  # put just before it exited
+                return {"error": f"the loader's process exited with code {p.exitcode} before reporting"}
+    return {"error": f"no result within {timeout:.0f} s"}
+
+
 def bench_size(s: int, h: int, n: int, reps: int, workers_list: tuple[int, ...]) -> dict[str, Any]:
     tmp = Path(tempfile.mkdtemp(prefix=f"td-peers-{s}-"))
     rows: dict[str, Any] = {}
@@ -372,7 +388,7 @@ def bench_size(s: int, h: int, n: int, reps: int, workers_list: tuple[int, ...])
                 p = ctx.Process(target=_child, args=(method, s, h, n, w, reps, str(tmp), q))  # its workers are children
                 p.start()
                 try:
-                    res = q.get(timeout=900)
+                    res = _result(q, p, timeout=900)
                 finally:
                     p.join(60)
                     if p.is_alive():
