@@ -23,7 +23,7 @@ from typing import Any
 import torch
 
 from .binding import bind_store
-from .errors import ConfigError, SampleAborted, StoreFull
+from .errors import BackendUnavailable, ConfigError, SampleAborted, StoreFull
 from .gc import drain_deletes
 from .ledger import Ledger, open_ledger
 from .metrics import _record as _metrics
@@ -151,15 +151,21 @@ class FeatureWriter:
 
     HOLDER_TTL = 60.0  # a same-name producer on another host counts as live while its heartbeat is this young
 
-    def _check_name(self) -> None:
-        """Refuse to run beside a live producer of the same name (started twice by mistake)."""
+    def _check_name(self) -> str | None:
+        """Refuse to run beside a live producer of the same name (started twice by mistake).
+        Returns who holds the name now (:func:`~torch_dataflow.ledger.heartbeats.holder_key`),
+        for the registration that must find it unchanged."""
         if self._registered or self.takeover:
-            return
+            return None
         from .errors import SessionConflict
-        from .ledger.heartbeats import describe, pid_gone
+        from .ledger.heartbeats import describe, holder_key, pid_gone
 
+        seen = holder_key(None)
         for p in self.ledger.producers():
-            if p["name"] != self.name or p["done"]:
+            if p["name"] != self.name:
+                continue
+            seen = holder_key(p)
+            if p["done"]:
                 continue
             here = p.get("host") == socket.gethostname()
             if here and p.get("pid") == os.getpid():
@@ -173,12 +179,25 @@ class FeatureWriter:
                     f"{self.name!r}: two producers of one name would write every sample twice (a sample trained "
                     "in between is trained again). Stop the other one, give this one its own name, or pass "
                     "takeover=True if the other is known to be gone")
+        return seen
 
     def _register(self) -> None:
         if not self._registered:
-            self._check_name()
             budget = {"max_resident_bytes": self.max_resident_bytes} if self.max_resident_bytes else None
-            self.ledger.register_producer(self.name, budget)  # the budget: for stall diagnoses
+            claim = getattr(self.ledger, "claim_producer", None)
+            for _ in range(5):
+                seen = self._check_name()
+                if seen is None or claim is None:
+                    self.ledger.register_producer(self.name, budget)  # the budget: for stall diagnoses
+                    break
+                # Check and register as one step: of two producers started at once under one name,
+                # the second finds the first's record instead of the one it checked, checks again, and
+                # is refused (SessionConflict) while the first runs.
+                if claim(self.name, budget, seen):
+                    break
+            else:
+                raise BackendUnavailable(f"ledger {self.ledger.uri}: the producer name {self.name!r} changed "
+                                         "hands five times while this writer registered it")
             self._registered = True
             self._beat_at = time.monotonic()
 

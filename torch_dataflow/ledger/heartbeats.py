@@ -18,7 +18,8 @@ from typing import Any
 
 from ..refs import SampleRef
 
-__all__ = ["BEATS_DDL", "SQLiteProducers", "describe", "identity", "pid_gone", "provably_dead", "silent_message"]
+__all__ = ["BEATS_DDL", "SQLiteProducers", "describe", "holder_key", "identity", "pid_gone", "provably_dead",
+           "silent_message"]
 
 BEATS_DDL = ("CREATE TABLE IF NOT EXISTS producer_beats(name TEXT PRIMARY KEY, host TEXT, pid INTEGER, "
              "last_seen REAL NOT NULL, info TEXT)")
@@ -30,6 +31,14 @@ def identity(info: Mapping[str, Any] | None) -> tuple[str, int, str]:
     host = str(extra.pop("host", socket.gethostname()))
     pid = int(extra.pop("pid", os.getpid()))
     return host, pid, json.dumps(extra, sort_keys=True)
+
+
+def holder_key(p: Mapping[str, Any] | None) -> str:
+    """Who holds a producer name, as :meth:`claim_producer` compares it: ``"-"`` for a name
+    never registered, else ``"done|host|pid"`` of its record (from :meth:`Ledger.producers`)."""
+    if p is None:
+        return "-"
+    return f"{int(bool(p['done']))}|{p.get('host') or ''}|{p.get('pid') or ''}"
 
 
 def pid_gone(host: str | None, pid: int | None) -> bool:
@@ -102,6 +111,22 @@ class SQLiteProducers:
             con.execute("INSERT INTO producer_beats VALUES (?, ?, ?, ?, ?) ON CONFLICT(name) DO UPDATE SET "
                         "last_seen=excluded.last_seen", (name, host, pid, now, extra))
 
+    def claim_producer(self, name: str, info: Mapping[str, Any] | None, expect: str) -> bool:
+        """Register ``name`` (as :meth:`register_producer`) only if its holder is still the one
+        ``expect`` (:func:`holder_key`) names, in one transaction; ``False``: someone registered
+        it since, and nothing changed. Two producers started at once under one name: one wins."""
+        import time
+
+        with self._tx() as con:
+            row = con.execute("SELECT p.done, b.host, b.pid FROM producers p LEFT JOIN producer_beats b "
+                              "ON b.name=p.name WHERE p.name=?", (name,)).fetchone()
+            now = None if row is None else holder_key({"done": row[0], "host": row[1], "pid": row[2]})
+            if (now or "-") != expect:
+                return False
+            con.execute("INSERT INTO producers VALUES (?, 0) ON CONFLICT(name) DO UPDATE SET done=0", (name,))
+            self._beat(con, name, info, time.time(), register=True)
+        return True
+
     def producer_heartbeat(self, name: str) -> None:
         import time
 
@@ -147,6 +172,27 @@ redis.call('HSET', P..'hb', name, cjson.encode(rec))
 return 1
 """
 
+# ARGV[5]=name ARGV[6]=host ARGV[7]=pid ARGV[8]=info json ARGV[9]=expected holder key (heartbeats.holder_key)
+_CLAIM = r"""
+local name = ARGV[5]
+local d = redis.call('HGET', P..'prod', name)
+local key = '-'
+if d then
+  local host, pid = '', ''
+  local cur = redis.call('HGET', P..'hb', name)
+  if cur then
+    local rec = cjson.decode(cur)
+    host, pid = rec.host or '', rec.pid or ''
+  end
+  key = (d == '1' and '1' or '0')..'|'..host..'|'..pid
+end
+if key ~= ARGV[9] then return 0 end
+redis.call('HSET', P..'prod', name, '0')
+redis.call('HSET', P..'hb', name, cjson.encode({host = ARGV[6], pid = ARGV[7], info = ARGV[8],
+                                                ls = string.format('%.6f', NOW)}))
+return 1
+"""
+
 _PRODUCERS = r"""
 return {string.format('%.6f', NOW), redis.call('HGETALL', P..'prod'), redis.call('HGETALL', P..'hb')}
 """
@@ -161,7 +207,8 @@ end
 return out
 """
 
-REDIS_SCRIPTS = {"producer_beat": _BEAT, "producers": _PRODUCERS, "committed_refs": _COMMITTED}
+REDIS_SCRIPTS = {"producer_beat": _BEAT, "producer_claim": _CLAIM, "producers": _PRODUCERS,
+                 "committed_refs": _COMMITTED}
 
 
 class RedisProducers:
@@ -172,6 +219,10 @@ class RedisProducers:
 
     def _register_beat(self, name: str, info: Mapping[str, Any] | None) -> None:
         self._run("producer_beat", ["reg", name, *map(str, identity(info))])
+
+    def claim_producer(self, name: str, info: Mapping[str, Any] | None, expect: str) -> bool:
+        """See :meth:`SQLiteProducers.claim_producer`: one Lua script, compare and register."""
+        return bool(self._run("producer_claim", [name, *map(str, identity(info)), expect]))
 
     def producer_heartbeat(self, name: str) -> None:
         self._run("producer_beat", ["beat", name, *map(str, identity(None))])
