@@ -80,6 +80,14 @@ def bind_store(store: FeatureStore, ledger: Ledger) -> str:
         ConfigError: the ledger already records another store.
     """
     sid = store.store_id()
+    if ledger.get_meta(STORE_ID_KEY) is None and not ledger.counts().committed:
+        held = next(iter(store._keys()), None)  # listable stores; Mooncake lists only this process's keys
+        if held is not None:
+            raise ConfigError(
+                f"ledger {ledger.uri} is new (no store bound, nothing committed) but store {store.uri} already "
+                f"holds samples (e.g. {held[0]!r} generation {held[1]}) committed to another ledger: a mistyped "
+                "ledger path, Redis db or ?namespace=? Writing here would reuse their generations. Use the "
+                "ledger those samples were committed to, or an empty store")
     recorded = ledger.claim_meta(STORE_ID_KEY, sid)
     if recorded != sid:
         raise ConfigError(f"store {store.uri} (id {sid}) is not the store of ledger {ledger.uri}, which records "

@@ -95,6 +95,9 @@ def _require_imported(root: Any, ids: Sequence[str], store: FeatureStore, ledger
         )
 
 
+MAX_SLOTS = 64  # each slot reserves 4 GiB of address space (memory only where batches land)
+
+
 class FeaturePool(SessionMember, Dataset):
     """Committed samples of a store + ledger as a map-style dataset.
 
@@ -125,11 +128,12 @@ class FeaturePool(SessionMember, Dataset):
         worker_slots: reusable shared-memory batch slots for DataLoader workers on the
             batch-direct path (created here, before workers start; sparse: memory only
             where batches land; see :mod:`torch_dataflow._shm_slots`); ``0``: every
-            worker batch in fresh shared memory.
+            worker batch in fresh shared memory; at most 64.
 
     Raises:
         ConfigError: a sample id appears twice, or is invalid; a name in ``fields``
-            the first sample does not hold (the message lists the ones it holds).
+            the first sample does not hold (the message lists the ones it holds);
+            no ledger at a ``sqlite://`` path or Redis namespace (a typo: never created).
     """
 
     def __init__(
@@ -143,11 +147,18 @@ class FeaturePool(SessionMember, Dataset):
         worker_slots: int = 8,
     ) -> None:
         self.store = consumer_store(store)  # a file:// directory is never created by a consumer
-        self.ledger = open_ledger(ledger)
+        if isinstance(ledger, str) and ledger.split("://", 1)[0].lower() in ("sqlite", "redis", "rediss"):
+            from .status import _open_existing
+
+            # The pool indexes what is committed now: a ledger that does not exist is a typo, never created
+            self.ledger = _open_existing(ledger, who="a FeaturePool (it indexes committed samples)")
+        else:
+            self.ledger = open_ledger(ledger)
         self.zero_copy = bool(zero_copy)
         self.fields = check_fields_arg(fields)
-        if isinstance(worker_slots, bool) or not isinstance(worker_slots, int) or worker_slots < 0:
-            raise ConfigError(f"worker_slots must be an int >= 0 (0 turns slots off), got {worker_slots!r}")
+        if isinstance(worker_slots, bool) or not isinstance(worker_slots, int) or not 0 <= worker_slots <= MAX_SLOTS:
+            raise ConfigError(f"worker_slots must be an int from 0 (slots off) to {MAX_SLOTS} (batches in flight "
+                              f"and kept at once; past them a batch takes fresh memory), got {worker_slots!r}")
         from ._shm_slots import SlotRing
 
         self._slots = SlotRing.create(slots=worker_slots) if worker_slots else None

@@ -45,9 +45,9 @@ _NO_RATES = (
 _LOOK = {"socket_timeout": 5.0, "retries": 2}
 
 
-def _open_existing(uri: str, *, look: bool = False) -> Ledger:
+def _open_existing(uri: str, *, look: bool = False, who: str = "this command") -> Ledger:
     """Open a ledger, refusing to create a new SQLite file for a mistyped path
-    (``look``: short Redis timeouts for a one-off status read)."""
+    (``look``: short Redis timeouts for a one-off status read; ``who`` never creates one)."""
     overrides: dict[str, Any] = {}
     if look and uri.startswith(("redis:", "rediss:")):
         given = urllib.parse.parse_qs(urllib.parse.urlsplit(uri).query)
@@ -55,10 +55,10 @@ def _open_existing(uri: str, *, look: bool = False) -> Ledger:
     ledger = open_ledger(uri, **overrides)  # parses the backend's own query keys (secret=..., timeout=...)
     path = getattr(ledger, "path", None)
     if uri.startswith("sqlite:") and path and not os.path.exists(path):
-        raise ConfigError(f"no ledger at {path} (a typo? this command never creates a ledger)")
+        raise ConfigError(f"no ledger at {path} (a typo? {who} never creates a ledger)")
     if uri.startswith(("redis:", "rediss:")) and not _redis_ledger_exists(ledger):
         raise ConfigError(f"no ledger in namespace {ledger.namespace!r} of db {ledger.db} at {ledger.host}:"
-                          f"{ledger.port} (a typo in the db number or ?namespace=? this command never creates a "
+                          f"{ledger.port} (a typo in the db number or ?namespace=? {who} never creates a "
                           "ledger)")
     return ledger
 

@@ -9,10 +9,12 @@ Layout::
 
 ``<ff>`` is two hex digits of xxh3(sample id), so no directory grows past
 1/256 of the samples. A blob is written to a temporary file in its final
-directory and published with :func:`os.rename`, which is atomic: a reader sees
-the whole blob or no blob. Published files are never modified (a re-put is a
-new file under a new generation), so a zero-copy ``mmap`` stays valid even
-after the sample is deleted.
+directory and published with :func:`os.link` (then the temporary name is
+removed), which is atomic: a reader sees the whole blob or no blob, and unlike
+a rename it never replaces a file: a put of a generation the store already
+holds (another ledger's) is refused. Published files are never modified (a
+re-put is a new file under a new generation), so a zero-copy ``mmap`` stays
+valid even after the sample is deleted.
 
 ``fsync=True`` also syncs each file and its directory before a put returns.
 It protects against a *host* crash (power loss, kernel panic) only: after a
@@ -248,7 +250,14 @@ class SharedDirStore(FeatureStore):
                 written = self._write_file(tmp, parts)
             if written != nbytes:
                 raise ConfigError(f"wrote {written} bytes for {sample_id!r}, expected {nbytes}")
-            os.rename(tmp, final)  # atomic publish
+            try:
+                os.link(tmp, final)  # atomic publish that never replaces a file (rename would)
+            except FileExistsError:
+                raise ConfigError(
+                    f"store {self.uri} already holds generation {generation} of {sample_id!r}; a put never "
+                    "replaces a blob. Its ledger reserves every generation once, so another ledger wrote it: "
+                    "is this writer's ledger the one this store's samples were committed to?") from None
+            os.unlink(tmp)
         except BaseException:
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(tmp)
