@@ -279,8 +279,23 @@ class FeaturePool(SessionMember, Dataset):
             ) from None
 
     def leased_index(self, lease: Lease) -> PoolIndex:
-        """The :class:`PoolIndex` that carries ``lease`` (used by the sampler)."""
-        return PoolIndex(self.index_of(lease.sample_id), lease.lease_id, lease.ref.to_json())
+        """The :class:`PoolIndex` that carries ``lease`` (used by the sampler). A sample
+        committed after the pool was built (a producer still running) is appended to the
+        index: it is delivered like the others, never left leased by a failed lookup."""
+        index = self._index.get(lease.sample_id)
+        if index is None:
+            index = self._ids_grown(lease.sample_id)
+        return PoolIndex(index, lease.lease_id, lease.ref.to_json())
+
+    def _ids_grown(self, sample_id: str) -> int:
+        validate_sample_id(sample_id)
+        if not self.__dict__.get("_grew"):
+            self._grew = True
+            log.info("%s: samples committed after the pool was built are appended to its index (first: %r)",
+                     self, sample_id)
+        self._index[sample_id] = len(self._ids)
+        self._ids.append(sample_id)
+        return self._index[sample_id]
 
     def padding_index(self, index: int) -> PoolIndex:
         """A :class:`PoolIndex` for ``index`` that no lease backs (a padded slot)."""
