@@ -85,7 +85,7 @@ def check_corrupt_middle_sample(store: FeatureStore, how: str) -> list[Any]:
         blob = blob[:-3]
     else:
         blob = bytearray(store._read("s2", 1))
-    store._write("s1", 1, [bytes(blob)], len(blob))
+    rot(store, "s1", 1, bytes(blob))
     seen: list[int] = []
     with pytest.raises(CorruptSample):
         read_batch(store, refs, Eagle3Collator(), on_unreadable=lambda i, e: seen.append(i))
@@ -93,3 +93,15 @@ def check_corrupt_middle_sample(store: FeatureStore, how: str) -> list[Any]:
     with pytest.raises(CorruptSample):
         store.get(refs[1])  # the per-sample path agrees
     return refs
+
+
+def rot(store: Any, sample_id: str, generation: int, blob: bytes | bytearray) -> None:
+    """Replace a stored blob's bytes in place (bit rot, a foreign blob) under its committed ref:
+    a file:// put never replaces a file, so the file is rewritten directly."""
+    from torch_dataflow.stores.shared_dir import SharedDirStore
+
+    if isinstance(store, SharedDirStore):
+        with open(store.path_of(sample_id, generation), "wb") as f:
+            f.write(bytes(blob))
+    else:
+        store._write(sample_id, generation, [bytes(blob)], len(blob))

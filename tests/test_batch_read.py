@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from _batch_helpers import CASES, _same, _sample, check_corrupt_middle_sample, check_direct_batch
+from _batch_helpers import CASES, _same, _sample, check_corrupt_middle_sample, check_direct_batch, rot
 from torch.utils.data import DataLoader, default_collate
 
 from torch_dataflow import CorruptSample, FeatureWriter, SampleUnavailable, open_ledger
@@ -54,7 +54,7 @@ def test_header_flip_is_caught(tmp_path: Path) -> None:
     ref = store.put("s", 1, _sample(5, 4, 0))
     blob = bytearray(store._read("s", 1))
     blob[20] ^= 0x01  # inside the JSON header
-    store._write("s", 1, [bytes(blob)], len(blob))
+    rot(store, "s", 1, bytes(blob))
     with pytest.raises(CorruptSample):
         read_batch(store, [ref], Eagle3Collator())
 
@@ -100,7 +100,7 @@ def test_pool_quarantines_a_corrupt_sample_on_the_direct_path(tmp_path: Path) ->
     pool = _pool(tmp_path, 4)
     ref = pool.ledger.get_ref("s001")
     assert ref is not None
-    pool.store._write("s001", ref.generation, [b"not a sample at all"], 19)
+    rot(pool.store, "s001", ref.generation, b"not a sample at all")
     indices = list(ReshardingSampler(pool, shuffle=False))
     batch = pool.__getitems__(indices[:3])
     with pytest.raises(CorruptSample):

@@ -8,7 +8,7 @@ from typing import Any
 
 import pytest
 import torch
-from _batch_helpers import CASES, _same, _sample, check_corrupt_middle_sample, check_direct_batch
+from _batch_helpers import CASES, _same, _sample, check_corrupt_middle_sample, check_direct_batch, rot
 from test_mooncake import _store, master  # noqa: F401 - the session's real mooncake_master
 
 from torch_dataflow.batch_read import BufferPool, read_batch
@@ -40,7 +40,7 @@ def test_a_grown_blob_is_corrupt_not_a_crash(master: Any) -> None:  # noqa: F811
     store = _store(master)
     refs = [store.put(f"s{i}", 1, _sample(5, 4, i)) for i in range(2)]
     blob = bytes(store._read("s0", 1)) + b"extra"
-    store._write("s0", 1, [blob], len(blob))
+    rot(store, "s0", 1, blob)
     seen: list[int] = []
     with pytest.raises(CorruptSample):
         read_batch(store, refs, Eagle3Collator(), on_unreadable=lambda i, e: seen.append(i))
@@ -145,7 +145,7 @@ def test_ranged_reads_match_the_whole_blob_and_catch_flips(master: Any) -> None:
     assert set(got) == {"a", "c"} and torch.equal(got["a"], t["a"]) and torch.equal(got["c"], t["c"])
     blob = bytearray(store._read("s", 1))
     blob[-3] ^= 0x01  # inside "c" (int16 is laid out last)
-    store._write("s", 1, [bytes(blob)], len(blob))
+    rot(store, "s", 1, bytes(blob))
     with pytest.raises(CorruptSample):
         store.get_fields(ref, ["c"])
     assert torch.equal(store.get_fields(ref, ["a"])["a"], t["a"])  # an unselected flip is not read

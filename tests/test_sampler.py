@@ -17,6 +17,7 @@ from typing import Any
 import _sampler_procs
 import pytest
 import torch
+from _batch_helpers import rot
 from torch.utils.data import DataLoader, DistributedSampler
 
 from torch_dataflow import ConfigError, CorruptSample, FeatureWriter, LeaseLost, open_ledger
@@ -223,7 +224,7 @@ def test_corrupt_leased_sample_is_quarantined_and_raised() -> None:
     pool = _memory_pool(4)
     ref = pool.ledger.get_ref("s00001")
     assert ref is not None
-    pool.store._write("s00001", ref.generation, [b"not a sample"], 12)  # bit rot under a committed ref
+    rot(pool.store, "s00001", ref.generation, b"not a sample")  # bit rot under a committed ref
     indices = list(ReshardingSampler(pool, shuffle=False))
     with pytest.raises(CorruptSample):
         pool[indices[1]]

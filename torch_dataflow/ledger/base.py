@@ -159,6 +159,17 @@ class CommitResult(list):  # type: ignore[type-arg]  # list[SampleRef]: what com
         self.existing: dict[str, SampleRef] = existing or {}
 
 
+RESUME_FLOOR = "resume_floor"  # meta key: the step the last reconcile resumed from (acks must be later)
+
+
+def resume_floor_message(step: int, floor: int) -> str:
+    """The refusal of an ack at or before the step a run resumed from."""
+    return (f"ack at step {step}, but this run resumed from the checkpoint of step {floor} (reconcile): its "
+            f"optimizer steps are {floor + 1}, {floor + 2}, ... A sample acked at step {step} would count as in "
+            f"that checkpoint, which never trained it. Continue the step counter from the checkpoint "
+            f"(step = {floor} after loading it); nothing was acked")
+
+
 def format_lease_id(epoch: int, generation: int, nonce: str, sample_id: str) -> str:
     return f"{epoch}:{generation}:{nonce}:{sample_id}"
 

@@ -54,6 +54,7 @@ from .base import (
     check_step,
     format_lease_id,
     parse_lease_id,
+    resume_floor_message,
 )
 from .fencing import DEFAULT_SESSION_TTL
 from .free_queue import RedisFreeQueue
@@ -366,6 +367,8 @@ class RedisLedger(RedisFreeQueue, RedisProducers, RedisOrdering, Ledger):
             self._check_auth()
             return lost
         idx = self._run(name, [*extra, "\n".join(lines)], cache=cache)
+        if idx and idx[0] == "!floor":  # an ack before the step this run resumed from: nothing changed
+            raise ConfigError(resume_floor_message(int(extra[0]), int(idx[1])))
         gone = set(lost) | {parsed[int(i) - 1] for i in idx}
         return [lid for lid in dict.fromkeys(lease_ids) if lid in gone]
 

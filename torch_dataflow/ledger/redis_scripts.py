@@ -529,6 +529,8 @@ return done(lost)
 # ARGV[5]=step ARGV[6]: lines "epoch\tsid\tgen\tnonce"
 _ACK = r"""
 local step = ARGV[5]
+local floor = tonumber(redis.call('HGET', P..'meta', 'resume_floor') or '0')
+if floor > 0 and tonumber(step) <= floor then return {'!floor', istr(floor)} end
 local lost = {}
 for i, line in ipairs(split_on(ARGV[6], '\n')) do
   local q = split_on(line, '\t')
@@ -655,6 +657,7 @@ if ARGV[5] ~= '' then ndur, freed = durable(ARGV[5], ARGV[6] == '1', true) end
 for _, key in ipairs(redis.call('SMEMBERS', P..'plans')) do redis.call('DEL', P..'plan:'..key, P..'cl:'..key) end
 redis.call('DEL', P..'plans')
 local attempt = redis.call('HINCRBY', P..'meta', 'attempt', 1)
+redis.call('HSET', P..'meta', 'resume_floor', ARGV[5] ~= '' and ARGV[5] or '0')
 if ARGV[8] ~= '' then
   local rec = cjson.decode(ARGV[8])
   rec.fence = attempt

@@ -52,6 +52,7 @@ from ._sqlite_schema import (
     _td_ord,
 )
 from .base import (
+    RESUME_FLOOR,
     CommitResult,
     Ledger,
     Plan,
@@ -62,6 +63,7 @@ from .base import (
     format_lease_id,
     new_nonce,
     parse_lease_id,
+    resume_floor_message,
 )
 from .fencing import DEFAULT_SESSION_TTL
 from .free_queue import FREEQ_DDL, SQLiteFreeQueue
@@ -509,6 +511,9 @@ class SQLiteLedger(SQLiteFreeQueue, SQLiteFencing, SQLiteProducers, SQLiteQuerie
                 continue
             by_epoch.setdefault(e, []).append((lid, (e, s, g, n)))
         with self._tx() as con:
+            floor = int(self._meta(con, RESUME_FLOOR, "0") or 0)
+            if floor > 0 and step <= floor and by_epoch:
+                raise ConfigError(resume_floor_message(step, floor))
             for e, items in by_epoch.items():  # one statement per epoch: its row count is that epoch's move
                 moved = con.executemany(self._ACK, [(step, *ident) for _, ident in items]).rowcount
                 self._dmove(e, L, T, moved)
@@ -623,6 +628,7 @@ class SQLiteLedger(SQLiteFreeQueue, SQLiteFencing, SQLiteProducers, SQLiteQuerie
             con.execute("DELETE FROM claims")
             attempt = int(self._meta(con, "attempt", "0") or 0) + 1
             self._set_meta(con, "attempt", attempt)
+            self._set_meta(con, RESUME_FLOOR, rs or 0)  # this run's acks are of later steps (ack refuses others)
             self._record_session(con, session, attempt, session_ttl)
         return ReconcileReport(attempt, replayed, durable, released, tuple(freed))
 

@@ -698,3 +698,25 @@ class LedgerConformance(FreeQueueConformance):
         [g2] = led.reserve(["y"])  # a re-put after an abort is absent, not refused
         assert led.commit([self._sized("y", g2)], if_absent=True).refused == []
         assert [x.sample_id for x in led.lease("t", 5, ttl=30)] == ["y"]
+
+    # ------------------------------------------------------------ acks after a resume (reconcile)
+    def test_inv2_an_ack_at_or_before_the_resumed_step_is_refused(self) -> None:
+        """A resumed loop that restarted its step counter would ack samples into a checkpoint
+        that never trained them (made DURABLE by the next reconcile): refused, nothing changes."""
+        led = self.make_ledger()
+        commit_ids(led, ["a", "b", "c", "d"])
+        [x] = led.lease("t", 1, ttl=30)
+        assert led.ack([x.lease_id], step=5) == []
+        led.mark_durable(5)
+        led.reconcile(5)
+        leases = led.lease("t", 2, ttl=30)
+        before = led.counts().as_dict()
+        for step in (1, 5):
+            with pytest.raises(ConfigError, match="resumed from the checkpoint of step 5"):
+                led.ack([leases[0].lease_id], step=step)
+        assert led.counts().as_dict() == before
+        assert led.ack([y.lease_id for y in leases], step=6) == []
+        led.reconcile(None)  # a fresh start without a checkpoint: any step again
+        [z] = led.lease("t", 1, ttl=30)
+        assert led.ack([z.lease_id], step=1) == []
+
