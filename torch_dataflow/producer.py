@@ -139,6 +139,11 @@ class FeatureWriter:
         if not self._bound:
             bind_store(self.store, self.ledger)
             self._bound = True
+            sweep = getattr(self.store, "sweep_dead_writers", None)  # a killed writer's half-written files
+            if sweep is not None:
+                n = sweep()
+                if n:
+                    log.info("removed %d temporary files of writers killed mid-write in %s", n, self.store.uri)
             # Finish deletes an earlier process queued but did not complete (bounded: one batch).
             drain_deletes(self.ledger, self.store, limit=1024)
 

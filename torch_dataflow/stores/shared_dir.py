@@ -5,12 +5,14 @@ Layout::
 
     <root>/.torch_dataflow.json           marker: format version, auth verifier, store id
     <root>/<ff>/<sample_id>@<generation>.tdf   one codec blob per sample generation
-    <root>/<ff>/.<...>.tmp                a write in progress (never read as a sample)
+    <root>/.staging/<host>+<pid>+<token>.tmp   a write in progress (never read as a sample)
 
 ``<ff>`` is two hex digits of xxh3(sample id), so no directory grows past
 1/256 of the samples. A blob is written to a temporary file in its final
-directory and published with :func:`os.link` (then the temporary name is
-removed), which is atomic: a reader sees the whole blob or no blob, and unlike
+staging directory (named by host and pid: a restarted writer removes the ones
+its killed predecessors on this host left, see :meth:`SharedDirStore.sweep_dead_writers`)
+and published with :func:`os.link` into its final directory (then the
+temporary name is removed), which is atomic: a reader sees the whole blob or no blob, and unlike
 a rename it never replaces a file: a put of a generation the store already
 holds (another ledger's) is refused. Published files are never modified (a
 re-put is a new file under a new generation), so a zero-copy ``mmap`` stays
@@ -40,6 +42,7 @@ import json
 import mmap
 import os
 import secrets
+import socket
 import time
 import uuid
 from collections.abc import Iterator, Sequence
@@ -64,6 +67,8 @@ MARKER = ".torch_dataflow.json"
 _KIND = "torch_dataflow.shared_dir"
 _VERSION = 1
 _SUFFIX = ".tdf"
+_STAGING = ".staging"  # temporary files of writes in progress: <host>+<pid>+<token>.tmp
+_HOST = "".join(c if c.isalnum() or c in "-." else "_" for c in socket.gethostname())
 _QUERY = {"fsync": bool, "secret": str, "max_bytes": "size", "create": bool}
 _HEX = frozenset("0123456789abcdef")
 
@@ -240,18 +245,23 @@ class SharedDirStore(FeatureStore):
     def _write(self, sample_id: str, generation: int, parts: Sequence[Buffer], nbytes: int) -> None:
         final = self.path_of(sample_id, generation)
         d = os.path.dirname(final)
-        # Dot-prefixed and not ending in .tdf: never listed or read as a sample.
-        tmp = os.path.join(d, f".{generation}.{os.getpid()}.{secrets.token_hex(6)}.tmp")
+        staging = os.path.join(self.root, _STAGING)
+        # In a dot-directory and not ending in .tdf: never listed or read as a sample.
+        tmp = os.path.join(staging, f"{_HOST}+{os.getpid()}+{secrets.token_hex(6)}.tmp")
         try:
             try:
                 written = self._write_file(tmp, parts)
-            except FileNotFoundError:  # first sample in this fan-out dir (no mkdir syscall per put)
-                _mkdir_private(d)
+            except FileNotFoundError:  # the store's first put (no mkdir syscall per put)
+                _mkdir_private(staging)
                 written = self._write_file(tmp, parts)
             if written != nbytes:
                 raise ConfigError(f"wrote {written} bytes for {sample_id!r}, expected {nbytes}")
             try:
-                os.link(tmp, final)  # atomic publish that never replaces a file (rename would)
+                try:
+                    os.link(tmp, final)  # atomic publish that never replaces a file (rename would)
+                except FileNotFoundError:  # first sample in this fan-out dir
+                    _mkdir_private(d)
+                    os.link(tmp, final)
             except FileExistsError:
                 raise ConfigError(
                     f"store {self.uri} already holds generation {generation} of {sample_id!r}; a put never "
@@ -379,11 +389,13 @@ class SharedDirStore(FeatureStore):
         self._check_auth()
         cutoff = time.time() - older_than_s
         removed = 0
-        dirs = [self.root, *(d.path for d in self._sample_dirs())]
+        staging = os.path.join(self.root, _STAGING)
+        dirs = [self.root, *([staging] if os.path.isdir(staging) else []), *(d.path for d in self._sample_dirs())]
         for d in dirs:
             with os.scandir(d) as it:
                 for e in it:
-                    if not (e.name.startswith(".") and e.name.endswith(".tmp")) or not e.is_file(follow_symlinks=False):
+                    temp = e.name.endswith(".tmp") and (d == staging or e.name.startswith("."))  # older layout: .tmp beside the blobs
+                    if not temp or not e.is_file(follow_symlinks=False):
                         continue
                     try:
                         if e.stat(follow_symlinks=False).st_mtime < cutoff:
@@ -392,6 +404,39 @@ class SharedDirStore(FeatureStore):
                             removed += 1
                     except FileNotFoundError:
                         continue
+        return removed
+
+    def sweep_dead_writers(self) -> int:
+        """Delete the temporary files of writers on this host whose process is gone (SIGKILLed
+        mid-write); return how many. A restarted :class:`~torch_dataflow.FeatureWriter` calls it,
+        so a kill leaves no bytes behind once the producer runs again. Files of live processes
+        and of other hosts are never touched (those wait for ``torch-dataflow gc``).
+
+        Example:
+            >>> import tempfile, torch
+            >>> store = SharedDirStore(tempfile.mkdtemp() + "/features")
+            >>> _ = store.put("s", 1, {"x": torch.zeros(2)})
+            >>> store.sweep_dead_writers()
+            0
+        """
+        from ..ledger.heartbeats import pid_gone
+
+        self._check_auth()
+        removed = 0
+        try:
+            it = os.scandir(os.path.join(self.root, _STAGING))
+        except FileNotFoundError:
+            return 0
+        with it:
+            for e in it:
+                host, _, rest = e.name.partition("+")
+                pid = rest.partition("+")[0]
+                if host != _HOST or not pid.isdigit() or not e.name.endswith(".tmp"):
+                    continue
+                if pid_gone(socket.gethostname(), int(pid)):
+                    with contextlib.suppress(FileNotFoundError):
+                        os.unlink(e.path)
+                        removed += 1
         return removed
 
     def _config_state(self) -> dict[str, Any]:

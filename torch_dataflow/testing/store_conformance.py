@@ -166,8 +166,16 @@ class StoreConformance:
         return bytes(store._read(ref.sample_id, ref.generation))
 
     def raw_write(self, store: FeatureStore, ref: SampleRef, data: bytes) -> None:
-        """Replace the stored bytes of ``ref`` with ``data``, bypassing encoding."""
-        store._write(ref.sample_id, ref.generation, [data], len(data))
+        """Replace the stored bytes of ``ref`` with ``data``, bypassing encoding (a file store's
+        file is rewritten in place: its puts never replace a file)."""
+        path_of = getattr(store, "path_of", None)
+        if path_of is None:
+            store._write(ref.sample_id, ref.generation, [data], len(data))
+            return
+        path = path_of(ref.sample_id, ref.generation)
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        with open(path, "wb") as f:
+            f.write(data)
 
     def corrupt(self, store: FeatureStore, ref: SampleRef, how: bytes | Callable[[bytes], bytes]) -> None:
         """Tamper with ``ref``'s bytes: replace them, or map them through ``how``."""
