@@ -158,9 +158,10 @@ def test_bad_input_is_typed_and_loses_nothing(uris: tuple[str, str]) -> None:
 
 
 def test_backpressure_waits_then_raises(uris: tuple[str, str]) -> None:
-    one = open_store(uris[0]).put("probe", 1, sample(0)).nbytes
-    open_store(uris[0]).keys()
-    w = FeatureWriter(*uris, max_resident_bytes=3 * one, put_timeout=0.5)
+    probe = open_store(uris[0]).put("probe", 1, sample(0))
+    one = probe.nbytes
+    open_store(uris[0]).delete(probe)  # no blob of another ledger in the store (a writer refuses those)
+    w = FeatureWriter(*uris, max_resident_bytes=2 * one, put_timeout=0.5)
     for i in range(2):
         w.put(f"s{i}", sample(i))
     with pytest.raises(StoreFull, match="budget"):
@@ -168,7 +169,7 @@ def test_backpressure_waits_then_raises(uris: tuple[str, str]) -> None:
     assert w.ledger.counts().pending == 2 and w.waited_s >= 0.5
     # A consumer that trains and frees makes room: the waiting put proceeds.
     ds = FeatureStoreDataset(*uris, batch_size=2)
-    w2 = FeatureWriter(*uris, max_resident_bytes=3 * one, put_timeout=30)
+    w2 = FeatureWriter(*uris, max_resident_bytes=2 * one, put_timeout=30)
 
     def drain() -> None:
         batch = next(iter(DataLoader(ds, batch_size=2)))

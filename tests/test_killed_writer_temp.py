@@ -10,6 +10,7 @@ import os
 import signal
 from pathlib import Path
 
+import pytest
 import torch
 
 from torch_dataflow import FeatureWriter
@@ -38,9 +39,10 @@ def _killed_mid_write(store: str, ledger: str) -> None:
     w.put(IDS[3], _tensors(IDS[3]))
 
 
+@pytest.mark.allow_leaks  # multiprocessing's forkserver lives on, as it does for users
 def test_a_restarted_writer_removes_what_its_killed_predecessor_half_wrote(tmp_path: Path) -> None:
     store, ledger = f"file://{tmp_path}/feats", f"sqlite://{tmp_path}/ledger.db"
-    p = mp.get_context("fork").Process(target=_killed_mid_write, args=(store, ledger))
+    p = mp.get_context("forkserver").Process(target=_killed_mid_write, args=(store, ledger))
     p.start()
     p.join(60)
     assert p.exitcode == -signal.SIGKILL

@@ -80,9 +80,9 @@ def bind_store(store: FeatureStore, ledger: Ledger) -> str:
         ConfigError: the ledger already records another store.
     """
     sid = store.store_id()
-    if ledger.get_meta(STORE_ID_KEY) is None and not ledger.counts().committed:
+    if ledger.get_meta(STORE_ID_KEY) is None and not getattr(store, "registers_in_place", False):
         held = next(iter(store._keys()), None)  # listable stores; Mooncake lists only this process's keys
-        if held is not None:
+        if held is not None and not ledger.counts().committed:
             raise ConfigError(
                 f"ledger {ledger.uri} is new (no store bound, nothing committed) but store {store.uri} already "
                 f"holds samples (e.g. {held[0]!r} generation {held[1]}) committed to another ledger: a mistyped "

@@ -16,6 +16,7 @@ import sqlite3
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+from .._procs import pid_gone
 from ..refs import SampleRef
 
 __all__ = ["BEATS_DDL", "SQLiteProducers", "describe", "holder_key", "identity", "pid_gone", "provably_dead",
@@ -39,23 +40,6 @@ def holder_key(p: Mapping[str, Any] | None) -> str:
     if p is None:
         return "-"
     return f"{int(bool(p['done']))}|{p.get('host') or ''}|{p.get('pid') or ''}"
-
-
-def pid_gone(host: str | None, pid: int | None) -> bool:
-    """True only when ``pid`` provably no longer runs: same host and no such process."""
-    if host != socket.gethostname() or not pid:
-        return False
-    try:
-        os.kill(int(pid), 0)
-    except ProcessLookupError:
-        return True
-    except (PermissionError, OSError):
-        return False
-    try:  # a zombie (killed, not yet reaped by its parent) is dead too
-        with open(f"/proc/{int(pid)}/stat") as f:
-            return f.read().rsplit(")", 1)[1].split()[0] == "Z"
-    except (OSError, IndexError):
-        return False
 
 
 def provably_dead(p: Mapping[str, Any], ttl: float) -> bool:

@@ -118,6 +118,8 @@ class SpecForgeDirStore(FeatureStore):
         True
     """
 
+    registers_in_place = True  # its files exist before a ledger registers them (binding.bind_store)
+
     codec_blobs = False  # torch.save files: field selection loads the file and keeps the chosen tensors
 
     def __init__(self, path: str | os.PathLike[str], *, secret: str | None = None) -> None:

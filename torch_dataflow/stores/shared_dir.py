@@ -419,7 +419,7 @@ class SharedDirStore(FeatureStore):
             >>> store.sweep_dead_writers()
             0
         """
-        from ..ledger.heartbeats import pid_gone
+        from .._procs import pid_gone
 
         self._check_auth()
         removed = 0
