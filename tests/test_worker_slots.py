@@ -167,13 +167,14 @@ def test_a_sigkilled_worker_leaves_nothing_and_its_slots_come_back(tmp_path: Pat
     sampler = ReshardingSampler(pool, shuffle=False, lease_ttl=2)
     loader = _loader(pool, sampler, collate, "fork", True)
     it = iter(loader)
-    first = next(it)
     pids = [w.pid for w in it._workers]
     with pytest.raises(RuntimeError, match="killed by signal|exited unexpectedly"):
+        # killed before its first batch arrived (the loader needs that batch first): the error is certain,
+        # and whatever slot the worker had claimed is left claimed by a dead process
         os.kill(pids[0], signal.SIGKILL)  # inside: torch's SIGCHLD handler may raise right here
         for batch in it:
-            del batch  # a batch kept here would hold its slot (the last one before the error)
-    del it, loader, first
+            del batch  # a batch kept here would hold its slot
+    del it, loader
     gc.collect()
     assert _dev_shm(pids) == set()
     # The next loader of the same pool takes back the slots the dead worker held; every batch intact.
@@ -255,3 +256,20 @@ def test_a_forked_process_dropping_an_inherited_batch_does_not_free_its_slot() -
     del batch
     gc.collect()
     assert ring.free_slots() == 1
+
+
+def test_a_slot_claimed_by_a_dead_process_is_taken_back() -> None:
+    """A worker killed after it claimed a slot (its batch never sent): the slot counts free and the
+    next claim takes it."""
+    from torch_dataflow._shm_slots import SlotRing
+
+    ring = SlotRing.create(slots=1, capacity=1 << 20)
+    assert ring is not None
+    pid = os.fork()
+    if pid == 0:  # a worker: claims the only slot, then dies without sending it
+        os._exit(0 if ring.claim(4096) is not None else 3)
+    assert os.waitpid(pid, 0)[1] == 0
+    assert int(ring._map()[1][0]) == pid  # still marked as the dead worker's
+    assert ring.free_slots() == 1
+    again = ring.claim(4096)
+    assert again is not None and int(ring._map()[1][0]) == os.getpid()
