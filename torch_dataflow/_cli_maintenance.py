@@ -31,9 +31,9 @@ def _store_and_ledger(p: argparse.ArgumentParser) -> None:
 @contextlib.contextmanager
 def _existing_ledger(uri: str) -> Iterator[Ledger]:
     """The ledger at ``uri``, refused if none exists there (never created), closed on exit."""
-    from .status import _open_existing
+    from .binding import existing_ledger
 
-    ledger = _open_existing(uri)
+    ledger = existing_ledger(uri)
     try:
         yield ledger
     finally:

@@ -25,13 +25,15 @@ from __future__ import annotations
 
 import logging
 import os
+import urllib.parse
+from typing import Any
 
 from .errors import ConfigError, ForkedClient
 from .ledger import Ledger, open_ledger
 from .stores import FeatureStore, open_store
 from .stores.shared_dir import SharedDirStore
 
-__all__ = ["STORE_ID_KEY", "bind_store", "check_store", "consumer_ledger", "consumer_store"]
+__all__ = ["STORE_ID_KEY", "bind_store", "check_store", "consumer_ledger", "consumer_store", "existing_ledger"]
 
 log = logging.getLogger(__name__)
 
@@ -71,6 +73,53 @@ def consumer_ledger(ledger: str | Ledger) -> Ledger:
                     "on it. If the URI is a typo (path, Redis db number, ?namespace=), stop and fix it",
                     opened.uri)
     return opened
+
+
+# A status look is a few short reads: a Redis port that accepts but never answers fails in
+# about 15 s instead of the trainer-grade default (30 s per command, 10 retries: minutes).
+# The URI's own keys (?socket_timeout=...&retries=...) still win.
+_LOOK = {"socket_timeout": 5.0, "retries": 2}
+
+
+def existing_ledger(uri: str, *, look: bool = False, who: str = "this command") -> Ledger:
+    """Open a ledger, refusing to create a new SQLite file for a mistyped path
+    (``look``: short Redis timeouts for a one-off status read; ``who`` never creates one)."""
+    overrides: dict[str, Any] = {}
+    if look and uri.startswith(("redis:", "rediss:")):
+        given = urllib.parse.parse_qs(urllib.parse.urlsplit(uri).query)
+        overrides = {k: v for k, v in _LOOK.items() if k not in given}
+    ledger = open_ledger(uri, **overrides)  # parses the backend's own query keys (secret=..., timeout=...)
+    path = getattr(ledger, "path", None)
+    if uri.startswith("sqlite:") and path and not os.path.exists(path):
+        raise ConfigError(f"no ledger at {path} (a typo? {who} never creates a ledger)")
+    if uri.startswith(("redis:", "rediss:")) and not _redis_ledger_exists(ledger):
+        raise ConfigError(f"no ledger in namespace {ledger.namespace!r} of db {ledger.db} at {ledger.host}:"
+                          f"{ledger.port} (a typo in the db number or ?namespace=? {who} never creates a "
+                          "ledger)")
+    return ledger
+
+
+def _redis_ledger_exists(ledger: Any) -> bool:
+    """Whether a Redis ledger's namespace holds a ledger, asked without creating one
+    (opening the ledger itself initialises an empty namespace). Unreachable: ``True``,
+    so the ledger's own call reports the error with its retries."""
+    try:
+        import redis
+    except ImportError:
+        return True
+    kw: dict[str, Any] = {}
+    if ledger.ssl:
+        kw = {"ssl": True, "ssl_ca_certs": ledger.ssl_ca_certs, "ssl_certfile": ledger.ssl_certfile,
+              "ssl_keyfile": ledger.ssl_keyfile, "ssl_cert_reqs": ledger.ssl_cert_reqs}
+    client = redis.Redis(host=ledger.host, port=ledger.port, db=ledger.db, username=ledger.username,
+                         password=ledger._password, socket_timeout=ledger.connect_timeout,
+                         socket_connect_timeout=ledger.connect_timeout, **kw)
+    try:
+        return bool(client.exists("{" + ledger.namespace + "}:meta"))
+    except redis.exceptions.RedisError:
+        return True
+    finally:
+        client.close()
 
 
 def bind_store(store: FeatureStore, ledger: Ledger) -> str:

@@ -34,7 +34,7 @@ from typing import Any
 import torch
 from torch.utils.data import Dataset
 
-from .binding import check_store, consumer_store
+from .binding import check_store, consumer_store, existing_ledger
 from .dataset import LEASE_KEY, SAMPLE_ID_KEY, ack_batch, lease_ids_of
 from .errors import ConfigError, CorruptSample, LeaseLost, SampleUnavailable
 from .fields import check_fields_arg, selected_specs
@@ -148,10 +148,8 @@ class FeaturePool(SessionMember, Dataset):
     ) -> None:
         self.store = consumer_store(store)  # a file:// directory is never created by a consumer
         if isinstance(ledger, str) and ledger.split("://", 1)[0].lower() in ("sqlite", "redis", "rediss"):
-            from .status import _open_existing
-
             # The pool indexes what is committed now: a ledger that does not exist is a typo, never created
-            self.ledger = _open_existing(ledger, who="a FeaturePool (it indexes committed samples)")
+            self.ledger = existing_ledger(ledger, who="a FeaturePool (it indexes committed samples)")
         else:
             self.ledger = open_ledger(ledger)
         self.zero_copy = bool(zero_copy)

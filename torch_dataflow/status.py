@@ -19,14 +19,12 @@ Example:
 
 from __future__ import annotations
 
-import os
 import time
-import urllib.parse
 from collections import Counter
 from typing import Any
 
-from .errors import ConfigError
-from .ledger import Ledger, open_ledger
+from .binding import existing_ledger
+from .ledger import Ledger
 from .ledger.heartbeats import describe, provably_dead
 from .stall import diagnose
 from .stores import open_store
@@ -37,53 +35,6 @@ _NO_RATES = (
     "not measured: the ledger keeps states, owners and lease deadlines but no timestamps of commits "
     "or acks; `--interval SECONDS` measures rates by looking twice"
 )
-
-
-# A status look is a few short reads: a Redis port that accepts but never answers fails in
-# about 15 s instead of the trainer-grade default (30 s per command, 10 retries: minutes).
-# The URI's own keys (?socket_timeout=...&retries=...) still win.
-_LOOK = {"socket_timeout": 5.0, "retries": 2}
-
-
-def _open_existing(uri: str, *, look: bool = False, who: str = "this command") -> Ledger:
-    """Open a ledger, refusing to create a new SQLite file for a mistyped path
-    (``look``: short Redis timeouts for a one-off status read; ``who`` never creates one)."""
-    overrides: dict[str, Any] = {}
-    if look and uri.startswith(("redis:", "rediss:")):
-        given = urllib.parse.parse_qs(urllib.parse.urlsplit(uri).query)
-        overrides = {k: v for k, v in _LOOK.items() if k not in given}
-    ledger = open_ledger(uri, **overrides)  # parses the backend's own query keys (secret=..., timeout=...)
-    path = getattr(ledger, "path", None)
-    if uri.startswith("sqlite:") and path and not os.path.exists(path):
-        raise ConfigError(f"no ledger at {path} (a typo? {who} never creates a ledger)")
-    if uri.startswith(("redis:", "rediss:")) and not _redis_ledger_exists(ledger):
-        raise ConfigError(f"no ledger in namespace {ledger.namespace!r} of db {ledger.db} at {ledger.host}:"
-                          f"{ledger.port} (a typo in the db number or ?namespace=? {who} never creates a "
-                          "ledger)")
-    return ledger
-
-
-def _redis_ledger_exists(ledger: Any) -> bool:
-    """Whether a Redis ledger's namespace holds a ledger, asked without creating one
-    (opening the ledger itself initialises an empty namespace). Unreachable: ``True``,
-    so the ledger's own call reports the error with its retries."""
-    try:
-        import redis
-    except ImportError:
-        return True
-    kw: dict[str, Any] = {}
-    if ledger.ssl:
-        kw = {"ssl": True, "ssl_ca_certs": ledger.ssl_ca_certs, "ssl_certfile": ledger.ssl_certfile,
-              "ssl_keyfile": ledger.ssl_keyfile, "ssl_cert_reqs": ledger.ssl_cert_reqs}
-    client = redis.Redis(host=ledger.host, port=ledger.port, db=ledger.db, username=ledger.username,
-                         password=ledger._password, socket_timeout=ledger.connect_timeout,
-                         socket_connect_timeout=ledger.connect_timeout, **kw)
-    try:
-        return bool(client.exists("{" + ledger.namespace + "}:meta"))
-    except redis.exceptions.RedisError:
-        return True
-    finally:
-        client.close()
 
 
 def _owners(leases: list[Any], now: float) -> list[dict[str, Any]]:
@@ -169,7 +120,7 @@ def collect_status(
         ConfigError: bad URI or missing SQLite file.
         BackendUnavailable: the ledger or store cannot be reached.
     """
-    ledger = _open_existing(ledger_uri, look=True)
+    ledger = existing_ledger(ledger_uri, look=True)
     try:
         now = time.time()
         c = ledger.counts()
