@@ -240,3 +240,23 @@ def test_sqlite_one_statement_reserve_and_lease(tmp_path: Any) -> None:
     led.mark_durable(1)
     _cmp(led.counts(), led.scan_counts(), "ack + durable")
     assert led.counts(epoch=1).durable == len(order)
+
+
+def test_sqlite_open_retries_a_locked_new_database(tmp_path: Any, monkeypatch: Any) -> None:
+    """Two processes creating one new ledger at once: switching it to WAL can fail with "database is
+    locked" at once (seen in CI). The open retries until its timeout instead of calling it not a ledger."""
+    import sqlite3
+
+    from torch_dataflow.ledger.sqlite import SQLiteLedger
+
+    real, calls = SQLiteLedger._connect, []
+
+    def flaky(self: Any) -> Any:
+        calls.append(1)
+        if len(calls) <= 2:
+            raise sqlite3.OperationalError("database is locked")
+        return real(self)
+
+    monkeypatch.setattr(SQLiteLedger, "_connect", flaky)
+    led = open_ledger(f"sqlite://{tmp_path}/l.db")
+    assert led.counts().committed == 0 and len(calls) == 3

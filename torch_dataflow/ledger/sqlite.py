@@ -151,18 +151,33 @@ class SQLiteLedger(SQLiteFreeQueue, SQLiteFencing, SQLiteProducers, SQLiteQuerie
         with self._lock:
             if self._con is not None and self._pid == os.getpid():
                 return
-            try:
-                con = self._connect()
-                con.create_function("td_ord", 3, _td_ord, deterministic=True)
-                con.execute("BEGIN IMMEDIATE")
+            deadline, pause = time.monotonic() + self.timeout, 0.01
+            while True:
+                con = None
                 try:
-                    verifier = self._ensure_schema(con)
-                    con.execute("COMMIT")
-                except BaseException:
-                    con.execute("ROLLBACK")
-                    raise
-            except sqlite3.DatabaseError as e:
-                raise ConfigError(f"{self.path} is not a torch_dataflow ledger: {e}") from e
+                    con = self._connect()
+                    con.create_function("td_ord", 3, _td_ord, deterministic=True)
+                    con.execute("BEGIN IMMEDIATE")
+                    try:
+                        verifier = self._ensure_schema(con)
+                        con.execute("COMMIT")
+                    except BaseException:
+                        con.execute("ROLLBACK")
+                        raise
+                    break
+                except sqlite3.OperationalError as e:
+                    # Two processes creating one new ledger at once: switching it to WAL can fail with
+                    # "database is locked" without waiting for the busy timeout. Retry until the timeout.
+                    if con is not None:
+                        con.close()
+                    if ("locked" not in str(e) and "busy" not in str(e)) or time.monotonic() > deadline:
+                        raise ConfigError(f"{self.path} is not a torch_dataflow ledger: {e}") from e
+                    time.sleep(pause)
+                    pause = min(pause * 2, 0.25)
+                except sqlite3.DatabaseError as e:
+                    if con is not None:
+                        con.close()
+                    raise ConfigError(f"{self.path} is not a torch_dataflow ledger: {e}") from e
             self._guard = SecretGuard.attach(self._secret, verifier, f"ledger {self.uri}")
             self._con, self._pid = con, os.getpid()
 
