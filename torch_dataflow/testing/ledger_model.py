@@ -57,6 +57,7 @@ def make_state_machine(factory: Callable[[], Ledger]) -> type:
             self.model = _Model()
             self.issued: list[str] = []
             self.step = 0
+            self.floor = 0  # the step the last reconcile resumed from: acks at or before it are refused
 
         @rule(sid=st.sampled_from(IDS))
         def put(self, sid: str) -> None:
@@ -106,6 +107,14 @@ def make_state_machine(factory: Callable[[], Ledger]) -> type:
             sid = lid.split(":", 3)[3]
             m = self.model.samples[sid]
             held = m.lease == lid and m.state in ("L", "T", "D")  # a repeat ack of the same lease: a no-op
+            if self.floor > 0 and self.step <= self.floor:
+                from ..errors import ConfigError
+
+                try:
+                    self.led.ack([lid], self.step)
+                except ConfigError:
+                    return  # refused: nothing changed (the invariant below checks the counts)
+                raise AssertionError(f"an ack at step {self.step} after a resume from {self.floor} was taken")
             assert self.led.ack([lid], self.step) == ([] if held else [lid])
             if held and m.state == "L":
                 m.state, m.step, m.expired = "T", self.step, False
@@ -170,6 +179,7 @@ def make_state_machine(factory: Callable[[], Ledger]) -> type:
                     return  # refused: nothing changed (the invariant below checks the counts)
                 raise AssertionError("a resume older than what was freed was not refused")
             rep = self.led.reconcile(resume)
+            self.floor = resume or 0
             for m in self.model.samples.values():
                 if m.state == "L":
                     m.state, m.lease, m.expired = "P", None, False
