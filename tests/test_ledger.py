@@ -65,6 +65,23 @@ def test_bad_uris(tmp_path: Path) -> None:
             open_ledger(uri).counts()
 
 
+def test_sqlite_cache_mib(tmp_path: Path) -> None:
+    import pickle
+
+    led = open_ledger(f"sqlite://{tmp_path}/l.db?cache_mib=8")
+    led.counts()
+    assert led._con.execute("PRAGMA cache_size").fetchone() == (-8192,)
+    again = pickle.loads(pickle.dumps(led))  # a DataLoader worker gets the same cache size
+    again.counts()
+    assert again._con.execute("PRAGMA cache_size").fetchone() == (-8192,)
+    default = open_ledger(f"sqlite://{tmp_path}/l.db")
+    default.counts()
+    assert default._con.execute("PRAGMA cache_size").fetchone() == (-64 * 1024,)
+    for bad in ("0", "-1", "x"):
+        with pytest.raises(ConfigError):
+            open_ledger(f"sqlite://{tmp_path}/l.db?cache_mib={bad}").counts()
+
+
 def test_memory_ledger_refuses_other_process() -> None:
     import multiprocessing as mp
 

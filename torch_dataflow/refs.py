@@ -33,6 +33,8 @@ _SCALARS = (str, int, float, bool, type(None))
 # Fast path: no dot-dot, no leading dot, no separators or control characters.
 _SAFE_ID = re.compile(r"(?!\.)(?:[A-Za-z0-9_\-+=,:;@~#%!^&()\[\]{} ]|\.(?!\.))+")
 _UNSAFE_CHAR = re.compile(r"[/\\\x00-\x1f\x7f]")
+_safe_id = _SAFE_ID.fullmatch
+_SHORT_ID = MAX_SAMPLE_ID_BYTES // 4  # at most 4 UTF-8 bytes a character: a short id is within the byte limit
 
 
 def validate_sample_id(sample_id: object) -> str:
@@ -112,17 +114,23 @@ class FeatureSpec:
         for attr in ("name", "dtype"):
             if not isinstance(getattr(self, attr), str):
                 raise TypeError(f"FeatureSpec.{attr} must be a str, got {type(getattr(self, attr)).__name__}")
-        object.__setattr__(self, "shape", tuple(int(d) for d in self.shape))
-        if any(d < 0 for d in self.shape) or int(self.nbytes) < 0:
+        shape, nbytes = self.shape, self.nbytes
+        # The common case (a tuple of ints and an int, as a ref parsed from JSON has) is checked, not rebuilt.
+        if type(shape) is not tuple or not all(type(d) is int for d in shape):
+            shape = tuple(int(d) for d in shape)
+            object.__setattr__(self, "shape", shape)
+        if type(nbytes) is not int:
+            nbytes = int(nbytes)
+            object.__setattr__(self, "nbytes", nbytes)
+        if nbytes < 0 or (shape and min(shape) < 0):
             raise ConfigError(f"FeatureSpec {self.name!r} has a negative size")
-        object.__setattr__(self, "nbytes", int(self.nbytes))
 
     def to_dict(self) -> dict[str, Any]:
         return {"name": self.name, "dtype": self.dtype, "shape": list(self.shape), "nbytes": self.nbytes}
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> FeatureSpec:
-        return cls(name=d["name"], dtype=d["dtype"], shape=tuple(d["shape"]), nbytes=d["nbytes"])
+        return cls(d["name"], d["dtype"], tuple(d["shape"]), d["nbytes"])
 
 
 @dataclass(frozen=True, slots=True)
@@ -149,14 +157,17 @@ class SampleRef:
     metadata: Mapping[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
-        validate_sample_id(self.sample_id)
-        if isinstance(self.generation, bool) or not isinstance(self.generation, int) or self.generation < 1:
-            raise ConfigError(f"generation must be an int >= 1, got {self.generation!r}")
-        specs = tuple(self.specs)
+        sid, gen, specs = self.sample_id, self.generation, self.specs
+        if type(sid) is not str or len(sid) > _SHORT_ID or not _safe_id(sid):
+            validate_sample_id(sid)  # the full check (and its error) for anything but a short plain id
+        if type(gen) is not int and (isinstance(gen, bool) or not isinstance(gen, int)) or gen < 1:
+            raise ConfigError(f"generation must be an int >= 1, got {gen!r}")
+        if type(specs) is not tuple:
+            specs = tuple(specs)
+            object.__setattr__(self, "specs", specs)
         for s in specs:
-            if not isinstance(s, FeatureSpec):
+            if type(s) is not FeatureSpec and not isinstance(s, FeatureSpec):
                 raise TypeError(f"SampleRef.specs must hold FeatureSpec, got {type(s).__name__}")
-        object.__setattr__(self, "specs", specs)
         meta = self.metadata
         object.__setattr__(self, "metadata", _check_json_value(dict(meta), "metadata") if meta else _EMPTY)
 
@@ -184,15 +195,10 @@ class SampleRef:
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> SampleRef:
-        return cls(
-            sample_id=d["sample_id"],
-            generation=d["generation"],
-            store=d["store"],
-            specs=tuple(FeatureSpec.from_dict(s) for s in d["specs"]),
-            nbytes=d["nbytes"],
-            checksum=d["checksum"],
-            metadata=d.get("metadata", {}),
-        )
+        spec = FeatureSpec
+        return cls(d["sample_id"], d["generation"], d["store"],
+                   tuple([spec(s["name"], s["dtype"], tuple(s["shape"]), s["nbytes"]) for s in d["specs"]]),
+                   d["nbytes"], d["checksum"], d.get("metadata", _EMPTY))
 
     @classmethod
     def from_json(cls, text: str | bytes) -> SampleRef:
@@ -200,7 +206,10 @@ class SampleRef:
             d = json.loads(text)
         except ValueError as e:
             raise ConfigError(f"not a SampleRef: {e}") from e
-        return cls.from_dict(d)
+        try:
+            return cls.from_dict(d)
+        except (KeyError, TypeError, AttributeError, ValueError, ArithmeticError) as e:  # JSON, not a ref's fields
+            raise ConfigError(f"not a SampleRef: {type(e).__name__}: {e}") from e
 
 
 @dataclass(frozen=True, slots=True)
@@ -239,5 +248,8 @@ class Lease:
 
     @classmethod
     def from_json(cls, text: str | bytes) -> Lease:
-        d = json.loads(text)
-        return cls(d["lease_id"], d["epoch"], d["owner"], d["deadline"], SampleRef.from_dict(d["ref"]))
+        try:
+            d = json.loads(text)
+            return cls(d["lease_id"], d["epoch"], d["owner"], d["deadline"], SampleRef.from_dict(d["ref"]))
+        except (KeyError, TypeError, AttributeError, ValueError, ArithmeticError) as e:
+            raise ConfigError(f"not a Lease: {type(e).__name__}: {e}") from e

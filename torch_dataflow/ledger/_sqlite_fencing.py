@@ -25,13 +25,14 @@ class SQLiteFencing:
     uri: str
     _tx: Any
     _meta: Any
+    _metas: Any
     _set_meta: Any
 
     # ------------------------------------------------------------ sessions
     def _session_row(self, con: sqlite3.Connection) -> tuple[dict[str, Any] | None, float | None, int]:
-        rec = fencing.parse_record(self._meta(con, "session"))
-        beat = self._meta(con, "sbeat")
-        return rec, (float(beat) if beat else None), int(self._meta(con, "attempt", "0") or 0)
+        m = self._metas(con, "session", "sbeat", "attempt")
+        beat = m.get("sbeat")
+        return fencing.parse_record(m.get("session")), (float(beat) if beat else None), int(m.get("attempt") or 0)
 
     def _lease_expiry(self, con: sqlite3.Connection) -> float | None:
         return con.execute(f"SELECT max(deadline) FROM deliveries WHERE state={L}").fetchone()[0]

@@ -24,6 +24,11 @@ class SQLiteQueries:
         return row[0] if row else default
 
     @staticmethod
+    def _metas(con: sqlite3.Connection, *keys: str) -> dict[str, str]:
+        """``key -> value`` of those of ``keys`` that are set: one query for several."""
+        return dict(con.execute(f"SELECT key, value FROM meta WHERE key IN ({','.join('?' * len(keys))})", keys))
+
+    @staticmethod
     def _closed(con: sqlite3.Connection) -> bool:
         n, done = con.execute("SELECT count(*), coalesce(sum(done), 0) FROM producers").fetchone()
         return n > 0 and n == done
