@@ -154,3 +154,21 @@ def test_ranged_reads_match_the_whole_blob_and_catch_flips(master: Any) -> None:
     with pytest.raises(SampleUnavailable):
         store.get_fields(ref, ["a"])
     store.close()
+
+
+def test_full_pool_drops_an_idle_buffer_that_is_not_the_first(master: Any) -> None:  # noqa: F811
+    # More buffers than the pool keeps, in different sizes, with the oldest one still held: the pool
+    # must drop a later idle buffer (found by a user running the demo on Mooncake: it crashed here).
+    store = _store(master)
+    recv = store._client().recv
+    sizes = [(1 << 14) * (k + 1) for k in range(recv.max_buffers + 4)]
+    refs = [store.put(f"s{k}", 1, {"x": torch.full((n,), k, dtype=torch.int32)}) for k, n in enumerate(sizes)]
+    held = store.get(refs[0])  # the first pooled buffer stays in use throughout
+    for k, ref in enumerate(refs[1:], 1):
+        got = store.get(ref)
+        assert torch.equal(got["x"], torch.full((sizes[k],), k, dtype=torch.int32))
+        del got
+        gc.collect()
+        assert len(recv._entries) <= recv.max_buffers
+    assert torch.equal(held["x"], torch.zeros(sizes[0], dtype=torch.int32))  # never read into while held
+    store.close()

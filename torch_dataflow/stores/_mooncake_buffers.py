@@ -94,10 +94,11 @@ class RecvPool:
             size = -(-nbytes // _PAGE) * _PAGE
             held = sum(b.numel() for b, _ in self._entries)
             while self._entries and (len(self._entries) >= self.max_buffers or held + size > self.max_bytes):
-                idle = next((e for e in self._entries if self._idle(e)), None)
-                if idle is None:
+                # By position: list.remove would compare the tuples' tensors element-wise
+                at = next((i for i, e in enumerate(self._entries) if self._idle(e)), None)
+                if at is None:
                     return None
-                self._entries.remove(idle)
+                idle = self._entries.pop(at)
                 self.store.unregister_buffer(idle[0].data_ptr())
                 held -= idle[0].numel()
             if size > self.max_bytes:
