@@ -75,9 +75,9 @@ def main() -> None:
         logger=False,
         enable_progress_bar=False,
     )
-    last = ckpt_dir / "last.ckpt"
-    trainer.fit(Regressor(), loader, ckpt_path=str(last) if last.exists() else None)
-    trainer.save_checkpoint(str(last))  # the final model: everything it trained becomes durable
+    # "last": the newest last*.ckpt (Lightning may name it last-v1.ckpt after a resume from a step file)
+    trainer.fit(Regressor(), loader, ckpt_path="last" if any(ckpt_dir.glob("last*.ckpt")) else None)
+    trainer.save_checkpoint(str(ckpt_dir / "last.ckpt"))  # the final model: everything it trained becomes durable
     c = ds.ledger.counts()
     print(f"global_step={trainer.global_step} durable={c.durable} pending={c.pending} leased={c.leased}")
 

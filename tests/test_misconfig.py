@@ -152,6 +152,20 @@ def test_mistyped_sqlite_ledger_path_is_named_at_once_and_in_the_stall(tmp_path:
     assert not caplog.records
 
 
+def test_ledger_in_a_missing_directory_is_refused_without_a_created_warning(tmp_path: Path, caplog) -> None:
+    # Consumer or producer first, in a directory that does not exist: one clear error that says
+    # what to do, never the "a new, empty ledger is created" warning just before it.
+    led = f"sqlite://{tmp_path / 'nodir' / 'ledger.db'}"
+    store = f"file://{tmp_path / 'store'}"
+    with caplog.at_level("WARNING", logger="torch_dataflow.binding"):
+        with pytest.raises(ConfigError, match="mkdir -p"):
+            FeatureStoreDataset(store, led)
+    assert not [r for r in caplog.records if "is created" in r.getMessage()]
+    with pytest.raises(ConfigError, match="directory of ledger file does not exist"):
+        FeatureWriter(store, led).put("a", {"x": torch.zeros(1)})
+    assert not (tmp_path / "nodir").exists()  # nothing was made at the mistyped place
+
+
 def test_mistyped_redis_namespace_is_named_at_once(tmp_path: Path, redis_uri: str, caplog) -> None:
     store = f"file://{tmp_path / 'store'}"
     with FeatureWriter(store, f"{redis_uri}?namespace=run1") as w:

@@ -87,3 +87,55 @@ def test_kill_between_step_file_and_last_ckpt_replays_from_last(tmp_path: Path, 
     assert model2.seen.tolist() == [1] * N
     c = ds2.ledger.counts()
     assert c.pending == 0 and c.leased == 0 and c.quarantined == 0
+
+
+class DieAt(Counter):
+    def __init__(self, die_at: int | None) -> None:
+        super().__init__()
+        self.die_at = die_at
+
+    def training_step(self, batch, batch_idx):
+        if self.trainer.global_step == self.die_at:
+            raise Killed(f"killed at step {self.die_at}")
+        return super().training_step(batch, batch_idx)
+
+
+def test_resume_from_a_step_file_then_literal_last_ckpt_names_last_v1(tmp_path: Path) -> None:
+    # Resumed from a step file, Lightning writes its last checkpoint as last-v1.ckpt and leaves
+    # last.ckpt behind: a restart from the literal last.ckpt is refused (safely) and the error names
+    # the newer file; ckpt_path="last" (Lightning's newest last*.ckpt) finishes exactly once.
+    from torch_dataflow.errors import CheckpointTooOld
+
+    store, ledger = f"file://{tmp_path}/s", f"sqlite://{tmp_path}/l.db"
+    with FeatureWriter(store, ledger, name="p") as w:
+        for i in range(N):
+            w.put(f"s{i}", {"x": torch.full((2,), i)})
+    ckdir = tmp_path / "ck"
+
+    def run(die_at: int | None, ckpt_path: str | None) -> tuple[Counter, FeatureStoreDataset]:
+        ds = FeatureStoreDataset(store, ledger, batch_size=BATCH, mode="online")
+        model = DieAt(die_at)
+        ck = ModelCheckpoint(dirpath=ckdir, every_n_train_steps=2, save_last=True)  # save_top_k=1, the default
+        trainer = L.Trainer(max_epochs=1, callbacks=[FeatureAckCallback(ds), ck], logger=False,
+                            enable_progress_bar=False, enable_model_summary=False, accelerator="cpu", devices=1)
+        trainer.fit(model, DataLoader(ds, batch_size=BATCH), ckpt_path=ckpt_path)
+        return model, ds
+
+    with pytest.raises(Killed):
+        run(3, None)  # files: epoch=0-step=2.ckpt (its state: no last file yet) and last.ckpt
+    with pytest.raises(Killed):
+        run(9, str(ckdir / "epoch=0-step=2.ckpt"))  # "the newest file": Lightning now writes last-v1.ckpt
+    lasts = sorted(p.name for p in ckdir.glob("last*.ckpt"))
+    if lasts == ["last.ckpt"]:
+        pytest.fail(f"Lightning wrote no versioned last file here ({lasts}): the case this test guards is gone")
+    before = open_counts = None
+    from torch_dataflow.ledger import open_ledger
+    open_counts = open_ledger(ledger).counts
+    before = open_counts()
+    with pytest.raises(CheckpointTooOld, match=r"last-v1\.ckpt"):
+        run(None, str(ckdir / "last.ckpt"))
+    assert open_counts() == before  # the refusal changed nothing
+    model, ds = run(None, "last")
+    assert model.seen.tolist() == [1] * N
+    c = ds.ledger.counts()
+    assert c.pending == 0 and c.leased == 0 and c.quarantined == 0

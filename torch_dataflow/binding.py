@@ -60,6 +60,8 @@ def consumer_ledger(ledger: str | Ledger) -> Ledger:
     opened = open_ledger(ledger)
     path = getattr(opened, "path", None) if ledger.split("://", 1)[0].lower() == "sqlite" else None
     if path and not os.path.exists(path):
+        if not os.path.isdir(os.path.dirname(os.path.abspath(path))):
+            opened._connect()  # the ledger's own error for a missing directory, before any "is created" warning
         log.warning("ledger file %s does not exist: a new, empty ledger is created there and this consumer "
                     "waits for a producer to register on it. If the path is a typo, stop and fix it: the "
                     "producer's FeatureWriter on the right path is what fills a ledger", path)

@@ -63,8 +63,9 @@ import lightning.pytorch as pl
 from lightning.pytorch.callbacks import Callback
 
 from .acking import Datasets, StepAcker
+from .errors import CheckpointTooOld
 from .lightning_checkpoint import _DurableCheckpointIO
-from .lightning_epochs import align_restored_progress, checkpoint_epoch, set_source_epochs
+from .lightning_epochs import align_restored_progress, checkpoint_epoch, newer_last_files, set_source_epochs
 from .lightning_samplers import _refuse_wrapped_sampler, _reset_resharded_progress
 from .lightning_stats import TrainerStats
 
@@ -157,7 +158,17 @@ class FeatureAckCallback(Callback):
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         # The fit loop fetches its first batch before ``on_train_start``: reconcile here.
         if not self.acker.resumed:
-            self.acker.resume(**self._resume_args(trainer))
+            try:
+                self.acker.resume(**self._resume_args(trainer))
+            except CheckpointTooOld as e:
+                newer = newer_last_files(trainer.ckpt_path)
+                if not newer:
+                    raise
+                # Lightning writes "last-v1.ckpt" (not "last.ckpt") after a resume from a step file
+                raise CheckpointTooOld(
+                    f"{e} A newer last checkpoint sits next to {trainer.ckpt_path}: {', '.join(newer)} — resume "
+                    "from it, or pass ckpt_path=\"last\" (Lightning picks the newest last*.ckpt)",
+                    e.needed_step, e.newest_step) from e
         # Lightning builds the loader's first iterator (with workers: leases) before it calls
         # set_epoch, and never tells a dataset: give every source the epoch being resumed now.
         set_source_epochs(self.acker.datasets, self._ckpt_epoch)

@@ -27,12 +27,14 @@ from __future__ import annotations
 
 import logging
 import math
+import os
+import re
 from collections.abc import Iterable, Mapping
 from typing import Any
 
 log = logging.getLogger(__name__)
 
-__all__ = ["align_restored_progress", "checkpoint_epoch", "set_source_epochs"]
+__all__ = ["align_restored_progress", "checkpoint_epoch", "newer_last_files", "set_source_epochs"]
 
 
 def checkpoint_epoch(ckpt: Mapping[str, Any] | None) -> int:
@@ -121,3 +123,20 @@ def align_restored_progress(trainer: Any) -> int | None:
     current.completed = done - extra
     current.ready = current.started = current.processed = done
     return done
+
+
+def newer_last_files(ckpt_path: Any) -> list[str]:
+    """Lightning "last" files (``last.ckpt``, ``last-v1.ckpt``, ...) next to ``ckpt_path`` and newer
+    than it, newest first: after a resume from a step file Lightning writes ``last-v1.ckpt``, and a
+    restart from the literal ``last.ckpt`` then starts from an older checkpoint."""
+    if not isinstance(ckpt_path, (str, os.PathLike)) or not os.path.isfile(ckpt_path):
+        return []
+    d, mine = os.path.dirname(os.path.abspath(ckpt_path)), os.path.getmtime(ckpt_path)
+    found = []
+    for name in os.listdir(d):
+        p = os.path.join(d, name)
+        if re.fullmatch(r"last(-v?\d+)?\.ckpt", name) and not os.path.samefile(p, ckpt_path):
+            t = os.path.getmtime(p)
+            if t > mine:
+                found.append((t, p))
+    return [p for _, p in sorted(found, reverse=True)]

@@ -147,7 +147,8 @@ class SQLiteLedger(SQLiteFreeQueue, SQLiteFencing, SQLiteProducers, SQLiteQuerie
     def _connect(self) -> sqlite3.Connection:
         parent = os.path.dirname(os.path.abspath(self.path))
         if not os.path.isdir(parent):
-            raise ConfigError(f"directory of ledger file does not exist: {parent}")
+            raise ConfigError(f"directory of ledger file does not exist: {parent} (a ledger file is created, "
+                              f"its directory never is: `mkdir -p {parent}` first, or fix the path if it is a typo)")
         con = sqlite3.connect(self.path, timeout=self.timeout, isolation_level=None, check_same_thread=False)
         con.execute(f"PRAGMA busy_timeout={int(self.timeout * 1000)}")
         con.execute("PRAGMA journal_mode=WAL")
