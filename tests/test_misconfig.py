@@ -157,9 +157,8 @@ def test_ledger_in_a_missing_directory_is_refused_without_a_created_warning(tmp_
     # what to do, never the "a new, empty ledger is created" warning just before it.
     led = f"sqlite://{tmp_path / 'nodir' / 'ledger.db'}"
     store = f"file://{tmp_path / 'store'}"
-    with caplog.at_level("WARNING", logger="torch_dataflow.binding"):
-        with pytest.raises(ConfigError, match="mkdir -p"):
-            FeatureStoreDataset(store, led)
+    with caplog.at_level("WARNING", logger="torch_dataflow.binding"), pytest.raises(ConfigError, match="mkdir -p"):
+        FeatureStoreDataset(store, led)
     assert not [r for r in caplog.records if "is created" in r.getMessage()]
     with pytest.raises(ConfigError, match="directory of ledger file does not exist"):
         FeatureWriter(store, led).put("a", {"x": torch.zeros(1)})
