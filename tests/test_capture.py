@@ -61,14 +61,16 @@ def test_puts_equal_per_sample_extraction(model: torch.nn.Module, tmp_path: Any,
         assert torch.equal(g["input_ids"], s) and torch.equal(g["loss_mask"], m)  # loss mask intact
         for k in ("hidden_state", "aux_hidden_state"):
             assert g[k].shape == a[k].shape == (1, len(s), a[k].shape[-1]) and g[k].dtype == torch.float32
-            torch.testing.assert_close(g[k], a[k], rtol=1e-4, atol=1e-5)
+            # fp32 sums in another order (a padded batch vs one row): CI's CPU differed by 1.7e-5 in one of
+            # 1344 elements; padding that leaked into a row would differ by orders of magnitude more
+            torch.testing.assert_close(g[k], a[k], rtol=1e-4, atol=1e-4)
     # and the training batches built from them are SpecForge's, as from per-sample files
     collate = Eagle3Collator(max_len=2048)
     left, right = collate(got), collate(alone)
     assert sorted(left) == sorted(right)
     for k in left:
         if left[k].is_floating_point():
-            torch.testing.assert_close(left[k], right[k], rtol=1e-4, atol=1e-5)
+            torch.testing.assert_close(left[k], right[k], rtol=1e-4, atol=1e-4)
         else:
             assert torch.equal(left[k], right[k]), k
 
