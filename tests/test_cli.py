@@ -203,6 +203,36 @@ def test_import_specforge_directory(tmp_path: Path, capsys: pytest.CaptureFixtur
     led = open_ledger(ledger)
     assert led.counts().committed == 5 and led.counts().closed
     assert led.get_ref("rows_0-2000~data_3.ckpt") is not None
+    gens = {r.sample_id: r.generation for r in led.committed_refs([f"rows_0-2000~data_{i}.ckpt" for i in range(5)]).values()}
+    files = sorted(p.relative_to(tmp_path) for p in (tmp_path / "store").rglob("*") if p.is_file())
+    led.close()
+    # started again by mistake: nothing is read, written or committed again
+    assert main([*argv, "--no-progress"]) == 0
+    assert "imported 0 samples" in (out := capsys.readouterr().out) and "5 of 5 files were committed before" in out
+    led = open_ledger(ledger)
+    again = led.committed_refs(list(gens))
+    assert {s: r.generation for s, r in again.items()} == gens == dict.fromkeys(gens, 1)
+    assert led.counts().committed == 5 and led.counts().pending == 5 and led.counts().closed
+    assert sorted(p.relative_to(tmp_path) for p in (tmp_path / "store").rglob("*") if p.is_file()) == files
+    led.close()
+
+
+def test_import_after_a_crash_imports_only_the_rest(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from torch_dataflow import FeatureWriter
+    from torch_dataflow.eagle3 import SpecForgeDirectory, write_specforge_directory
+
+    write_specforge_directory(tmp_path / "sf", n=6, seq_lens=[4, 7], hidden=8)
+    src, store, ledger = SpecForgeDirectory(tmp_path / "sf"), f"file://{tmp_path / 'store'}", f"sqlite://{tmp_path / 'l.db'}"
+    w = FeatureWriter(store, ledger)  # an import that died after two files: its stream never closed
+    for i in range(2):
+        w.put(src.sample_id(i), {k: v for k, v in src[i].items() if not k.startswith("__")})
+    w.store.close()
+    w.ledger.close()
+    assert main(["import", str(tmp_path / "sf"), "--store", store, "--ledger", ledger, "--no-progress"]) == 0
+    assert "imported 4 samples" in capsys.readouterr().out
+    led = open_ledger(ledger)
+    refs = led.committed_refs([src.sample_id(i) for i in range(6)])
+    assert len(refs) == 6 and all(r.generation == 1 for r in refs.values()) and led.counts().pending == 6
     led.close()
 
 

@@ -241,12 +241,12 @@ def _import(args: argparse.Namespace) -> int:
         return 0
     if not args.store:
         raise ConfigError("give --store URI to copy into, or --in-place to serve the files where they are")
-    from .specforge.directory import import_directory
+    from .specforge.directory import SpecForgeDirectory, import_directory
 
-    n = import_directory(
-        args.src, args.store, args.ledger, progress=not args.no_progress, trim_padding=args.trim_padding
-    )
-    print(f"imported {n} samples from {args.src} into {args.store} (ledger {args.ledger})")
+    src = SpecForgeDirectory(args.src, trim_padding=args.trim_padding)
+    n = import_directory(src, args.store, args.ledger, progress=not args.no_progress)
+    kept = f" ({len(src) - n} of {len(src)} files were committed before and are skipped)" if n < len(src) else ""
+    print(f"imported {n} samples from {args.src} into {args.store} (ledger {args.ledger}){kept}")
     return 0
 
 

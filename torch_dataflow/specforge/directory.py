@@ -294,8 +294,10 @@ def import_directory(
     :meth:`SpecForgeDirectory.sample_id` and whose tensors are the file's,
     unchanged (collate them with :class:`~torch_dataflow.eagle3.Eagle3Collator`
     as usual). Metadata records the source path and format. Re-running the
-    import re-puts the same ids (new generations), so it is safe to repeat
-    after a crash.
+    import (after a crash, or by mistake) skips the files already committed:
+    it neither reads nor writes them, so nothing is imported twice and a
+    trainer already reading the pool sees no new generations. To import
+    changed files under the same names, use a new ledger.
 
     Args:
         src: the directory, or an open :class:`SpecForgeDirectory`.
@@ -306,8 +308,9 @@ def import_directory(
         name: the producer name registered in the ledger (default: host:pid).
 
     Returns:
-        The number of samples imported. The ledger's stream is closed on
-        success only; after a failure, re-run the import to finish it.
+        The number of samples this call imported (0 when a re-run finds every
+        file committed). The ledger's stream is closed on success only; after
+        a failure, re-run the import to finish it.
 
     Example:
         >>> import_directory("/data/hs", "file:///data/feat", "sqlite:///data/ledger.db")  # doctest: +SKIP
@@ -320,11 +323,14 @@ def import_directory(
     ds = src if isinstance(src, SpecForgeDirectory) else SpecForgeDirectory(src, trim_padding=trim_padding)
     count = 0
     # On an exception the writer is left open (FeatureWriter.__exit__): consumers
-    # must not take a failed import for a complete pool.
-    with FeatureWriter(store=store_uri, ledger=ledger_uri, name=name) as writer:
-        for i in tqdm(range(len(ds)), desc="import SpecForge features", unit="sample", disable=not progress):
+    # must not take a failed import for a complete pool. resume: a re-run skips what is committed.
+    with FeatureWriter(store=store_uri, ledger=ledger_uri, name=name, resume=True) as writer:
+        ids = [ds.sample_id(i) for i in range(len(ds))]
+        todo = set(writer.missing(ids))
+        for i in tqdm([i for i, sid in enumerate(ids) if sid in todo], desc="import SpecForge features",
+                      unit="sample", disable=not progress):
             tensors = {k: v for k, v in ds[i].items() if not k.startswith("__")}
             meta = {"source": ds.relative_path(i), "format": "specforge-offline"}
-            writer.put(ds.sample_id(i), tensors, meta)
+            writer.put(ids[i], tensors, meta)
             count += 1
     return count
