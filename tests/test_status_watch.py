@@ -75,3 +75,31 @@ def test_cli_status_watch_json(tmp_path, capsys, monkeypatch):
     monkeypatch.setattr(status_watch, "watch", lambda *a, **k: real(*a, **{**k, "iterations": 1}))
     assert main(["status", ledger, "--watch", "--json", "--interval", "0.01"]) == 0
     assert json.loads(capsys.readouterr().out)["stream"] == "open"
+
+
+def test_cli_status_watch_redirected_prints_every_refresh_at_once(tmp_path):
+    """`status --watch > log`: each refresh is in the file while the command still runs, headers whole."""
+    import os
+    import subprocess
+    import sys
+    import time
+
+    ledger = f"sqlite://{tmp_path}/ledger.db"
+    with FeatureWriter(f"file://{tmp_path}/store", ledger, name="p0") as w:
+        w.put("a", {"x": torch.ones(2)})
+    log = tmp_path / "watch.log"
+    env = {k: v for k, v in os.environ.items() if k != "COLUMNS"}
+    with log.open("w") as out:
+        proc = subprocess.Popen([sys.executable, "-m", "torch_dataflow.cli", "status", ledger, "--watch",
+                                 "--interval", "0.2"], stdout=out, stderr=subprocess.PIPE, env=env)
+        try:
+            deadline = time.monotonic() + 60
+            while log.read_text().count("-- ") < 2 and time.monotonic() < deadline and proc.poll() is None:
+                time.sleep(0.1)
+            text = log.read_text()  # read while it runs: nothing waits for the end
+            assert proc.poll() is None, proc.stderr.read() if proc.stderr else ""
+        finally:
+            proc.terminate()
+            proc.wait(timeout=30)
+    assert text.count("-- ") >= 2 and text.count("(stream closed, attempt 0)") >= 2, text
+    assert "delete queue" in text and "quarantined" in text  # headers not cut to 80 columns

@@ -21,6 +21,7 @@ Example:
 from __future__ import annotations
 
 import json
+import os
 import time
 from typing import Any
 
@@ -81,6 +82,9 @@ def watch(ledger_uri: str, store_uri: str | None = None, *, interval: float = 2.
     """Refresh the live view every ``interval`` seconds until interrupted (or ``iterations`` times).
 
     With ``as_json`` one JSON snapshot per line instead (machine-readable, no ``rich`` needed).
+    When the output is not a terminal (redirected to a file or a pipe) each refresh is printed
+    below the last one, stamped with its time and flushed, 160 columns wide unless ``COLUMNS``
+    says otherwise, so ``status --watch > log`` can be read while it runs.
     Returns the exit status (0).
     """
     prev: dict[str, Any] | None = None
@@ -99,8 +103,29 @@ def watch(ledger_uri: str, store_uri: str | None = None, *, interval: float = 2.
     from rich.console import Console
     from rich.live import Live
 
-    console = console or Console()
+    redirected = False
+    if console is None:  # (a console given by the caller is drawn live, as it asks)
+        console = Console()
+        redirected = not console.is_terminal
+        if redirected and "COLUMNS" not in os.environ:
+            console = Console(width=160)  # a log file: rich's 80 columns would cut the table's headers
     snap = collect_status(ledger_uri, store_uri, producer_ttl=producer_ttl)
+    if redirected:
+        # Redirected (a file, a pipe to tee): a live view redraws in place and writes only when it stops,
+        # so print one view per refresh, flushed, with its time.
+        try:
+            while True:
+                console.print(f"-- {time.strftime('%Y-%m-%d %H:%M:%S')}")
+                console.print(render(snap, prev))
+                console.file.flush()
+                n += 1
+                if iterations is not None and n >= iterations:
+                    break
+                time.sleep(interval)
+                prev, snap = snap, collect_status(ledger_uri, store_uri, producer_ttl=producer_ttl)
+        except KeyboardInterrupt:
+            pass
+        return 0
     try:
         with Live(render(snap), console=console, refresh_per_second=4, transient=False) as live:
             n = 1
