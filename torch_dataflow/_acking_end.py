@@ -3,11 +3,13 @@ samples quarantined (never trained) and samples kept for a replay."""
 
 from __future__ import annotations
 
+import atexit
 import logging
 from collections.abc import Iterable
+from types import SimpleNamespace
 from typing import Any
 
-__all__ = ["kept_bytes", "report_quarantined", "warn_kept"]
+__all__ = ["kept_bytes", "report_quarantined", "warn_kept", "warn_kept_at_exit"]
 
 # The acker's logger: these lines are the acker's, whatever module holds them.
 log = logging.getLogger("torch_dataflow.acking")
@@ -46,4 +48,28 @@ def warn_kept(datasets: Iterable[Any]) -> int:
             "checkpoint can train them again. If this run's final state is saved, free them: write one more "
             "checkpoint (Lightning: trainer.save_checkpoint(path) after fit), call finish(saved=True), or run "
             "`torch-dataflow finish %s %s`", n, ds.store.uri, ds.store.uri, ds.ledger.uri)
+    return n
+
+
+def warn_kept_at_exit(datasets: Iterable[Any]) -> int:
+    """At the end of ``fit``: what :func:`kept_bytes` counts may still be freed by a checkpoint the
+    script writes after ``fit`` (``trainer.save_checkpoint``), so say it at INFO now and warn (as
+    :func:`warn_kept` does) only if the bytes are still kept when the process exits. Returns the count now."""
+    datasets = list(datasets)
+    n = kept_bytes(datasets)
+    if not n:
+        return 0
+    log.info("%d samples trained after the newest checkpoint keep their bytes for a resume from it; a "
+             "checkpoint written after fit frees them (if none is, a warning says how at exit)", n)
+    # What the check at exit reads: the ledgers (held, small), not the datasets with their stores and buffers.
+    views = [SimpleNamespace(ledger=ds.ledger, mode=getattr(ds, "mode", "offline"),
+                             store=SimpleNamespace(uri=ds.store.uri)) for ds in datasets]
+
+    def at_exit() -> None:
+        try:
+            warn_kept(views)
+        except Exception as e:  # a ledger closed or gone by now: nothing can be counted
+            log.debug("could not count the kept samples at exit: %s", e)
+
+    atexit.register(at_exit)
     return n

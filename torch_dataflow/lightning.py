@@ -62,6 +62,7 @@ from typing import Any
 import lightning.pytorch as pl
 from lightning.pytorch.callbacks import Callback
 
+from . import _acking_end
 from .acking import Datasets, StepAcker
 from .errors import CheckpointTooOld
 from .lightning_checkpoint import _DurableCheckpointIO
@@ -319,4 +320,5 @@ class FeatureAckCallback(Callback):
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         self._drain()
         if stage == "fit" and self.acker.finished and trainer.global_rank == 0:
-            self.acker.warn_kept()
+            # a trainer.save_checkpoint after fit frees what is kept: warn at exit if none did
+            _acking_end.warn_kept_at_exit(self.acker._by_ledger.values())
