@@ -206,3 +206,77 @@ def test_shared_dir_failed_write_leaves_no_file(tmp_path: Any, monkeypatch: pyte
     monkeypatch.undo()
     assert s.keys() == [("warm", 1)]
     assert s.sweep_temp(older_than_s=0, dry_run=True) == 0
+
+
+def _same_fanout_ids(store: SharedDirStore, n: int) -> list[str]:
+    ids = [f"s{i}" for i in range(4096)]
+    d = store._dir(ids[0])
+    return [s for s in ids if store._dir(s) == d][:n]
+
+
+def test_shared_dir_freed_store_keeps_no_empty_directories(tmp_path: Any) -> None:
+    store = SharedDirStore(str(tmp_path / "s"))
+    refs = [store.put(f"s{i}", 1, sample_tensors(seed=i)) for i in range(64)]
+    assert len([d for d in os.listdir(store.root) if len(d) == 2]) > 16
+    for ref in refs:
+        assert store.delete(ref)
+    assert sorted(os.listdir(store.root)) == [".staging", MARKER]  # fan-out dirs go with their last file
+    assert os.listdir(os.path.join(store.root, ".staging")) == []
+    ref = store.put("s0", 2, sample_tensors(seed=0))  # and come back at the next put
+    assert_same_tensors(store.get(ref), sample_tensors(seed=0))
+
+
+def test_shared_dir_put_survives_its_dir_removed_before_the_link(tmp_path: Any,
+                                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    """A delete that empties a fan-out dir removes it: if that happens between a put's mkdir and its
+    link (fault injected there), the put makes the dir again and publishes."""
+    import torch_dataflow.stores.shared_dir as sd
+
+    store = SharedDirStore(str(tmp_path / "s"))
+    a, b = _same_fanout_ids(store, 2)
+    ra = store.put(a, 1, sample_tensors(seed=1))
+    real = sd._mkdir_private
+    raced = []
+
+    def mkdir_then_lose_it(path: str) -> None:
+        real(path)
+        if not raced and os.path.basename(path) != ".staging":
+            raced.append(path)
+            os.rmdir(path)  # the other process's delete of the dir's last file got here first
+
+    monkeypatch.setattr(sd, "_mkdir_private", mkdir_then_lose_it)
+    store.delete(ra)  # the dir is empty and gone
+    rb = store.put(b, 1, sample_tensors(seed=2))
+    assert raced and os.path.isfile(store.path_of(b, 1))
+    assert_same_tensors(store.get(rb), sample_tensors(seed=2))
+
+
+def test_shared_dir_puts_and_deletes_in_one_dir_from_two_processes(tmp_path: Any) -> None:
+    """Two processes: one puts and deletes ids of one fan-out dir over and over (the dir empties
+    each time), the other puts the rest of that dir's ids. Every put lands, nothing is left over."""
+    import multiprocessing as mp
+
+    store = SharedDirStore(str(tmp_path / "s"))
+    ids = _same_fanout_ids(store, 12)
+    ctx = mp.get_context("spawn")
+    churn = ctx.Process(target=_churn, args=(store.root, ids[0], 300))
+    churn.start()
+    kept = []
+    for rnd in range(30):
+        for sid in ids[1:]:
+            ref = store.put(sid, rnd + 1, {"x": torch.full((64,), float(rnd))})
+            kept.append(ref)
+        for ref in kept:
+            assert torch.equal(store.get(ref)["x"], torch.full((64,), float(ref.generation - 1)))
+            store.delete(ref)
+        kept.clear()
+    churn.join(120)
+    assert churn.exitcode == 0
+    assert list(store.keys()) == []
+    assert sorted(os.listdir(store.root)) == [".staging", MARKER]
+
+
+def _churn(root: str, sid: str, n: int) -> None:
+    store = SharedDirStore(root)
+    for gen in range(1, n + 1):
+        store.delete(store.put(sid, gen, {"x": torch.ones(64)}))

@@ -8,7 +8,9 @@ Layout::
     <root>/.staging/<host>+<pid>+<token>.tmp   a write in progress (never read as a sample)
 
 ``<ff>`` is two hex digits of xxh3(sample id), so no directory grows past
-1/256 of the samples. A blob is written to a temporary file in its final
+1/256 of the samples; a delete that empties one removes it (a put recreates
+it), so a store whose samples are all freed holds only the marker and
+``.staging/``. A blob is written to a temporary file in its final
 staging directory (named by host and pid: a restarted writer removes the ones
 its killed predecessors on this host left, see :meth:`SharedDirStore.sweep_dead_writers`)
 and published with :func:`os.link` into its final directory (then the
@@ -67,6 +69,7 @@ MARKER = ".torch_dataflow.json"
 _KIND = "torch_dataflow.shared_dir"
 _VERSION = 1
 _SUFFIX = ".tdf"
+_PUBLISH_TRIES = 64  # link attempts when deletes keep removing the emptied fan-out dir under a put
 _STAGING = ".staging"  # temporary files of writes in progress: <host>+<pid>+<token>.tmp
 _HOST = "".join(c if c.isalnum() or c in "-." else "_" for c in socket.gethostname())
 _QUERY = {"fsync": bool, "secret": str, "max_bytes": "size", "create": bool}
@@ -222,7 +225,11 @@ class SharedDirStore(FeatureStore):
 
     def _sample_files(self) -> Iterator[tuple[str, int, os.DirEntry[str]]]:
         for d in self._sample_dirs():
-            with os.scandir(d.path) as it:
+            try:
+                it = os.scandir(d.path)
+            except FileNotFoundError:
+                continue  # emptied and removed by a delete since the listing
+            with it:
                 for e in it:
                     if e.name.startswith(".") or not e.name.endswith(_SUFFIX):
                         continue
@@ -257,11 +264,14 @@ class SharedDirStore(FeatureStore):
             if written != nbytes:
                 raise ConfigError(f"wrote {written} bytes for {sample_id!r}, expected {nbytes}")
             try:
-                try:
-                    os.link(tmp, final)  # atomic publish that never replaces a file (rename would)
-                except FileNotFoundError:  # first sample in this fan-out dir
-                    _mkdir_private(d)
-                    os.link(tmp, final)
+                for attempt in range(_PUBLISH_TRIES):
+                    try:
+                        os.link(tmp, final)  # atomic publish that never replaces a file (rename would)
+                        break
+                    except FileNotFoundError:  # no fan-out dir: first sample in it, or a delete emptied it
+                        if attempt == _PUBLISH_TRIES - 1 or not os.path.exists(tmp):
+                            raise
+                        _mkdir_private(d)  # (a delete may rmdir it again before the link: try again)
             except FileExistsError:
                 raise ConfigError(
                     f"store {self.uri} already holds generation {generation} of {sample_id!r}; a put never "
@@ -342,10 +352,16 @@ class SharedDirStore(FeatureStore):
             os.close(fd)  # the mapping outlives the descriptor
 
     def _delete(self, sample_id: str, generation: int) -> bool:
+        path = self.path_of(sample_id, generation)
         try:
-            os.unlink(self.path_of(sample_id, generation))
+            os.unlink(path)
         except FileNotFoundError:
             return False
+        # The last file of its fan-out dir: remove the dir too, so a store whose samples are all freed
+        # holds no empty directories. Fails (harmlessly) while the dir holds anything; a put racing this
+        # recreates it (see _write).
+        with contextlib.suppress(OSError):
+            os.rmdir(os.path.dirname(path))
         return True
 
     def _exists(self, sample_id: str, generation: int) -> bool:
@@ -392,7 +408,11 @@ class SharedDirStore(FeatureStore):
         staging = os.path.join(self.root, _STAGING)
         dirs = [self.root, *([staging] if os.path.isdir(staging) else []), *(d.path for d in self._sample_dirs())]
         for d in dirs:
-            with os.scandir(d) as it:
+            try:
+                it = os.scandir(d)
+            except FileNotFoundError:
+                continue  # a fan-out dir emptied and removed since the listing
+            with it:
                 for e in it:
                     temp = e.name.endswith(".tmp") and (d == staging or e.name.startswith("."))  # older layout: .tmp beside the blobs
                     if not temp or not e.is_file(follow_symlinks=False):
