@@ -152,6 +152,20 @@ def test_mistyped_sqlite_ledger_path_is_named_at_once_and_in_the_stall(tmp_path:
     assert not caplog.records
 
 
+def test_consumer_beside_a_writer_of_this_process_is_not_warned(tmp_path: Path, caplog) -> None:
+    # docs/backends.md's first block: a FeatureWriter, then a dataset on the same ledger, in one process,
+    # before any put. The writer is the producer: no "does not exist" / "no producer" warning. A dataset on
+    # a mistyped path beside it is still warned.
+    store, led = f"file://{tmp_path / 'feats'}", f"sqlite://{tmp_path / 'ledger.db'}"
+    with caplog.at_level("WARNING", logger="torch_dataflow.binding"):
+        w = FeatureWriter(store=store, ledger=led)
+        FeatureStoreDataset(store=store, ledger=f"sqlite://{tmp_path}/./ledger.db", batch_size=8)
+        assert not caplog.records
+        FeatureStoreDataset(store=store, ledger=f"sqlite://{tmp_path / 'ledgr.db'}")
+        assert [r for r in caplog.records if "does not exist" in r.getMessage()]
+    w.close()
+
+
 def test_ledger_in_a_missing_directory_is_refused_without_a_created_warning(tmp_path: Path, caplog) -> None:
     # Consumer or producer first, in a directory that does not exist: one clear error that says
     # what to do, never the "a new, empty ledger is created" warning just before it.

@@ -26,6 +26,7 @@ from __future__ import annotations
 import logging
 import os
 import urllib.parse
+import weakref
 from typing import Any
 
 from .errors import ConfigError, ForkedClient
@@ -36,6 +37,24 @@ from .stores.shared_dir import SharedDirStore
 __all__ = ["STORE_ID_KEY", "bind_store", "check_store", "consumer_ledger", "consumer_store", "existing_ledger"]
 
 log = logging.getLogger(__name__)
+
+# FeatureWriters alive in this process (registered by the writer): a consumer opened beside one on the same
+# ledger is not warned that no producer wrote it yet (the writer connects at its first put).
+_WRITERS: weakref.WeakSet[Any] = weakref.WeakSet()
+
+
+def _ledger_key(ledger: Any) -> str:
+    return os.path.realpath(ledger.path) if getattr(ledger, "path", None) else str(getattr(ledger, "uri", ""))
+
+
+def note_writer(writer: Any) -> None:
+    """A :class:`~torch_dataflow.FeatureWriter` of this process writes to ``writer.ledger``."""
+    _WRITERS.add(writer)
+
+
+def _writer_here(ledger: Ledger) -> bool:
+    key = _ledger_key(ledger)
+    return any(not getattr(w, "_closed", False) and _ledger_key(w.ledger) == key for w in list(_WRITERS))
 
 STORE_ID_KEY = "store_id"
 
@@ -59,9 +78,11 @@ def consumer_ledger(ledger: str | Ledger) -> Ledger:
         return open_ledger(ledger)  # an instance is the caller's; a memory ledger cannot be mistyped elsewhere
     opened = open_ledger(ledger)
     path = getattr(opened, "path", None) if ledger.split("://", 1)[0].lower() == "sqlite" else None
+    if path and not os.path.isdir(os.path.dirname(os.path.abspath(path))):
+        opened._connect()  # the ledger's own error for a missing directory, before any "is created" warning
+    if _writer_here(opened):
+        return opened  # its producer is in this process (it registers at its first put): no typo to warn of
     if path and not os.path.exists(path):
-        if not os.path.isdir(os.path.dirname(os.path.abspath(path))):
-            opened._connect()  # the ledger's own error for a missing directory, before any "is created" warning
         log.warning("ledger file %s does not exist: a new, empty ledger is created there and this consumer "
                     "waits for a producer to register on it. If the path is a typo, stop and fix it: the "
                     "producer's FeatureWriter on the right path is what fills a ledger", path)

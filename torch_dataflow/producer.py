@@ -22,7 +22,7 @@ from typing import Any
 
 import torch
 
-from .binding import bind_store
+from .binding import bind_store, note_writer
 from .errors import BackendUnavailable, ConfigError, SampleAborted, StoreFull
 from .gc import drain_deletes
 from .ledger import Ledger, open_ledger
@@ -133,6 +133,7 @@ class FeatureWriter:
         self._refused = False
         self._beat_at = 0.0
         self._bound = False
+        note_writer(self)
 
     def _bind(self) -> None:
         """Before the first byte: record this store in the ledger (or refuse another one)."""
