@@ -611,16 +611,17 @@ class SQLiteLedger(SQLiteFreeQueue, SQLiteFencing, SQLiteProducers, SQLiteQuerie
         if free and upto is not None and (horizon is None or upto > int(horizon)):
             # DURABLE deliveries trained in (horizon, upto]: the retention rule of retention.py.
             # ... whose sample no other delivery still needs (none below DURABLE, any epoch): one query.
+            # Picked and marked FREED in one statement (RETURNING), not a select and a row-by-row update.
             texts = [r[0] for r in con.execute(
-                "SELECT s.ref FROM samples s WHERE s.status=? AND s.ref IS NOT NULL AND s.sample_id IN ("
+                "UPDATE samples SET status=? WHERE status=? AND ref IS NOT NULL AND sample_id IN ("
                 f"SELECT d.sample_id FROM deliveries d WHERE d.state={D} AND d.step<=? AND d.step>?) "
-                f"AND NOT EXISTS (SELECT 1 FROM deliveries o WHERE o.sample_id=s.sample_id AND o.state<{D})",
-                (int(SampleStatus.LIVE), upto, -(1 << 62) if horizon is None else int(horizon)))]
+                "AND NOT EXISTS (SELECT 1 FROM deliveries o WHERE o.sample_id=samples.sample_id "
+                f"AND o.state<{D}) RETURNING ref",
+                (int(SampleStatus.FREED), int(SampleStatus.LIVE), upto,
+                 -(1 << 62) if horizon is None else int(horizon)))]
             self._set_meta(con, "horizon", upto)
             freed = [ref_from_json(t) for t in texts]
-            con.executemany("UPDATE samples SET status=? WHERE sample_id=?",
-                            [(int(SampleStatus.FREED), r.sample_id) for r in freed])
-            self._sc(SampleStatus.LIVE, -len(freed))  # the query picked LIVE ones
+            self._sc(SampleStatus.LIVE, -len(freed))  # the statement picked LIVE ones
             self._sc(SampleStatus.FREED, len(freed))
             self._queue_free(con, freed, texts)
         return len(ids), freed
