@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -217,23 +218,66 @@ def test_import_specforge_directory(tmp_path: Path, capsys: pytest.CaptureFixtur
     led.close()
 
 
-def test_import_after_a_crash_imports_only_the_rest(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    from torch_dataflow import FeatureWriter
+def test_import_killed_then_rerun_imports_the_rest_and_closes_the_stream(tmp_path: Path, capsys) -> None:
+    """SIGKILL an import after some files are committed; the re-run imports only the rest, each file
+    once at generation 1, and ends the stream (the killed run's producer is the re-run's: one name per
+    source), so an online trainer ends instead of waiting for the dead run."""
+    import signal
+    import time
+
     from torch_dataflow.eagle3 import SpecForgeDirectory, write_specforge_directory
 
-    write_specforge_directory(tmp_path / "sf", n=6, seq_lens=[4, 7], hidden=8)
-    src, store, ledger = SpecForgeDirectory(tmp_path / "sf"), f"file://{tmp_path / 'store'}", f"sqlite://{tmp_path / 'l.db'}"
-    w = FeatureWriter(store, ledger)  # an import that died after two files: its stream never closed
-    for i in range(2):
-        w.put(src.sample_id(i), {k: v for k, v in src[i].items() if not k.startswith("__")})
-    w.store.close()
-    w.ledger.close()
-    assert main(["import", str(tmp_path / "sf"), "--store", store, "--ledger", ledger, "--no-progress"]) == 0
-    assert "imported 4 samples" in capsys.readouterr().out
+    write_specforge_directory(tmp_path / "sf", n=300, seq_lens=[64, 96], hidden=64)
+    src = SpecForgeDirectory(tmp_path / "sf")
+    store, ledger = f"file://{tmp_path / 'store'}", f"sqlite://{tmp_path / 'l.db'}"
+    argv = ["import", str(tmp_path / "sf"), "--store", store, "--ledger", ledger, "--no-progress"]
+    proc = subprocess.Popen([sys.executable, "-m", "torch_dataflow.cli", *argv], stderr=subprocess.PIPE)
+    deadline = time.monotonic() + 120
+    done = 0
+    while time.monotonic() < deadline and proc.poll() is None:
+        if (tmp_path / "l.db").exists():
+            with contextlib.suppress(Exception):
+                led = open_ledger(ledger)
+                done = led.counts().committed
+                led.close()
+        if done >= 20:
+            break
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait(30)
+    assert proc.returncode == -signal.SIGKILL, "the import finished before it could be killed"
     led = open_ledger(ledger)
-    refs = led.committed_refs([src.sample_id(i) for i in range(6)])
-    assert len(refs) == 6 and all(r.generation == 1 for r in refs.values()) and led.counts().pending == 6
+    killed_at = led.counts().committed
+    assert 0 < killed_at < 300 and not led.counts().closed
     led.close()
+    assert main(argv) == 0
+    out = capsys.readouterr().out
+    assert f"imported {300 - killed_at} samples" in out and f"{killed_at} of 300 files were committed before" in out
+    led = open_ledger(ledger)
+    refs = led.committed_refs([src.sample_id(i) for i in range(300)])
+    assert len(refs) == 300 and {r.generation for r in refs.values()} == {1}
+    assert led.counts().pending == 300 and led.counts().closed  # nobody waits for the killed run
+    assert [p["name"] for p in led.producers()] == [f"import:{(tmp_path / 'sf').resolve()}"]
+    led.close()
+    files = [p for p in (tmp_path / "store").rglob("*") if p.is_file() and p.suffix == ".tdf"]
+    assert len(files) == 300 and not list((tmp_path / "store" / ".staging").iterdir())
+
+
+def test_a_second_import_of_one_source_while_the_first_runs_is_refused(tmp_path: Path) -> None:
+    """Started twice by mistake: the second import of a source, while the first one's process runs,
+    stops at once naming it (both would write every file), and commits nothing."""
+    from torch_dataflow import FeatureWriter
+    from torch_dataflow.eagle3 import write_specforge_directory
+
+    write_specforge_directory(tmp_path / "sf", n=4, seq_lens=[4], hidden=8)
+    store, ledger = f"file://{tmp_path / 'store'}", f"sqlite://{tmp_path / 'l.db'}"
+    running = FeatureWriter(store, ledger, name=f"import:{(tmp_path / 'sf').resolve()}")  # this process: alive
+    running.put("other", {"x": torch.zeros(1)})
+    out = subprocess.run([sys.executable, "-m", "torch_dataflow.cli", "import", str(tmp_path / "sf"), "--store",
+                          store, "--ledger", ledger, "--no-progress"], capture_output=True, text=True, timeout=120)
+    assert out.returncode != 0 and "already running" in out.stderr, out.stderr
+    assert sorted(running.ledger.committed_refs(["other", "rows_0-2000~data_0.ckpt"])) == ["other"]
+    running.close()
 
 
 def test_passthrough_commands(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:

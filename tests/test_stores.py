@@ -251,6 +251,28 @@ def test_shared_dir_put_survives_its_dir_removed_before_the_link(tmp_path: Any,
     assert_same_tensors(store.get(rb), sample_tensors(seed=2))
 
 
+def test_shared_dir_put_survives_its_dir_removed_between_mkdir_and_chmod(tmp_path: Any,
+                                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    import torch_dataflow.stores._file_io as fio
+
+    store = SharedDirStore(str(tmp_path / "s"))
+    a, b = _same_fanout_ids(store, 2)
+    store.delete(store.put(a, 1, sample_tensors(seed=1)))  # the dir is gone
+    real, raced = os.chmod, []
+
+    def chmod_after_a_delete(path: Any, mode: int, *args: Any, **kw: Any) -> None:
+        if not raced and os.path.basename(str(path)) == os.path.basename(store._dir(b)):
+            raced.append(path)
+            os.rmdir(path)  # the other process's delete removed the dir just made
+        real(path, mode, *args, **kw)
+
+    monkeypatch.setattr(fio.os, "chmod", chmod_after_a_delete)
+    rb = store.put(b, 1, sample_tensors(seed=2))
+    assert raced and os.path.isfile(store.path_of(b, 1))
+    assert stat.S_IMODE(os.stat(os.path.dirname(store.path_of(b, 1))).st_mode) == 0o700
+    assert_same_tensors(store.get(rb), sample_tensors(seed=2))
+
+
 def test_shared_dir_puts_and_deletes_in_one_dir_from_two_processes(tmp_path: Any) -> None:
     """Two processes: one puts and deletes ids of one fan-out dir over and over (the dir empties
     each time), the other puts the rest of that dir's ids. Every put lands, nothing is left over."""

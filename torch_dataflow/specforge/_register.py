@@ -5,7 +5,6 @@ identity it commits). The store knows bytes only; this module knows the ledger."
 from __future__ import annotations
 
 import os
-import socket
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -63,7 +62,8 @@ def register_directory(
         path: the directory, or an open ``SpecForgeDirectory`` (its root and order).
         ledger: a ledger URI or instance.
         progress: show a tqdm progress bar.
-        name: producer name recorded in the ledger (default ``specforge-register:host:pid``).
+        name: producer name recorded in the ledger (default ``specforge-register:<absolute SRC path>``, the same
+            for every run, so a re-run after a kill ends the stream the killed run left open).
         batch: files per reserve/commit round trip.
 
     Returns:
@@ -97,7 +97,9 @@ def register_directory(
     from ..binding import bind_store
 
     bind_store(store, led)  # consumers then refuse a mistyped directory before leasing
-    producer = name or f"specforge-register:{socket.gethostname()}:{os.getpid()}"
+    # One name per directory, the same for every run: a re-run after a kill closes the stream the dead run
+    # left open (with a name per process, that run's producer stayed open and online consumers waited on it).
+    producer = name or f"specforge-register:{os.path.abspath(ds.root)}"
     led.register_producer(producer)
     committed, batch = 0, max(1, batch)
     with tqdm(total=len(items), desc="register SpecForge files", unit="file", disable=not progress) as bar:

@@ -305,7 +305,11 @@ def import_directory(
         ledger_uri: a ledger URI (``sqlite:///data/ledger.db``) or ledger instance.
         progress: show a tqdm progress bar.
         trim_padding: see :class:`SpecForgeDirectory`.
-        name: the producer name registered in the ledger (default: host:pid).
+        name: the producer name registered in the ledger (default:
+            ``import:<absolute SRC path>``, the same for every run, so a re-run
+            after a kill takes the dead run's place and closes the stream it
+            left open, and a second import of SRC while one runs is refused
+            with :class:`~torch_dataflow.errors.SessionConflict`).
 
     Returns:
         The number of samples this call imported (0 when a re-run finds every
@@ -321,16 +325,15 @@ def import_directory(
     from ..producer import FeatureWriter
 
     ds = src if isinstance(src, SpecForgeDirectory) else SpecForgeDirectory(src, trim_padding=trim_padding)
-    count = 0
     # On an exception the writer is left open (FeatureWriter.__exit__): consumers
     # must not take a failed import for a complete pool. resume: a re-run skips what is committed.
+    name = name or f"import:{os.path.abspath(ds.root)}"
     with FeatureWriter(store=store_uri, ledger=ledger_uri, name=name, resume=True) as writer:
         ids = [ds.sample_id(i) for i in range(len(ds))]
         todo = set(writer.missing(ids))
         for i in tqdm([i for i, sid in enumerate(ids) if sid in todo], desc="import SpecForge features",
-                      unit="sample", disable=not progress):
+                      unit="sample", disable=not progress or not todo):
             tensors = {k: v for k, v in ds[i].items() if not k.startswith("__")}
             meta = {"source": ds.relative_path(i), "format": "specforge-offline"}
             writer.put(ids[i], tensors, meta)
-            count += 1
-    return count
+    return writer.written  # not the puts answered with a ref another writer committed first

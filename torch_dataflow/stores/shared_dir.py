@@ -271,7 +271,10 @@ class SharedDirStore(FeatureStore):
                     except FileNotFoundError:  # no fan-out dir: first sample in it, or a delete emptied it
                         if attempt == _PUBLISH_TRIES - 1 or not os.path.exists(tmp):
                             raise
-                        _mkdir_private(d)  # (a delete may rmdir it again before the link: try again)
+                    # Another process's delete may rmdir it again at any moment (even between the
+                    # mkdir and its chmod): then the link above fails once more and this runs again.
+                    with contextlib.suppress(FileNotFoundError):
+                        _mkdir_private(d)
             except FileExistsError:
                 raise ConfigError(
                     f"store {self.uri} already holds generation {generation} of {sample_id!r}; a put never "
