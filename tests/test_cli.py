@@ -257,7 +257,7 @@ def test_import_killed_then_rerun_imports_the_rest_and_closes_the_stream(tmp_pat
     refs = led.committed_refs([src.sample_id(i) for i in range(300)])
     assert len(refs) == 300 and {r.generation for r in refs.values()} == {1}
     assert led.counts().pending == 300 and led.counts().closed  # nobody waits for the killed run
-    assert [p["name"] for p in led.producers()] == [f"import:{(tmp_path / 'sf').resolve()}"]
+    assert [p["name"] for p in led.producers()] == [f"import:{os.path.realpath(tmp_path / 'sf')}"]
     led.close()
     files = [p for p in (tmp_path / "store").rglob("*") if p.is_file() and p.suffix == ".tdf"]
     assert len(files) == 300 and not list((tmp_path / "store" / ".staging").iterdir())
@@ -271,7 +271,7 @@ def test_a_second_import_of_one_source_while_the_first_runs_is_refused(tmp_path:
 
     write_specforge_directory(tmp_path / "sf", n=4, seq_lens=[4], hidden=8)
     store, ledger = f"file://{tmp_path / 'store'}", f"sqlite://{tmp_path / 'l.db'}"
-    running = FeatureWriter(store, ledger, name=f"import:{(tmp_path / 'sf').resolve()}")  # this process: alive
+    running = FeatureWriter(store, ledger, name=f"import:{os.path.realpath(tmp_path / 'sf')}")  # alive: this process
     running.put("other", {"x": torch.zeros(1)})
     out = subprocess.run([sys.executable, "-m", "torch_dataflow.cli", "import", str(tmp_path / "sf"), "--store",
                           store, "--ledger", ledger, "--no-progress"], capture_output=True, text=True, timeout=120)
@@ -317,3 +317,23 @@ def test_status_never_creates_a_store(small_ledger: tuple[str, str], tmp_path: P
     empty.mkdir()
     assert main(["status", ledger, "--store", f"file://{empty}"]) == 2
     assert list(empty.iterdir()) == []
+
+
+def test_import_of_another_directory_into_the_same_ledger_is_refused(tmp_path: Path, capsys) -> None:
+    """Two SpecForge directories have the same relative paths (rows_0-2000/data_0.ckpt, ...) for other
+    files: the second import into the first's ledger must not skip them as 'committed before'."""
+    from torch_dataflow.eagle3 import write_specforge_directory
+
+    write_specforge_directory(tmp_path / "a", n=6, seq_lens=[4], hidden=8, seed=1)
+    write_specforge_directory(tmp_path / "b", n=8, seq_lens=[5], hidden=8, seed=2)
+    store, ledger = f"file://{tmp_path / 'store'}", f"sqlite://{tmp_path / 'l.db'}"
+    assert main(["import", str(tmp_path / "a"), "--store", store, "--ledger", ledger, "--no-progress"]) == 0
+    capsys.readouterr()
+    assert main(["import", str(tmp_path / "b"), "--store", store, "--ledger", ledger, "--no-progress"]) != 0
+    assert re.search(r"6 samples of the same names imported from \S*/a, not from \S*/b", capsys.readouterr().err)
+    led = open_ledger(ledger)
+    assert led.counts().committed == 6  # nothing of b was written
+    led.close()
+    os.symlink(tmp_path / "a", tmp_path / "link")  # the same directory by another path: a re-run, skipped
+    assert main(["import", str(tmp_path / "link"), "--store", store, "--ledger", ledger, "--no-progress"]) == 0
+    assert "imported 0 samples" in capsys.readouterr().out

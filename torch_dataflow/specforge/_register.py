@@ -62,7 +62,7 @@ def register_directory(
         path: the directory, or an open ``SpecForgeDirectory`` (its root and order).
         ledger: a ledger URI or instance.
         progress: show a tqdm progress bar.
-        name: producer name recorded in the ledger (default ``specforge-register:<absolute SRC path>``, the same
+        name: producer name recorded in the ledger (default ``specforge-register:<real SRC path>``, the same
             for every run, so a re-run after a kill ends the stream the killed run left open).
         batch: files per reserve/commit round trip.
 
@@ -99,7 +99,7 @@ def register_directory(
     bind_store(store, led)  # consumers then refuse a mistyped directory before leasing
     # One name per directory, the same for every run: a re-run after a kill closes the stream the dead run
     # left open (with a name per process, that run's producer stayed open and online consumers waited on it).
-    producer = name or f"specforge-register:{os.path.abspath(ds.root)}"
+    producer = name or f"specforge-register:{os.path.realpath(ds.root)}"
     led.register_producer(producer)
     committed, batch = 0, max(1, batch)
     with tqdm(total=len(items), desc="register SpecForge files", unit="file", disable=not progress) as bar:

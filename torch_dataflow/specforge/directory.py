@@ -306,7 +306,7 @@ def import_directory(
         progress: show a tqdm progress bar.
         trim_padding: see :class:`SpecForgeDirectory`.
         name: the producer name registered in the ledger (default:
-            ``import:<absolute SRC path>``, the same for every run, so a re-run
+            ``import:<real SRC path>`` (symlinks resolved), the same for every run, so a re-run
             after a kill takes the dead run's place and closes the stream it
             left open, and a second import of SRC while one runs is refused
             with :class:`~torch_dataflow.errors.SessionConflict`).
@@ -327,13 +327,33 @@ def import_directory(
     ds = src if isinstance(src, SpecForgeDirectory) else SpecForgeDirectory(src, trim_padding=trim_padding)
     # On an exception the writer is left open (FeatureWriter.__exit__): consumers
     # must not take a failed import for a complete pool. resume: a re-run skips what is committed.
-    name = name or f"import:{os.path.abspath(ds.root)}"
+    root = os.path.realpath(ds.root)  # one name and one record per directory, whatever path reached it
+    name = name or f"import:{root}"
     with FeatureWriter(store=store_uri, ledger=ledger_uri, name=name, resume=True) as writer:
         ids = [ds.sample_id(i) for i in range(len(ds))]
         todo = set(writer.missing(ids))
+        _refuse_other_root(writer.ledger, [s for s in ids if s not in todo], root)
         for i in tqdm([i for i, sid in enumerate(ids) if sid in todo], desc="import SpecForge features",
                       unit="sample", disable=not progress or not todo):
             tensors = {k: v for k, v in ds[i].items() if not k.startswith("__")}
-            meta = {"source": ds.relative_path(i), "format": "specforge-offline"}
+            meta = {"source": ds.relative_path(i), "root": root, "format": "specforge-offline"}
             writer.put(ids[i], tensors, meta)
     return writer.written  # not the puts answered with a ref another writer committed first
+
+
+def _refuse_other_root(ledger: Any, done: list[str], root: str) -> None:
+    """A sample id is the file's path relative to its directory: another directory's import into the
+    same ledger has the same ids for other files. Skipping them (a re-run skips what is committed)
+    would lose this directory's files without a word, so refuse, naming both directories."""
+    if not done:
+        return
+    refs = ledger.committed_refs(done)
+    other = next((r for r in refs.values() if r.metadata.get("root") not in (None, root)), None)
+    if other is None:
+        return
+    clash = sum(r.metadata.get("root") not in (None, root) for r in refs.values())
+    raise ConfigError(
+        f"ledger {ledger.uri} already holds {clash} samples of the same names imported from "
+        f"{other.metadata['root']}, not from {root} (first: {other.sample_id!r}): sample ids are paths relative "
+        "to the directory, so two directories cannot share a ledger. Import this one into its own store and "
+        "ledger (or merge the directories into one before importing)")
