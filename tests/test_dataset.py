@@ -301,3 +301,22 @@ def test_writer_close_releases_what_it_opened(uris: tuple[str, str]) -> None:
     w2.put("b", sample(1))
     w2.close()
     assert shared._con is not None  # type: ignore[attr-defined]  # the caller's instance stays open
+
+
+def test_close_releases_what_the_dataset_opened_not_what_it_was_given(tmp_path) -> None:
+    from torch_dataflow import FeatureWriter
+    from torch_dataflow.ledger import open_ledger
+
+    store, ledger = f"file://{tmp_path}/s", f"sqlite://{tmp_path}/l.db"
+    with FeatureWriter(store, ledger) as w:
+        w.put("a", {"x": torch.ones(2)})
+    with FeatureStoreDataset(store, ledger, mode="offline") as ds:
+        assert [s["__sample_id__"] for s in ds] == ["a"]
+        assert ds.ledger._con is not None
+    assert ds.ledger._con is None  # closed with the dataset
+    mine = open_ledger(ledger)
+    mine.counts()
+    with FeatureStoreDataset(store, mine, mode="offline") as ds:
+        assert len(ds) == 1
+    assert mine._con is not None and mine.counts().committed == 1  # the caller's instance stays open
+    mine.close()

@@ -187,6 +187,8 @@ class FeatureStoreDataset(SessionMember, IterableDataset):
             raise ConfigError(f"lease_ttl must be > 0, got {lease_ttl}")
         self.store = consumer_store(store)  # a file:// directory is never created by a consumer
         self.ledger = consumer_ledger(ledger)  # a new sqlite file is created, with a warning (a typo?)
+        # What close() releases: the connections this dataset opened, not instances the caller passed.
+        self._owns = (self.store is not store, self.ledger is not ledger)
         self._store_checked = 0  # pid that checked the store against the ledger (check_store)
         self._misses: dict[tuple[str, int], int] = {}  # unavailable deliveries per sample generation
         self.mode = mode
@@ -208,6 +210,34 @@ class FeatureStoreDataset(SessionMember, IterableDataset):
         self.quarantined: list[str] = []
 
     # ------------------------------------------------------------ config
+    def close(self) -> None:
+        """Release the store and ledger connections this dataset opened from URIs (a store or
+        ledger instance passed in stays open: it is the caller's). Leases held are not given back
+        (they expire after ``lease_ttl`` and are delivered again); call it when training is over.
+        Also ``with FeatureStoreDataset(...) as ds:``.
+
+        Example:
+            >>> import tempfile, torch
+            >>> from torch_dataflow import FeatureWriter
+            >>> d = tempfile.mkdtemp()
+            >>> with FeatureWriter(f"file://{d}/s", f"sqlite://{d}/l.db") as w:
+            ...     _ = w.put("a", {"x": torch.ones(2)})
+            >>> with FeatureStoreDataset(f"file://{d}/s", f"sqlite://{d}/l.db") as ds:
+            ...     [sample["__sample_id__"] for sample in ds]
+            ['a']
+        """
+        owns_store, owns_ledger = getattr(self, "_owns", (False, False))
+        if owns_store:
+            self.store.close()
+        if owns_ledger:
+            self.ledger.close()
+
+    def __enter__(self) -> FeatureStoreDataset:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
     def set_epoch(self, epoch: int) -> None:
         """Select the offline epoch to iterate (call on every rank, as with
         ``DistributedSampler.set_epoch``). Online streams ignore it.
