@@ -192,8 +192,8 @@ def _add_status(sub: Any) -> None:
     p.add_argument("--limit", type=_positive_int, default=20, help="quarantined samples to list (default 20)")
     p.add_argument("--json", action="store_true", help="machine-readable output")
     p.add_argument("--watch", action="store_true",
-                   help="a live view (needs rich), refreshed every --interval seconds (default 2); with --json, "
-                   "one JSON snapshot per line")
+                   help="a live view (needs rich), refreshed every --interval seconds (default 2); redirected to a file "
+                   "or pipe, one time-stamped table per refresh; with --json, one JSON snapshot per line")
     p.set_defaults(func=_status)
 
 

@@ -115,8 +115,10 @@ def watch(ledger_uri: str, store_uri: str | None = None, *, interval: float = 2.
         # so print one view per refresh, flushed, with its time.
         try:
             while True:
-                console.print(f"-- {time.strftime('%Y-%m-%d %H:%M:%S')}")
-                console.print(render(snap, prev))
+                with console.capture() as frame:  # one write per refresh: a kill leaves no half table
+                    console.print(f"-- {time.strftime('%Y-%m-%d %H:%M:%S')}")
+                    console.print(render(snap, prev))
+                console.file.write(frame.get())
                 console.file.flush()
                 n += 1
                 if iterations is not None and n >= iterations:
