@@ -277,6 +277,11 @@ def test_a_second_import_of_one_source_while_the_first_runs_is_refused(tmp_path:
                           store, "--ledger", ledger, "--no-progress"], capture_output=True, text=True, timeout=120)
     assert out.returncode != 0 and "already running" in out.stderr, out.stderr
     assert sorted(running.ledger.committed_refs(["other", "rows_0-2000~data_0.ckpt"])) == ["other"]
+    assert "--takeover" in out.stderr
+    # the other one is known to be gone: --takeover imports
+    assert main(["import", str(tmp_path / "sf"), "--store", store, "--ledger", ledger, "--no-progress",
+                 "--takeover"]) == 0
+    assert len(running.ledger.committed_refs([f"rows_0-2000~data_{i}.ckpt" for i in range(4)])) == 4
     running.close()
 
 

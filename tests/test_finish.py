@@ -131,6 +131,18 @@ def test_kept_tail_warning_at_exit_only_if_no_checkpoint_after_fit(tmp_path: Pat
         assert "torch-dataflow finish" in out.stderr
 
 
+def test_in_a_notebook_or_repl_the_kept_tail_warns_when_fit_ends(tmp_path: Path, caplog, monkeypatch) -> None:
+    import sys
+
+    monkeypatch.setattr(sys, "ps1", ">>> ", raising=False)  # a REPL: its exit is not watched
+    store, ledger = f"file://{tmp_path}/s", f"sqlite://{tmp_path}/l.db"
+    _produce(store, ledger)
+    with caplog.at_level(logging.INFO, logger="torch_dataflow.acking"):
+        _fit(store, ledger, tmp_path / "ckpt")
+    said = [r for r in caplog.records if "after the newest checkpoint" in r.getMessage()]
+    assert [r.levelno for r in said] == [logging.WARNING] and "torch-dataflow finish" in said[0].getMessage()
+
+
 def test_lightning_save_after_fit_frees_the_tail_without_a_warning_later(tmp_path: Path) -> None:
     store, ledger = f"file://{tmp_path}/s", f"sqlite://{tmp_path}/l.db"
     _produce(store, ledger)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import atexit
 import logging
+import sys
 from collections.abc import Iterable
 from types import SimpleNamespace
 from typing import Any
@@ -51,11 +52,20 @@ def warn_kept(datasets: Iterable[Any]) -> int:
     return n
 
 
+def _interactive() -> bool:
+    """A REPL (``sys.ps1``) or an IPython / Jupyter kernel."""
+    ipython = sys.modules.get("IPython")
+    return hasattr(sys, "ps1") or (ipython is not None and getattr(ipython, "get_ipython", lambda: None)() is not None)
+
+
 def warn_kept_at_exit(datasets: Iterable[Any]) -> int:
     """At the end of ``fit``: what :func:`kept_bytes` counts may still be freed by a checkpoint the
     script writes after ``fit`` (``trainer.save_checkpoint``), so say it at INFO now and warn (as
-    :func:`warn_kept` does) only if the bytes are still kept when the process exits. Returns the count now."""
+    :func:`warn_kept` does) only if the bytes are still kept when the process exits. In a notebook or a
+    REPL, whose exit nobody watches, warn at once instead. Returns the count now."""
     datasets = list(datasets)
+    if _interactive():  # a notebook or a REPL: its exit is the kernel's shutdown, where nobody reads a log
+        return warn_kept(datasets)
     n = kept_bytes(datasets)
     if not n:
         return 0

@@ -225,14 +225,17 @@ def _add_import(sub: Any) -> None:
                    help="register the files where they are (store specforge:///SRC) instead of copying them")
     p.add_argument("--ledger", required=True, metavar="URI", help="target ledger, e.g. sqlite:///data/ledger.db")
     p.add_argument("--trim-padding", action="store_true", help="drop trailing batch padding of each file")
+    p.add_argument("--takeover", action="store_true",
+                   help="run although an import of SRC looks alive (refused otherwise: two would race); only when "
+                   "that one is known to be gone")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=_import)
 
 
 def _import(args: argparse.Namespace) -> int:
     if args.in_place:
-        if args.store or args.trim_padding:
-            raise ConfigError("--in-place serves the files as they are: drop --store and --trim-padding")
+        if args.store or args.trim_padding or args.takeover:
+            raise ConfigError("--in-place serves the files as they are: drop --store, --trim-padding and --takeover")
         from .specforge.store import register_directory
 
         n = register_directory(args.src, args.ledger, progress=not args.no_progress)
@@ -244,7 +247,7 @@ def _import(args: argparse.Namespace) -> int:
     from .specforge.directory import SpecForgeDirectory, import_directory
 
     src = SpecForgeDirectory(args.src, trim_padding=args.trim_padding)
-    n = import_directory(src, args.store, args.ledger, progress=not args.no_progress)
+    n = import_directory(src, args.store, args.ledger, progress=not args.no_progress, takeover=args.takeover)
     kept = f" ({len(src) - n} of {len(src)} files were committed before and are skipped)" if n < len(src) else ""
     print(f"imported {n} samples from {args.src} into {args.store} (ledger {args.ledger}){kept}")
     return 0

@@ -184,7 +184,7 @@ class FeatureWriter:
                     f"producer {describe(p)} is already running on ledger {self.ledger.uri} under the name "
                     f"{self.name!r}: two producers of one name would write every sample twice (a sample trained "
                     "in between is trained again). Stop the other one, give this one its own name, or pass "
-                    "takeover=True if the other is known to be gone")
+                    "takeover=True (torch-dataflow import: --takeover) if the other is known to be gone")
         return seen
 
     def _register(self) -> None:

@@ -287,6 +287,7 @@ def import_directory(
     progress: bool = True,
     trim_padding: bool = False,
     name: str | None = None,
+    takeover: bool = False,
 ) -> int:
     """Copy a SpecForge offline directory into a feature store + ledger.
 
@@ -310,6 +311,9 @@ def import_directory(
             after a kill takes the dead run's place and closes the stream it
             left open, and a second import of SRC while one runs is refused
             with :class:`~torch_dataflow.errors.SessionConflict`).
+        takeover: import even though an import of this name looks alive (on
+            another host its heartbeat is younger than 60 s; on this one its
+            process runs): only when that one is known to be gone.
 
     Returns:
         The number of samples this call imported (0 when a re-run finds every
@@ -329,7 +333,7 @@ def import_directory(
     # must not take a failed import for a complete pool. resume: a re-run skips what is committed.
     root = os.path.realpath(ds.root)  # one name and one record per directory, whatever path reached it
     name = name or f"import:{root}"
-    with FeatureWriter(store=store_uri, ledger=ledger_uri, name=name, resume=True) as writer:
+    with FeatureWriter(store=store_uri, ledger=ledger_uri, name=name, resume=True, takeover=takeover) as writer:
         ids = [ds.sample_id(i) for i in range(len(ds))]
         todo = set(writer.missing(ids))
         _refuse_other_root(writer.ledger, [s for s in ids if s not in todo], root)
