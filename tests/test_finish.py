@@ -108,6 +108,10 @@ _produce(store, ledger)
 trainer, _, _ = _fit(store, ledger, tmp / "ckpt")
 if {save}:
     trainer.save_checkpoint(tmp / "final.ckpt")
+if {clean}:  # the run cleans up after itself: nothing to warn of, and no ledger made again at exit
+    import shutil
+    (tmp / "l.db").unlink()
+    shutil.rmtree(tmp / "s")
 print("fit done", flush=True)
 """
 
@@ -119,7 +123,7 @@ def test_kept_tail_warning_at_exit_only_if_no_checkpoint_after_fit(tmp_path: Pat
     import subprocess
     import sys
 
-    script = _SCRIPT.format(tests=str(Path(__file__).parent), tmp=str(tmp_path), save=save_after_fit)
+    script = _SCRIPT.format(tests=str(Path(__file__).parent), tmp=str(tmp_path), save=save_after_fit, clean=False)
     out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr
     assert "fit done" in out.stdout
@@ -141,6 +145,17 @@ def test_in_a_notebook_or_repl_the_kept_tail_warns_when_fit_ends(tmp_path: Path,
         _fit(store, ledger, tmp_path / "ckpt")
     said = [r for r in caplog.records if "after the newest checkpoint" in r.getMessage()]
     assert [r.levelno for r in said] == [logging.WARNING] and "torch-dataflow finish" in said[0].getMessage()
+
+
+def test_a_run_that_deleted_its_ledger_is_not_warned_and_gets_no_new_ledger_at_exit(tmp_path: Path) -> None:
+    import subprocess
+    import sys
+
+    script = _SCRIPT.format(tests=str(Path(__file__).parent), tmp=str(tmp_path), save=False, clean=True)
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0 and "fit done" in out.stdout, out.stderr
+    assert "keep their bytes" not in out.stderr and "Traceback" not in out.stderr, out.stderr
+    assert not (tmp_path / "l.db").exists()
 
 
 def test_lightning_save_after_fit_frees_the_tail_without_a_warning_later(tmp_path: Path) -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import atexit
 import logging
+import os
 import sys
 from collections.abc import Iterable
 from types import SimpleNamespace
@@ -76,8 +77,10 @@ def warn_kept_at_exit(datasets: Iterable[Any]) -> int:
                              store=SimpleNamespace(uri=ds.store.uri)) for ds in datasets]
 
     def at_exit() -> None:
+        # A ledger file deleted since (the run cleaned up) is not opened again: that would create it anew.
+        alive = [v for v in views if not getattr(v.ledger, "path", None) or os.path.exists(v.ledger.path)]
         try:
-            warn_kept(views)
+            warn_kept(alive)
         except Exception as e:  # a ledger closed or gone by now: nothing can be counted
             log.debug("could not count the kept samples at exit: %s", e)
 
