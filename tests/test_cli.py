@@ -220,7 +220,7 @@ def test_import_specforge_directory(tmp_path: Path, capsys: pytest.CaptureFixtur
 
 def test_import_killed_then_rerun_imports_the_rest_and_closes_the_stream(tmp_path: Path, capsys) -> None:
     """SIGKILL an import after some files are committed; the re-run imports only the rest, each file
-    once at generation 1, and ends the stream (the killed run's producer is the re-run's: one name per
+    once, and ends the stream (the killed run's producer is the re-run's: one name per
     source), so an online trainer ends instead of waiting for the dead run."""
     import signal
     import time
@@ -255,8 +255,14 @@ def test_import_killed_then_rerun_imports_the_rest_and_closes_the_stream(tmp_pat
     assert f"imported {300 - killed_at} samples" in out and f"{killed_at} of 300 files were committed before" in out
     led = open_ledger(ledger)
     refs = led.committed_refs([src.sample_id(i) for i in range(300)])
-    assert len(refs) == 300 and {r.generation for r in refs.values()} == {1}
+    # once each: generation 1, or 2 for the file the kill caught between its reserve and its commit
+    assert len(refs) == 300 and sum(r.generation != 1 for r in refs.values()) <= 1
+    assert {r.generation for r in refs.values()} <= {1, 2}
     assert led.counts().pending == 300 and led.counts().closed  # nobody waits for the killed run
+    from torch_dataflow.stores import open_store
+
+    store_ = open_store(store)
+    assert all(os.path.isfile(store_.path_of(r.sample_id, r.generation)) for r in refs.values())
     assert [p["name"] for p in led.producers()] == [f"import:{os.path.realpath(tmp_path / 'sf')}"]
     led.close()
     files = [p for p in (tmp_path / "store").rglob("*") if p.is_file() and p.suffix == ".tdf"]
