@@ -226,7 +226,7 @@ class FeatureStoreDataset(SessionMember, IterableDataset):
             ...     [sample["__sample_id__"] for sample in ds]
             ['a']
         """
-        owns_store, owns_ledger = getattr(self, "_owns", (False, False))
+        owns_store, owns_ledger = self._owns
         if owns_store:
             self.store.close()
         if owns_ledger:

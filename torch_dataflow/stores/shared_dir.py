@@ -76,6 +76,16 @@ _QUERY = {"fsync": bool, "secret": str, "max_bytes": "size", "create": bool}
 _HEX = frozenset("0123456789abcdef")
 
 
+def _entries(path: str) -> list[os.DirEntry[str]]:
+    """The entries of directory ``path``; none if it is gone (a delete removed an emptied fan-out
+    directory since it was listed)."""
+    try:
+        with os.scandir(path) as it:
+            return list(it)
+    except FileNotFoundError:
+        return []
+
+
 class SharedDirStore(FeatureStore):
     """Sample bytes as files in a directory that many processes share.
 
@@ -225,17 +235,12 @@ class SharedDirStore(FeatureStore):
 
     def _sample_files(self) -> Iterator[tuple[str, int, os.DirEntry[str]]]:
         for d in self._sample_dirs():
-            try:
-                it = os.scandir(d.path)
-            except FileNotFoundError:
-                continue  # emptied and removed by a delete since the listing
-            with it:
-                for e in it:
-                    if e.name.startswith(".") or not e.name.endswith(_SUFFIX):
-                        continue
-                    sid, _, gen = e.name[: -len(_SUFFIX)].rpartition("@")
-                    if sid and gen.isdigit():
-                        yield sid, int(gen), e
+            for e in _entries(d.path):
+                if e.name.startswith(".") or not e.name.endswith(_SUFFIX):
+                    continue
+                sid, _, gen = e.name[: -len(_SUFFIX)].rpartition("@")
+                if sid and gen.isdigit():
+                    yield sid, int(gen), e
 
     # ------------------------------------------------------ byte primitives
     def _write_file(self, path: str, parts: Sequence[Buffer]) -> int:
@@ -411,22 +416,17 @@ class SharedDirStore(FeatureStore):
         staging = os.path.join(self.root, _STAGING)
         dirs = [self.root, *([staging] if os.path.isdir(staging) else []), *(d.path for d in self._sample_dirs())]
         for d in dirs:
-            try:
-                it = os.scandir(d)
-            except FileNotFoundError:
-                continue  # a fan-out dir emptied and removed since the listing
-            with it:
-                for e in it:
-                    temp = e.name.endswith(".tmp") and (d == staging or e.name.startswith("."))  # older layout: .tmp beside the blobs
-                    if not temp or not e.is_file(follow_symlinks=False):
-                        continue
-                    try:
-                        if e.stat(follow_symlinks=False).st_mtime < cutoff:
-                            if not dry_run:
-                                os.unlink(e.path)
-                            removed += 1
-                    except FileNotFoundError:
-                        continue
+            for e in _entries(d):
+                temp = e.name.endswith(".tmp") and (d == staging or e.name.startswith("."))  # older layout: .tmp beside the blobs
+                if not temp or not e.is_file(follow_symlinks=False):
+                    continue
+                try:
+                    if e.stat(follow_symlinks=False).st_mtime < cutoff:
+                        if not dry_run:
+                            os.unlink(e.path)
+                        removed += 1
+                except FileNotFoundError:
+                    continue
         return removed
 
     def sweep_dead_writers(self) -> int:
