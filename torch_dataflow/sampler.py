@@ -214,7 +214,7 @@ class ReshardingSampler(DistributedSampler):
         self._remaining: dict[tuple[int, int], tuple[int, int]] = {}  # (epoch, attempt) -> (R, E)
         self._passes: dict[tuple[int, int], int] = {}
         self._warned_freed = False
-        self._begun: set[int] = set()
+        self._begun: set[tuple[int, int]] = set()
         _LIVE.add(self)
 
     def __setstate__(self, state: dict[str, object]) -> None:
@@ -276,11 +276,12 @@ class ReshardingSampler(DistributedSampler):
     def _snapshot(self) -> tuple[int, int, int]:
         """``(R, attempt, E)``: undone and all samples of the epoch, read once per (epoch, attempt)."""
         ledger = self.dataset.ledger
-        if self.epoch not in self._begun:  # idempotent in the ledger, but a write transaction
-            ledger.begin_epoch(self.epoch, seed=self.seed, shuffle=self.shuffle)
-            self._begun.add(self.epoch)
         attempt = ledger.attempt()
         key = (self.epoch, attempt)
+        if key not in self._begun:  # idempotent in the ledger, but a write transaction; once per attempt,
+            # as a fresh run's reconcile has the epoch begun again (it adds samples committed since)
+            ledger.begin_epoch(self.epoch, seed=self.seed, shuffle=self.shuffle)
+            self._begun.add(key)
         if key not in self._remaining:
             # Claims turn PENDING into LEASED, so pending + leased does not move
             # while other ranks start; only acks lower it.

@@ -656,6 +656,12 @@ redis.call('HDEL', P..'meta', 'hz')
 if ARGV[5] ~= '' then ndur, freed = durable(ARGV[5], ARGV[6] == '1', true) end
 for _, key in ipairs(redis.call('SMEMBERS', P..'plans')) do redis.call('DEL', P..'plan:'..key, P..'cl:'..key) end
 redis.call('DEL', P..'plans')
+if ARGV[5] == '' then  -- a fresh run: back to epoch 0, and each begin_epoch fills in later commits
+  for _, k in ipairs(redis.call('HKEYS', P..'meta')) do
+    if string.sub(k, 1, 3) == 'ep:' then redis.call('HDEL', P..'meta', k) end
+  end
+  redis.call('HSET', P..'meta', 'epoch', '0')
+end
 local attempt = redis.call('HINCRBY', P..'meta', 'attempt', 1)
 redis.call('HSET', P..'meta', 'resume_floor', ARGV[5] ~= '' and ARGV[5] or '0')
 if ARGV[8] ~= '' then

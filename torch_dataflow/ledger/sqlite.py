@@ -656,6 +656,12 @@ class SQLiteLedger(SQLiteFreeQueue, SQLiteFencing, SQLiteProducers, SQLiteQuerie
             durable, freed = (0, []) if rs is None else self._durable(con, rs, free)
             con.execute("DELETE FROM plans")
             con.execute("DELETE FROM claims")
+            if rs is None:
+                # A fresh run starts again at epoch 0, and each epoch's begin_epoch fills in
+                # the samples committed after that epoch was first begun (only its own later
+                # epochs had them): every live sample is in every epoch of the new run.
+                con.execute("DELETE FROM meta WHERE key GLOB 'epoch:*'")
+                self._set_meta(con, "epoch", 0)
             attempt = int(self._meta(con, "attempt", "0") or 0) + 1
             self._set_meta(con, "attempt", attempt)
             self._set_meta(con, RESUME_FLOOR, rs or 0)  # this run's acks are of later steps (ack refuses others)

@@ -436,6 +436,29 @@ class LedgerConformance(FreeQueueConformance):
         assert led.lease("b", 100, ttl=30, epoch=0) == []
         assert led.counts().freed == 0
 
+    def test_fresh_run_trains_late_commits_in_every_epoch(self) -> None:
+        # Samples committed while epoch 1 ran had no epoch-0 delivery; a fresh run
+        # (reconcile(None)) trains every live sample in epoch 0 and again in epoch 1.
+        led = self.make_ledger()
+        old, late = _ids(6), [f"late-{i}" for i in range(3)]
+        commit_ids(led, old)
+        for epoch, step in ((0, 1), (1, 2)):
+            led.begin_epoch(epoch, seed=3)
+            if epoch == 1:
+                commit_ids(led, late)  # lands in the current epoch only
+            got = led.lease("a", 100, ttl=30, epoch=epoch)
+            led.ack([x.lease_id for x in got], step)
+            led.mark_durable(step, free=False)
+        assert led.counts(epoch=0).durable == 6 and led.counts(epoch=1).durable == 9
+        led.reconcile(None, free=False)
+        for epoch in (0, 1):
+            led.begin_epoch(epoch, seed=3)
+            again = led.lease("b", 100, ttl=30, epoch=epoch)
+            assert sorted(x.sample_id for x in again) == sorted(old + late), epoch
+            assert led.counts(epoch=epoch).leased == 9
+        commit_ids(led, ["new-0"])  # the fresh run's current epoch is its own (it began 0 and 1)
+        assert led.counts(epoch=1).pending == 1
+
     def test_fail_mixed_held_and_lost(self) -> None:
         led = self.make_ledger()
         commit_ids(led, ["a", "b"])
