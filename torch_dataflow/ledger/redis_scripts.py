@@ -416,12 +416,13 @@ for _, sid in ipairs(fresh) do
   redis.call('SADD', P..'de:'..sid, e)
 end
 if #fresh > 0 then redis.call('SADD', P..'E', e) end
-if ARGV[7] == '1' then
-  apply()
-  for _, sid in ipairs(redis.call('ZRANGE', P..'p:'..e, 0, -1)) do
-    redis.call('HSET', dkey(e, sid), 'o', ords[sid])
-    zadd(P..'p:'..e, ords[sid], sid)
-  end
+apply()
+for _, sid in ipairs(redis.call('ZRANGE', P..'p:'..e, 0, -1)) do
+  -- shuffled: the seeded order; not: commit order, also for what an earlier, shuffled run ordered
+  local o = ords[sid]
+  if ARGV[7] ~= '1' then o = redis.call('HGET', skey(sid), 'q') end
+  redis.call('HSET', dkey(e, sid), 'o', o)
+  zadd(P..'p:'..e, o, sid)
 end
 redis.call('HSET', P..'meta', 'ep:'..e, ARGV[6])
 if tonumber(e) > tonumber(redis.call('HGET', P..'meta', 'epoch')) then redis.call('HSET', P..'meta', 'epoch', e) end

@@ -387,6 +387,9 @@ class SQLiteLedger(SQLiteFreeQueue, SQLiteFencing, SQLiteProducers, SQLiteQuerie
             if shuffle:
                 con.execute(f"UPDATE deliveries SET ord=td_ord(?, ?, sample_id) WHERE epoch=? AND state={P}",
                             (seed, epoch, epoch))
+            else:  # commit order, also for deliveries an earlier, shuffled run of this epoch ordered
+                con.execute(f"UPDATE deliveries SET ord=(SELECT s.seq FROM samples s WHERE "
+                            f"s.sample_id=deliveries.sample_id) WHERE epoch=? AND state={P}", (epoch,))
             self._set_meta(con, f"epoch:{epoch}", f"{seed}:{int(shuffle)}")
             if epoch > int(self._meta(con, "epoch", "0") or 0):
                 self._set_meta(con, "epoch", epoch)

@@ -459,6 +459,17 @@ class LedgerConformance(FreeQueueConformance):
         commit_ids(led, ["new-0"])  # the fresh run's current epoch is its own (it began 0 and 1)
         assert led.counts(epoch=1).pending == 1
 
+    def test_fresh_unshuffled_run_after_a_shuffled_one_takes_commit_order(self) -> None:
+        led = self.make_ledger()
+        ids = _ids(12)
+        commit_ids(led, ids)
+        led.begin_epoch(0, seed=4, shuffle=True)
+        first = led.lease("a", 5, ttl=30, epoch=0)
+        led.ack([x.lease_id for x in first], 1)
+        led.reconcile(None, free=False)
+        led.begin_epoch(0, shuffle=False)  # DistributedSampler(shuffle=False) order: what was committed, in order
+        assert [x.sample_id for x in led.lease("b", 100, ttl=30, epoch=0)] == ids
+
     def test_fail_mixed_held_and_lost(self) -> None:
         led = self.make_ledger()
         commit_ids(led, ["a", "b"])
