@@ -119,7 +119,7 @@ def _install_producer_kills(writer: Any) -> None:
 
         def killing_write(path: str, parts: Any) -> int:
             if os.path.realpath(os.path.dirname(path)) != root and tp.hit("mid_write"):
-                first = bytes(memoryview(parts[0]).cast("B"))
+                first = bytes(memoryview(parts.buffers[0] if hasattr(parts, "buffers") else parts[0]).cast("B"))
                 with open(path, "wb") as f:
                     f.write(first[: max(1, len(first) // 2)])
                 _die_alone()

@@ -26,9 +26,10 @@ def _tensors(sid: str) -> dict[str, torch.Tensor]:
 
 
 def _killed_mid_write(store: str, ledger: str) -> None:
-    def half_then_die(self: SharedDirStore, path: str, parts: list) -> int:
+    def half_then_die(self: SharedDirStore, path: str, parts: object) -> int:
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-        os.write(fd, bytes(memoryview(parts[0]))[:4096])
+        first = parts.buffers[0] if hasattr(parts, "buffers") else parts[0]  # a put passes a codec.Layout
+        os.write(fd, bytes(memoryview(first))[:4096])
         os.kill(os.getpid(), signal.SIGKILL)
         return 0
 

@@ -155,26 +155,54 @@ def test_shared_dir_concurrent_first_attach(tmp_path: Any) -> None:
     assert SharedDirStore(root, secret="s").health().count == 16
 
 
-def test_shared_dir_write_survives_short_writev(tmp_path: Any, monkeypatch: pytest.MonkeyPatch) -> None:
-    # writev may write less than asked (past 2 GiB per call, or on a signal): the
+def test_shared_dir_write_survives_short_pwritev(tmp_path: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    # pwritev may write less than asked (past 2 GiB per call, or on a signal): the
     # put goes on from the exact byte, across tensor boundaries, and the blob is whole.
     from torch_dataflow.stores import shared_dir
 
-    real, calls = os.writev, []
+    real, calls = os.pwritev, []
 
-    def short(fd: int, views: list[memoryview]) -> int:
+    def short(fd: int, views: list[memoryview], pos: int) -> int:
         calls.append(len(views))
         first = memoryview(views[0]).cast("B")
-        return real(fd, [first[:7]] if len(first) > 7 else [first, *views[1:2]])
+        return real(fd, [first[:7]] if len(first) > 7 else [first, *views[1:2]], pos)
 
     s = SharedDirStore(tmp_path / "st")
     t = sample_tensors()
-    monkeypatch.setattr(shared_dir.os, "writev", short)
+    monkeypatch.setattr(shared_dir.os, "pwritev", short)
     ref = s.put("s", 1, t)
     monkeypatch.undo()
     assert len(calls) > len(t) + 1  # really written in short pieces
     assert os.path.getsize(s.path_of("s", 1)) == ref.nbytes
     assert_same_tensors(s.get(ref), t)
+
+
+@pytest.mark.parametrize("order", ["small_first", "big_first"])
+def test_shared_dir_hashed_write_is_the_encoded_blob(tmp_path: Any, order: str) -> None:
+    # The put hashes each 4 MiB piece right before writing it and writes the header last:
+    # the file must be byte for byte codec.encode's blob, with its checksum, for tensors
+    # under, at and over the piece size, empty ones, and either order of small and big.
+    from torch_dataflow import codec
+    from torch_dataflow.stores._file_io import _HASH_CHUNK
+
+    g = torch.Generator().manual_seed(5)
+    big = {"big": torch.randn(_HASH_CHUNK // 2 + 123, generator=g, dtype=torch.float64),  # 2 pieces + a tail
+           "exact": torch.randint(0, 255, (_HASH_CHUNK,), generator=g, dtype=torch.uint8)}
+    small = {"ids": torch.arange(7), "mask": torch.ones(5, dtype=torch.bool), "empty": torch.zeros(0, 3)}
+    t = {**small, **big} if order == "small_first" else {**big, **small}
+    s = SharedDirStore(tmp_path / "st")
+    ref = s.put("s", 1, t)
+    enc = codec.encode(t)
+    with open(s.path_of("s", 1), "rb") as f:
+        assert f.read() == enc.to_bytes()
+    assert (ref.checksum, ref.nbytes, ref.specs) == (enc.checksum, enc.nbytes, enc.specs)
+    assert_same_tensors(s.get(ref), t)
+    refs = s.put_many([("m1", 1, t, {"k": 1}), ("m2", 1, small, None)])
+    assert [r.checksum for r in refs] == [enc.checksum, codec.encode(small).checksum]
+    with pytest.raises(TypeError):  # a bad item refuses the whole call before any byte is written
+        s.put_many([("m3", 1, t, None), ("m4", 1, {"x": object()}, None)])
+    held = s.keys()  # a list of (sample_id, generation)
+    assert ("m3", 1) not in held
 
 
 def test_shared_dir_write_more_tensors_than_iov_max(tmp_path: Any) -> None:
@@ -192,15 +220,15 @@ def test_shared_dir_failed_write_leaves_no_file(tmp_path: Any, monkeypatch: pyte
 
     s = SharedDirStore(tmp_path / "st")
     s.put("warm", 1, {"x": torch.ones(2)})  # attached, marker written
-    real, n = os.writev, [0]
+    real, n = os.pwritev, [0]
 
-    def full(fd: int, views: list[memoryview]) -> int:
+    def full(fd: int, views: list[memoryview], pos: int) -> int:
         n[0] += 1
         if n[0] > 1:
             raise OSError(28, "No space left on device")
-        return real(fd, [memoryview(views[0]).cast("B")[:5]])
+        return real(fd, [memoryview(views[0]).cast("B")[:5]], pos)
 
-    monkeypatch.setattr(shared_dir.os, "writev", full)
+    monkeypatch.setattr(shared_dir.os, "pwritev", full)
     with pytest.raises(OSError, match="No space"):
         s.put("s", 1, sample_tensors())
     monkeypatch.undo()

@@ -90,8 +90,8 @@ from .errors import ConfigError
 from .refs import FeatureSpec
 
 __all__ = [
-    "DTYPES", "Encoded", "LandingHash", "check_fields", "check_landed", "decode", "encode", "header_size",
-    "read_header",
+    "DTYPES", "Encoded", "LandingHash", "Layout", "check_fields", "check_landed", "decode", "encode",
+    "header_size", "layout", "read_header",
 ]
 # The examples of the public objects that moved to _codec_check / _codec_format
 # run with this module's doctests (tests/test_api.py).
@@ -163,16 +163,62 @@ def _prepare(name: object, t: object) -> torch.Tensor:
     return t.contiguous()
 
 
-def encode(tensors: Mapping[str, torch.Tensor]) -> Encoded:
-    """Encode a tensor dict; tensor data is not copied when already contiguous on CPU.
+class Layout:
+    """A sample laid out for encoding, its sums not computed yet: for a writer that
+    hashes each piece of a tensor right before writing it (while it is in the CPU
+    cache) instead of in a separate pass. The data region starts at ``header_size``;
+    ``header(sums)`` gives the header once every tensor's xxh3-64 hex is known (the
+    blob is then byte for byte what :func:`encode` makes).
 
-    Args:
-        tensors: ``{name: tensor}``; may be empty. Any device, any strides.
+    Example:
+        >>> import torch, xxhash
+        >>> t = {"x": torch.arange(3), "e": torch.zeros(0)}
+        >>> lay = layout(t)
+        >>> sums = [xxhash.xxh3_64_hexdigest(b) if b is not None else None for b in lay.buffers]
+        >>> header, checksum = lay.header(sums)
+        >>> blob = header + b"".join(b for b in lay.buffers if b is not None)
+        >>> blob == encode(t).to_bytes() and checksum == encode(t).checksum
+        True
+    """
 
-    Raises:
-        TypeError: not a mapping, a non-str name, or a non-tensor value.
-        ConfigError: a name starting with ``"__"``, a tensor that requires grad,
-            a sparse / nested / meta / quantized tensor, an unsupported dtype.
+    __slots__ = ("_entries", "buffers", "checksum", "header_size", "nbytes", "specs")
+
+    def __init__(self, specs: tuple[FeatureSpec, ...], entries: dict[str, Any],
+                 buffers: tuple[memoryview | None, ...]) -> None:
+        self.specs, self._entries, self.buffers = specs, entries, buffers  # buffers: None for an empty tensor
+        self.header_size = len(self._header_bytes([_ZERO_HEX] * len(buffers)))  # every sum is 16 hex
+        self.nbytes = self.header_size + sum(s.nbytes for s in specs)
+        self.checksum: str | None = None  # set by a writer that hashed the data (stores/_file_io.py)
+
+    def _header_bytes(self, sums: list[str]) -> bytearray:
+        # __metadata__ first with td.checksum first: its position is then fixed, and
+        # _CHECKSUM_RE can never match inside a JSON string (quotes there are escaped).
+        meta = {"td.checksum": _ZERO_HEX, "td.format": FORMAT_VERSION, "td.sums": ",".join(sums)}
+        text = json.dumps({"__metadata__": meta, **self._entries}, separators=(",", ":"), ensure_ascii=True)
+        raw = text.encode("ascii")
+        raw += b" " * (-(8 + len(raw)) % 16)  # data starts at a multiple of 16; N stays a multiple of 8
+        return bytearray(struct.pack("<Q", len(raw)) + raw)
+
+    def header(self, sums: list[str | None]) -> tuple[bytes, str]:
+        """``(header bytes, td.checksum)`` given each tensor's xxh3-64 hex (``None`` for an empty one)."""
+        if len(sums) != len(self.buffers):
+            raise ValueError(f"{len(sums)} sums for {len(self.buffers)} tensors")
+        full = [_EMPTY_SUM if h is None else h for h in sums]
+        if any(type(h) is not str or len(h) != 16 for h in full):
+            raise ValueError("each sum must be 16 hex digits (xxh3_64 hexdigest)")
+        header = self._header_bytes(full)
+        assert len(header) == self.header_size
+        digest = xxhash.xxh3_64_hexdigest(header)  # the header holds every tensor's sum: it stands for the blob
+        m = _CHECKSUM_RE.search(header)
+        assert m is not None
+        header[m.start(1) : m.end(1)] = digest.encode("ascii")
+        return bytes(header), digest
+
+
+def layout(tensors: Mapping[str, torch.Tensor]) -> Layout:
+    """Validate and lay out a tensor dict, as :func:`encode` does, without hashing a byte.
+
+    Raises: as :func:`encode`.
     """
     if not isinstance(tensors, Mapping):
         raise TypeError(f"expected a Mapping[str, Tensor], got {type(tensors).__name__}")
@@ -183,8 +229,7 @@ def encode(tensors: Mapping[str, torch.Tensor]) -> Encoded:
 
     entries: dict[str, Any] = {}
     specs: list[FeatureSpec] = []
-    buffers: list[memoryview] = []
-    sums: list[str] = []
+    buffers: list[memoryview | None] = []
     offset = 0
     for name, t in prepared:
         nbytes = t.numel() * t.element_size()
@@ -196,23 +241,26 @@ def encode(tensors: Mapping[str, torch.Tensor]) -> Encoded:
             # size-1 dim, which view(uint8) refuses; stride 1 is the same memory.
             flat = t.reshape(-1).as_strided((t.numel(),), (1,))
             buffers.append(memoryview(flat.view(torch.uint8).numpy()))
-            sums.append(xxhash.xxh3_64_hexdigest(buffers[-1]))
         else:
-            sums.append(_EMPTY_SUM)
+            buffers.append(None)
         offset += nbytes
+    return Layout(tuple(specs), entries, tuple(buffers))
 
-    # __metadata__ first with td.checksum first: its position is then fixed, and
-    # _CHECKSUM_RE can never match inside a JSON string (quotes there are escaped).
-    meta = {"td.checksum": _ZERO_HEX, "td.format": FORMAT_VERSION, "td.sums": ",".join(sums)}
-    text = json.dumps({"__metadata__": meta, **entries}, separators=(",", ":"), ensure_ascii=True)
-    raw = text.encode("ascii")
-    raw += b" " * (-(8 + len(raw)) % 16)  # data starts at a multiple of 16; N stays a multiple of 8
-    header = bytearray(struct.pack("<Q", len(raw)) + raw)
-    digest = xxhash.xxh3_64_hexdigest(header)  # the header holds every tensor's sum: it stands for the blob
-    m = _CHECKSUM_RE.search(header)
-    assert m is not None
-    header[m.start(1) : m.end(1)] = digest.encode("ascii")
-    return Encoded(tuple(specs), len(header) + offset, digest, bytes(header), tuple(buffers))
+
+def encode(tensors: Mapping[str, torch.Tensor]) -> Encoded:
+    """Encode a tensor dict; tensor data is not copied when already contiguous on CPU.
+
+    Args:
+        tensors: ``{name: tensor}``; may be empty. Any device, any strides.
+
+    Raises:
+        TypeError: not a mapping, a non-str name, or a non-tensor value.
+        ConfigError: a name starting with ``"__"``, a tensor that requires grad,
+            a sparse / nested / meta / quantized tensor, an unsupported dtype.
+    """
+    lay = layout(tensors)
+    header, digest = lay.header([None if b is None else xxhash.xxh3_64_hexdigest(b) for b in lay.buffers])
+    return Encoded(lay.specs, lay.nbytes, digest, header, tuple(b for b in lay.buffers if b is not None))
 
 
 def read_header(

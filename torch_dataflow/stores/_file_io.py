@@ -6,8 +6,10 @@ from __future__ import annotations
 import mmap
 import os
 from collections.abc import Callable, Sequence
+from typing import Any
 
 import torch
+import xxhash
 
 from .base import Buffer
 
@@ -65,6 +67,56 @@ def _write_all(fd: int, parts: Sequence[Buffer]) -> int:
         if n:
             views[0] = views[0][n:]
     return total
+
+
+_HASH_CHUNK = 4 << 20  # measured best of 1-16 MiB for hash-then-write of 16 and 67 MB samples (L3: 32 MiB)
+
+
+def _pwritev_all(fd: int, views: list[memoryview], pos: int) -> int:
+    """``pwritev`` all of ``views`` at ``pos`` (resuming after a short write); return the end offset."""
+    while views:
+        n = os.pwritev(fd, views[:_IOV_MAX], pos)
+        if n <= 0:
+            raise OSError(f"pwritev wrote nothing with {sum(len(v) for v in views)} bytes left")
+        pos += n
+        while views and n >= len(views[0]):
+            n -= len(views.pop(0))
+        if n:
+            views[0] = views[0][n:]
+    return pos
+
+
+def _write_hashed(fd: int, lay: Any) -> int:
+    """Write a :class:`~torch_dataflow.codec.Layout`'s blob to ``fd``, hashing each
+    tensor piece right before it is written, while it is still in the CPU cache (one
+    read of the tensor's memory instead of two: a hash pass, then the write's copy).
+    The data goes first, the header (which holds the sums) last at offset 0. Returns the
+    bytes written and sets ``lay.checksum``; the file is what ``codec.encode`` gives."""
+    pos, sums, small, small_at = lay.header_size, [], [], lay.header_size
+    for buf in lay.buffers:
+        if buf is None:
+            sums.append(None)
+            continue
+        if len(buf) <= _HASH_CHUNK:  # small tensors are hashed now, and written together
+            sums.append(xxhash.xxh3_64_hexdigest(buf))
+            small.append(buf)
+            pos += len(buf)
+            continue
+        if small:
+            _pwritev_all(fd, small, small_at)
+            small = []
+        h = xxhash.xxh3_64()
+        for i in range(0, len(buf), _HASH_CHUNK):
+            piece = buf[i : i + _HASH_CHUNK]
+            h.update(piece)
+            pos = _pwritev_all(fd, [piece], pos)
+        sums.append(h.hexdigest())
+        small_at = pos
+    if small:
+        _pwritev_all(fd, small, small_at)
+    header, lay.checksum = lay.header(sums)
+    _pwritev_all(fd, [memoryview(header)], 0)
+    return pos
 
 
 def _preadv_into(fd: int, views: Sequence[memoryview], pos: int, size: int,

@@ -145,18 +145,23 @@ class FeatureStore(ABC):
         return ref
 
     @staticmethod
-    def _encode(sample_id: str, generation: int, tensors: Mapping[str, torch.Tensor]) -> codec.Encoded:
-        """Validate the key, then encode: what every ``put`` does before writing."""
+    def _encode_check(sample_id: str, generation: int) -> None:
+        """Validate the key, as every ``put`` does before encoding."""
         validate_sample_id(sample_id)
         if isinstance(generation, bool) or not isinstance(generation, int) or generation < 1:
             raise ConfigError(f"generation must be an int >= 1, got {generation!r}")
+
+    @classmethod
+    def _encode(cls, sample_id: str, generation: int, tensors: Mapping[str, torch.Tensor]) -> codec.Encoded:
+        """Validate the key, then encode: what every ``put`` does before writing."""
+        cls._encode_check(sample_id, generation)
         return codec.encode(tensors)
 
-    def _ref(self, sample_id: str, generation: int, enc: codec.Encoded,
-             metadata: Mapping[str, Any] | None) -> SampleRef:
+    def _ref(self, sample_id: str, generation: int, enc: codec.Encoded | codec.Layout,
+             metadata: Mapping[str, Any] | None, *, checksum: str | None = None) -> SampleRef:
         """The ref of bytes just written under ``(sample_id, generation)``."""
         return SampleRef(sample_id=sample_id, generation=generation, store=self.uri, specs=enc.specs,
-                         nbytes=enc.nbytes, checksum=enc.checksum, metadata=dict(metadata or {}))
+                         nbytes=enc.nbytes, checksum=checksum or enc.checksum, metadata=dict(metadata or {}))
 
     def get(self, ref: SampleRef, *, zero_copy: bool = False) -> dict[str, torch.Tensor]:
         """Read and verify one sample generation.
