@@ -53,20 +53,9 @@ def _private_buffer(size: int) -> memoryview | mmap.mmap:
 
 
 def _write_all(fd: int, parts: Sequence[Buffer]) -> int:
-    """Write ``parts`` in order with as few ``writev`` calls as the kernel allows
-    (one for a sample below 2 GiB: the header and every tensor, no joined copy)."""
-    views = [v for v in (memoryview(p).cast("B") for p in parts) if len(v)]
-    total = 0
-    while views:
-        n = os.writev(fd, views[:_IOV_MAX])  # short past 2 GiB per call, or on a signal: go on from there
-        if n <= 0:
-            raise OSError(f"writev wrote nothing with {sum(len(v) for v in views)} bytes left")
-        total += n
-        while views and n >= len(views[0]):
-            n -= len(views.pop(0))
-        if n:
-            views[0] = views[0][n:]
-    return total
+    """Write ``parts`` in order to a new file with as few ``pwritev`` calls as the kernel
+    allows (one for a sample below 2 GiB: the header and every tensor, no joined copy)."""
+    return _pwritev_all(fd, [v for v in (memoryview(p).cast("B") for p in parts) if len(v)], 0)
 
 
 _HASH_CHUNK = 4 << 20  # measured best of 1-16 MiB for hash-then-write of 16 and 67 MB samples (L3: 32 MiB)
