@@ -25,7 +25,7 @@ from typing import Any
 
 from .errors import ConfigError
 
-__all__ = ["FeatureSpec", "Lease", "SampleRef", "validate_sample_id"]
+__all__ = ["FeatureSpec", "Lease", "SampleRef", "validate_metadata", "validate_sample_id"]
 
 MAX_SAMPLE_ID_BYTES = 200
 
@@ -88,6 +88,19 @@ def _check_json_value(value: Any, where: str) -> Any:
             "never tensors or arrays (put tensors in the sample itself)"
         )
     raise ConfigError(f"metadata {where} is not JSON-serialisable: {type(value).__name__}")
+
+
+def validate_metadata(metadata: Mapping[str, Any] | None) -> Mapping[str, Any]:
+    """A ref's metadata as the ref keeps it (a read-only deep copy of plain JSON values).
+
+    Raises:
+        ConfigError: a value that is not plain JSON (TypeError for a tensor or array).
+
+    Example:
+        >>> dict(validate_metadata({"n": 1}))
+        {'n': 1}
+    """
+    return _check_json_value(dict(metadata), "metadata") if metadata else _EMPTY
 
 
 def _plain(value: Any) -> Any:
@@ -168,8 +181,7 @@ class SampleRef:
         for s in specs:
             if type(s) is not FeatureSpec and not isinstance(s, FeatureSpec):
                 raise TypeError(f"SampleRef.specs must hold FeatureSpec, got {type(s).__name__}")
-        meta = self.metadata
-        object.__setattr__(self, "metadata", _check_json_value(dict(meta), "metadata") if meta else _EMPTY)
+        object.__setattr__(self, "metadata", validate_metadata(self.metadata))
 
     def __hash__(self) -> int:
         return hash((self.sample_id, self.generation, self.store, self.checksum))

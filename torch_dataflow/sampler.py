@@ -214,7 +214,6 @@ class ReshardingSampler(DistributedSampler):
         self._remaining: dict[tuple[int, int], tuple[int, int]] = {}  # (epoch, attempt) -> (R, E)
         self._passes: dict[tuple[int, int], int] = {}
         self._warned_freed = False
-        self._begun: set[tuple[int, int]] = set()
         _LIVE.add(self)
 
     def __setstate__(self, state: dict[str, object]) -> None:
@@ -278,11 +277,10 @@ class ReshardingSampler(DistributedSampler):
         ledger = self.dataset.ledger
         attempt = ledger.attempt()
         key = (self.epoch, attempt)
-        if key not in self._begun:  # idempotent in the ledger, but a write transaction; once per attempt,
-            # as a fresh run's reconcile has the epoch begun again (it adds samples committed since)
-            ledger.begin_epoch(self.epoch, seed=self.seed, shuffle=self.shuffle)
-            self._begun.add(key)
         if key not in self._remaining:
+            # Begun once per (epoch, attempt): idempotent in the ledger but a write transaction, and
+            # a fresh run's reconcile has the epoch begun again (it adds samples committed since).
+            ledger.begin_epoch(self.epoch, seed=self.seed, shuffle=self.shuffle)
             # Claims turn PENDING into LEASED, so pending + leased does not move
             # while other ranks start; only acks lower it.
             c = ledger.counts(epoch=self.epoch)

@@ -34,7 +34,7 @@ import torch
 from .. import codec
 from ..auth import SecretGuard
 from ..errors import ConfigError, SampleUnavailable
-from ..refs import SampleRef, validate_sample_id
+from ..refs import SampleRef, validate_metadata, validate_sample_id
 
 __all__ = ["FeatureStore", "StoreHealth"]
 
@@ -138,30 +138,40 @@ class FeatureStore(ABC):
             AuthError: wrong or missing secret.
             StoreFull: the backend has no room (stores that cannot wait).
         """
+        return self._put_all([(sample_id, generation, tensors, metadata)])[0]
+
+    def _put_all(self, todo: Sequence[tuple[str, int, Mapping[str, torch.Tensor], Mapping[str, Any] | None]],
+                 ) -> list[SampleRef]:
+        """``put`` and the default ``put_many``: validate every item (key, tensors, metadata), then write."""
         self._check_auth()
-        enc = self._encode(sample_id, generation, tensors)
-        ref = self._ref(sample_id, generation, enc, metadata)  # validates metadata before any byte is written
-        self._write(sample_id, generation, enc.parts(), enc.nbytes)
-        return ref
+        encoded = [self._encode(sid, gen, tensors) for sid, gen, tensors, _ in todo]
+        for *_, meta in todo:
+            validate_metadata(meta)
+        for (sid, gen, _, _), enc in zip(todo, encoded, strict=True):
+            self._write(sid, gen, self._payload(enc), enc.nbytes)
+        # after the writes: a layout's checksum is known once its bytes are written
+        return [self._ref(sid, gen, enc, meta) for (sid, gen, _, meta), enc in zip(todo, encoded, strict=True)]
+
+    # How a put encodes: the whole blob, sums included (encode), or a layout whose sums the
+    # write computes as it goes (codec.layout, file://); _payload is what _write is given.
+    _codec = staticmethod(codec.encode)
 
     @staticmethod
-    def _encode_check(sample_id: str, generation: int) -> None:
-        """Validate the key, as every ``put`` does before encoding."""
+    def _payload(enc: Any) -> Any:
+        return enc.parts()
+
+    def _encode(self, sample_id: str, generation: int, tensors: Mapping[str, torch.Tensor]) -> Any:
+        """Validate the key, then encode: what every ``put`` does before writing."""
         validate_sample_id(sample_id)
         if isinstance(generation, bool) or not isinstance(generation, int) or generation < 1:
             raise ConfigError(f"generation must be an int >= 1, got {generation!r}")
-
-    @classmethod
-    def _encode(cls, sample_id: str, generation: int, tensors: Mapping[str, torch.Tensor]) -> codec.Encoded:
-        """Validate the key, then encode: what every ``put`` does before writing."""
-        cls._encode_check(sample_id, generation)
-        return codec.encode(tensors)
+        return self._codec(tensors)
 
     def _ref(self, sample_id: str, generation: int, enc: codec.Encoded | codec.Layout,
-             metadata: Mapping[str, Any] | None, *, checksum: str | None = None) -> SampleRef:
+             metadata: Mapping[str, Any] | None) -> SampleRef:
         """The ref of bytes just written under ``(sample_id, generation)``."""
         return SampleRef(sample_id=sample_id, generation=generation, store=self.uri, specs=enc.specs,
-                         nbytes=enc.nbytes, checksum=checksum or enc.checksum, metadata=dict(metadata or {}))
+                         nbytes=enc.nbytes, checksum=enc.checksum, metadata=dict(metadata or {}))
 
     def get(self, ref: SampleRef, *, zero_copy: bool = False) -> dict[str, torch.Tensor]:
         """Read and verify one sample generation.
@@ -298,13 +308,7 @@ class FeatureStore(ABC):
 
         Every item is validated (key, tensors, metadata) before the first byte is written.
         """
-        todo = list(items)
-        self._check_auth()
-        encoded = [(sid, gen, self._encode(sid, gen, tensors)) for sid, gen, tensors, _ in todo]
-        refs = [self._ref(sid, gen, enc, meta) for (sid, gen, enc), (*_, meta) in zip(encoded, todo, strict=True)]
-        for sid, gen, enc in encoded:
-            self._write(sid, gen, enc.parts(), enc.nbytes)
-        return refs
+        return self._put_all(list(items))
 
     def get_many(self, refs: Sequence[SampleRef], *, zero_copy: bool = False) -> list[dict[str, torch.Tensor]]:
         """``get`` each ref, in order; backends may batch."""

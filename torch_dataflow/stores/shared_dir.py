@@ -243,36 +243,13 @@ class SharedDirStore(FeatureStore):
                     yield sid, int(gen), e
 
     # ------------------------------------------------------ byte primitives
-    def put(self, sample_id: str, generation: int, tensors: Any, metadata: Any = None) -> SampleRef:
-        """Encode ``tensors`` and publish them under ``(sample_id, generation)`` (see
-        :meth:`FeatureStore.put`). Each tensor is hashed piece by piece right before that
-        piece is written, while it is in the CPU cache: one pass over its memory, not two.
+    # A put hashes each tensor piece by piece right before that piece is written, while it is
+    # in the CPU cache: one pass over its memory, not two (_file_io._write_hashed).
+    _codec = staticmethod(codec.layout)
 
-        Example:
-            >>> import tempfile, torch
-            >>> store = SharedDirStore(tempfile.mkdtemp())
-            >>> ref = store.put("s1", 1, {"x": torch.arange(3)})
-            >>> store.get(ref)["x"].tolist(), ref.checksum == codec.encode({"x": torch.arange(3)}).checksum
-            ([0, 1, 2], True)
-        """
-        return self.put_many([(sample_id, generation, tensors, metadata)])[0]
-
-    def put_many(self, items: Any) -> list[SampleRef]:
-        """``put`` each ``(sample_id, generation, tensors, metadata)``; every item is
-        validated (key, tensors, metadata) before the first byte is written."""
-        todo = list(items)
-        self._check_auth()
-        lays = []
-        for sid, gen, tensors, meta in todo:
-            self._encode_check(sid, gen)
-            lay = codec.layout(tensors)
-            self._ref(sid, gen, lay, meta, checksum=codec._ZERO_HEX)  # metadata refused before any byte is written
-            lays.append(lay)
-        refs = []
-        for (sid, gen, _, meta), lay in zip(todo, lays, strict=True):
-            self._write(sid, gen, lay, lay.nbytes)
-            refs.append(self._ref(sid, gen, lay, meta))
-        return refs
+    @staticmethod
+    def _payload(enc: Any) -> Any:
+        return enc
 
     def _write_file(self, path: str, parts: Sequence[Buffer] | codec.Layout) -> int:
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
